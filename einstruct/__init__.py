@@ -1,4 +1,9 @@
-"""einstruct: declare structured linear layers as einsums, compile their costs and muP, run them in torch."""
+"""einstruct: declare structured linear layers as einsums, compile their costs and muP, run them in torch.
+
+The compiler (Spec, theta, presets, compile) does not import torch; the torch parts load on first use.
+"""
+
+from importlib import import_module
 
 from . import presets
 from .errors import SpecError
@@ -6,5 +11,21 @@ from .spec import CoreSpec, Spec
 from .structure import Core, Structure, compile
 from .theta import theta
 
-__all__ = ["Core", "CoreSpec", "Spec", "SpecError", "Structure", "compile", "presets", "theta"]
+_LAZY = {
+    "check_rank": ".rank",
+    "StructuredLinear": ".layers.linear",
+    "from_dense": ".layers.projection",
+    "structure": ".layers.model",
+    "summary": ".layers.model",
+    "param_groups": ".mup",
+    "coord_check": ".coord_check",
+}
+
+__all__ = ["Core", "CoreSpec", "Spec", "SpecError", "Structure", "compile", "presets", "theta", *_LAZY]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'einstruct' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""torch modules emitted from compiled structures."""
