@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 
 from . import network, plan
 
@@ -23,10 +24,10 @@ class Poly:
         self.terms = {e: c for e, c in (terms or {}).items() if c}
 
     @classmethod
-    def monomial(cls, coef: Fraction, exp: Fraction) -> "Poly":
+    def monomial(cls, coef: Fraction, exp: Fraction) -> Poly:
         return cls({exp: coef})
 
-    def __add__(self, other: "Poly") -> "Poly":
+    def __add__(self, other: Poly) -> Poly:
         t = dict(self.terms)
         for e, c in other.terms.items():
             t[e] = t.get(e, 0) + c
@@ -35,7 +36,7 @@ class Poly:
     def key(self) -> tuple:
         return tuple(sorted(self.terms.items(), reverse=True))
 
-    def __lt__(self, other: "Poly") -> bool:
+    def __lt__(self, other: Poly) -> bool:
         return self.key() < other.key()
 
     @property
@@ -51,6 +52,7 @@ class Taxonomy:
     order: tuple[int, ...]  # asymptotically cheapest chain (positions in spec.cores)
 
 
+@lru_cache(maxsize=1024)
 def taxonomy(spec) -> Taxonomy:
     sizes = spec.sizes
     core_axes = [c.axes for c in spec.cores]
@@ -77,7 +79,7 @@ def theta_warnings(theta) -> tuple[str, ...]:
     """Redundant / degenerate flags of a theta point (THEORY 2); empty for a valid one."""
     if theta is None:
         return ()
-    al, be, ga, de, ep, ph, rh = theta
+    al, be, _, de, ep, _, rh = theta
     out = []
     if min(al, ep) < min(be, de):
         out.append(

@@ -102,8 +102,9 @@ def main(argv=None) -> int:
             for name, fn in presets.PRESETS.items():
                 print(f"{name:12s} {fn().einsum}")
             return 0
-        d_in = args.d_in or args.d or 1024
-        d_out = args.d_out or args.d or d_in
+        pick = lambda *vals: next(v for v in vals if v is not None)
+        d_in = pick(args.d_in, args.d, 1024)
+        d_out = pick(args.d_out, args.d, d_in)
         st = compile(_spec(args), d_in, d_out, pad_tolerance=args.pad_tolerance)
         sym = st.symbolic() if args.symbolic else None
         if args.json:

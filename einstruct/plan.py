@@ -7,8 +7,8 @@ the order of the cores in the spec (the lexicographically smallest sequence of s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class Spec:
         parsed = {a: parse_size(given[a], a) for a in all_axes}
         # Drop constant-1 axes, then cores with no axes left (they are scalars, not cores).
         ones = {a for a, s in parsed.items() if s.is_one}
-        strip = lambda s: "".join(c for c in s if c not in ones)  # noqa: E731
+        strip = lambda s: "".join(c for c in s if c not in ones)
         kept = tuple(CoreSpec(c.name, c.index, strip(c.axes)) for c in cores)
         dropped = [c.name for c in kept if not c.axes]
         kept = tuple(c for c in kept if c.axes)
@@ -144,7 +144,7 @@ def _parse_einsum(einsum, names):
     if ":" in x:
         raise SpecError(f"the input x ('{x}') cannot be named; only cores take a 'name:' prefix")
     parsed_names, axes = [], []
-    for i, op in enumerate(ops[1:]):
+    for op in ops[1:]:
         name = None
         if ":" in op:
             name, op = op.split(":", 1)

@@ -114,7 +114,7 @@ def _dim(value, name: str) -> int:
     return n
 
 
-def compile(spec, d_in, d_out=None, *, pad_tolerance: float = 0.15) -> Structure:  # noqa: A001
+def compile(spec, d_in, d_out=None, *, pad_tolerance: float = 0.15) -> Structure:
     """Compile ``spec`` (a Spec or a preset name) for a layer R^d_in -> R^d_out (d_out defaults to d_in)."""
     if isinstance(spec, str):
         from . import presets
@@ -143,9 +143,11 @@ def _compile(spec: Spec, d_in: int, d_out: int, pad_tolerance: float) -> Structu
         if c not in cores:
             warnings.append(f"core {c.name} has all axes of size 1 at d_in={d_in}, d_out={d_out}: dropped")
     if not cores:
-        raise SpecError(f"every core of {spec.einsum!r} has size 1 at d_in={d_in}, d_out={d_out}; use larger dimensions")
+        raise SpecError(
+            f"every core of {spec.einsum!r} has size 1 at d_in={d_in}, d_out={d_out}; use larger dimensions"
+        )
     core_axes = [c.axes for c in cores]
-    prod = lambda axes: math.prod(sizes[a] for a in axes)  # noqa: E731
+    prod = lambda axes: math.prod(sizes[a] for a in axes)
     macs, order = plan.best_chain(spec.x, spec.y, core_axes, prod, 0)
     k = len(cores)
     out_cores = []
