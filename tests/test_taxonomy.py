@@ -112,3 +112,23 @@ def test_low_rank_btt_rank_is_below_full():
     assert (st.sizes["a"], st.sizes["g"]) == (128, 8)
     assert st.rank == 64  # THEORY 3: d^0.6 at d = 1024, though psi = 0.66 symbolically
     assert st.psi == pytest.approx(0.66)
+
+
+@pytest.mark.parametrize("t", NAMED.values(), ids=NAMED.keys())
+@pytest.mark.parametrize("d_in, d_out", [(768, 768), (3072, 3072), (1024, 4096), (4096, 1024)])
+def test_named_theta_params_and_macs_match_theory_2(t, d_in, d_out):
+    st = es.compile(es.theta(*t), d_in, d_out)
+    s = {a: 1 for a in "abgdefr"} | st.sizes  # size-1 axes are dropped from the spec
+    a, b, g, dl, e, f, r = (s[k] for k in "abgdefr")
+    assert a * b * g == d_in and dl * e * f == d_out
+    names = {c.name for c in st.cores}
+    params_a, params_b = a * g * dl * f * r, b * g * e * f * r
+    if names == {"A", "B"}:
+        assert st.params == params_a + params_b
+        a_first = b * g * dl * f * r * (a + e)  # THEORY 2's count, A then B
+        b_first = g * f * e * r * a * (b + dl)
+        assert st.macs == min(a_first, b_first)
+        if d_in == d_out:  # valid theta: A first is the cheaper chain
+            assert st.macs == a_first and st.order == (0, 1)
+    else:  # one core is a scalar (all its axes size 1) and is dropped: a single dense core is left
+        assert names == {"A"} and st.params == st.macs == params_a == d_in * d_out
