@@ -10,7 +10,7 @@ import statistics
 import time
 
 import einstruct as es
-from einstruct import analysis, resolve, structure
+from einstruct import analysis, compiler, resolve
 
 
 def specs() -> dict:
@@ -29,7 +29,7 @@ def specs() -> dict:
 
 
 def clear() -> None:
-    structure._compile.cache_clear()
+    compiler._compile.cache_clear()
     resolve.best_split.cache_clear()
     analysis.taxonomy.cache_clear()
 

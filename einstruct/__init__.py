@@ -8,7 +8,7 @@ from importlib import import_module
 from . import presets
 from .errors import SpecError
 from .spec import CoreSpec, Spec
-from .structure import Core, Structure, compile
+from .compiler import Core, Structure, compile
 from .theta import theta
 
 _LAZY = {

@@ -9,7 +9,7 @@ import sys
 from . import presets
 from .errors import SpecError
 from .spec import Spec
-from .structure import compile
+from .compiler import compile
 from .theta import theta
 
 EXAMPLES = """examples:

@@ -1,4 +1,4 @@
-"""compile(spec, d_in, d_out) -> Structure: integer sizes, the chain plan, costs, per-core muP numbers."""
+"""compile(spec, d_in, d_out) -> Structure: the compiler proper: integer sizes, the chain plan, costs, per-core muP numbers."""
 
 from __future__ import annotations
 
