@@ -1,4 +1,4 @@
-"""compile(spec, d_in, d_out) -> Structure: the compiler proper: integer sizes, the chain plan, costs, per-core muP numbers."""
+"""The compiler proper: compile(spec, d_in, d_out) -> Structure with sizes, chain plan, costs and muP numbers."""
 
 from __future__ import annotations
 
