@@ -1,0 +1,42 @@
+"""Training FLOPs of one optimizer step, counted from the modules (THEORY 8), with no tracing.
+
+Forward FLOPs of a linear layer = 2 x MACs of the path it runs. Training = forward + backward, where
+backward is 2 x forward for a layer whose input needs a gradient and 1 x forward (the weight gradient
+only) for a layer fed by data. Inside a structured layer fed by data only its first step skips the
+input gradient. Embeddings are lookups (0). Attention's two matmuls are counted analytically by the
+task. Biases, norms, activations and the loss are not counted.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+import einstruct as es
+
+
+def linear_forward_flops(module: nn.Module, rows: int) -> int:
+    """Forward FLOPs of one nn.Linear or StructuredLinear applied to ``rows`` rows."""
+    if isinstance(module, nn.Linear):
+        return 2 * rows * module.in_features * module.out_features
+    if isinstance(module, es.StructuredLinear):
+        return int(module.flops(rows))
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+def linear_train_flops(module: nn.Module, rows: int, input_needs_grad: bool = True) -> int:
+    fwd = linear_forward_flops(module, rows)
+    if input_needs_grad:
+        return 3 * fwd
+    if isinstance(module, es.StructuredLinear):
+        first = module.structure.cores[0].macs * 2 * rows  # only this step has no input gradient to make
+        return 3 * fwd - first
+    return 2 * fwd
+
+
+def model_train_flops(model: nn.Module, rows: int, data_fed: frozenset[str] = frozenset()) -> int:
+    """Sum over the linear layers of ``model``; ``data_fed`` names the layers whose input is raw data."""
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, es.StructuredLinear)):
+            total += linear_train_flops(m, rows, input_needs_grad=name not in data_fed)
+    return total

@@ -1,0 +1,1 @@
+"""Small models the tasks train: a residual MLP and a GPT, written with plain torch."""

@@ -1,0 +1,116 @@
+"""The task protocol: a model family at any width, its data, its loss, and its exact FLOPs per step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import einstruct as es
+
+from .. import flops
+from ..errors import SearchError
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Training defaults of a task; train.run may override lr and schedule."""
+
+    lr: float
+    batch: int  # examples (or sequences) per step
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.05
+    max_warmup: int = 2000
+    clip: float = 1.0
+    input_lr_mult: float = 1.0
+
+
+class Task:
+    """Base class. Subclasses set name, config, hyper, widths and implement the data/model hooks."""
+
+    name: str = ""
+    widths: tuple[int, ...] = ()
+    base_width: int = 64
+    select: str = "intermediate"  # which nn.Linear layers es.structure replaces
+    data_fed: frozenset[str] = frozenset()  # module names whose input is raw data (no input gradient)
+    hyper: Hyper
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def make_model(self, width: int, device="cpu") -> nn.Module:
+        raise NotImplementedError
+
+    def rows_per_step(self) -> int:
+        """Rows through each linear layer per optimizer step (examples, or tokens for the LM)."""
+        return self.hyper.batch
+
+    def extra_train_flops(self, width: int) -> int:
+        """FLOPs per step of matmuls that are not linear layers (attention), counted analytically."""
+        return 0
+
+    def batch(self, step: int, generator: torch.Generator, device) -> tuple:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_loss(self, model: nn.Module, device) -> torch.Tensor:
+        """Held-out loss as a 0-dim tensor (read back by the caller, once per evaluation)."""
+        raise NotImplementedError
+
+    def prepare(self, seed: int) -> float:
+        """Make or load data for this seed; returns the seconds spent (reported, not charged)."""
+        return 0.0
+
+    # ---- shared ------------------------------------------------------------------------------
+    def check_width(self, width) -> int:
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise SearchError(f"width must be a positive integer, got {width!r}")
+        return width
+
+    def build(self, spec, width: int, *, device="cpu", seed: int = 0) -> nn.Module:
+        """The task's model at ``width`` with its selected linears structured by ``spec`` (None: dense)."""
+        width = self.check_width(width)
+        torch.manual_seed(seed)
+        model = self.make_model(width, device=device)
+        if spec is not None and not _is_dense(spec):
+            es.structure(model, spec, select=self.select)
+        return model
+
+    def base_model(self) -> nn.Module:
+        """The dense architecture at the base width on the meta device, for muP rates."""
+        return self.make_model(self.base_width, device="meta")
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        return es.param_groups(
+            model, lr, base=self.base_model(), weight_decay=self.hyper.weight_decay,
+            input_lr_mult=self.hyper.input_lr_mult,
+        )
+
+    def flops_per_step(self, model: nn.Module) -> int:
+        """Training FLOPs of one optimizer step of ``model`` (THEORY 8), exact for the linear layers."""
+        width = _width_of(model)
+        return flops.model_train_flops(model, self.rows_per_step(), self.data_fed) + self.extra_train_flops(width)
+
+    def describe(self) -> dict:
+        cfg = getattr(self, "config", None)
+        return {"task": self.name, **({} if cfg is None else cfg.__dict__)}
+
+
+def _is_dense(spec) -> bool:
+    if isinstance(spec, str):
+        return spec.strip().lower() == "dense"
+    return isinstance(spec, es.Spec) and len(spec.cores) == 1 and spec.label == "dense"
+
+
+def _width_of(model: nn.Module) -> int:
+    return int(getattr(model, "width", 0))
+
+
+def check_positive(name: str, value, kind=int) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise SearchError(f"{name} must be a positive {'number' if kind is float else 'integer'}, got {value!r}")
+    return value

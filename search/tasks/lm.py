@@ -1,0 +1,175 @@
+"""Character-level (or token-file) language modelling with a small GPT (THEORY 7).
+
+Data: a local text file read as bytes and mapped to 96 symbols (newline, space and the 94 printable
+ASCII characters; every other byte, tabs and the bytes of non-ASCII characters included, becomes '?'),
+or a nanoGPT-style token file (``.bin``, little-endian uint16). The last 10% is held out. Every linear
+layer is structured except the output head (the attention projections included).
+
+Configurations: ``cpu`` (default: 3 layers, context 128, 32 sequences = 4,096 tokens per step, warmup 5%
+of the steps) and ``paper`` (65,536 tokens per step, 2000 warmup steps) for GPUs. Attention FLOPs are
+counted analytically: QK^T and AV are 2*L*d each per token per layer forward (L the context), without
+causal halving (the full L x L scores are computed), times 3 for training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError, SearchError
+from ..models.gpt import GPT
+from .base import Hyper, Task
+
+VOCAB = 96
+UNKNOWN = "?"
+
+
+def encode_text(raw: bytes) -> np.ndarray:
+    """Bytes -> symbol ids in [0, 96): newline 0, space 1, '!'..'~' 2..95, anything else '?'."""
+    table = np.full(256, ord(UNKNOWN) - 33 + 2, dtype=np.uint8)
+    table[ord("\n")] = 0
+    table[ord(" ")] = 1
+    table[33:127] = np.arange(2, 96, dtype=np.uint8)
+    return table[np.frombuffer(raw, dtype=np.uint8)]
+
+
+def decode(ids) -> str:
+    chars = ["\n", " "] + [chr(c) for c in range(33, 127)]
+    return "".join(chars[int(i)] for i in ids)
+
+
+def load_tokens(path: str) -> tuple[np.ndarray, int]:
+    """(token ids, vocabulary size) from a text file or a .bin uint16 token file."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise DataError("the lm task needs data=PATH: a text file, or a .bin file of uint16 tokens")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"data file {path!r} does not exist; pass data= a local text file or a .bin token file")
+    if os.path.isdir(path):
+        raise DataError(f"data path {path!r} is a folder; the lm task needs a text file or a .bin token file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataError(f"data file {path!r} is empty; give a text file with some text in it")
+    if path.endswith(".bin"):
+        if size % 2:
+            raise DataError(f"{path!r} has an odd number of bytes ({size}), so it is not a uint16 token file")
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        return tokens, int(tokens.max()) + 1
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\x00" in raw[:4096]:
+        raise DataError(
+            f"{path!r} looks binary (it has NUL bytes); give a text file, or a token file ending in .bin"
+        )
+    return encode_text(raw), VOCAB
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    data: str = ""
+    depth: int = 3
+    context: int = 128
+    batch: int = 32  # sequences per step
+    d_head: int = 64
+    lr: float = 3e-3
+    warmup_frac: float = 0.05
+    max_warmup: int = 2000
+    eval_batches: int = 8
+    explicit_attention: bool = False  # plain matmuls instead of SDPA (so FlopCounterMode sees attention)
+    widths: tuple[int, ...] = (64, 128, 192, 256, 384, 512)
+
+
+CONFIGS = {
+    "cpu": LMConfig(),
+    "paper": LMConfig(depth=6, batch=512, warmup_frac=1.0, max_warmup=2000, eval_batches=32,
+                      widths=(128, 256, 384, 512, 768, 1024)),
+}
+
+
+class LanguageModel(Task):
+    name = "lm"
+    select = "all_but_last"  # the head is the last linear registered
+    data_fed = frozenset()  # embeddings feed the first linear, and they need gradients
+
+    def __init__(self, config: str | LMConfig = "cpu", *, data=None, **overrides):
+        if isinstance(config, str):
+            if config not in CONFIGS:
+                raise SearchError(f"unknown lm config {config!r}; choose one of {', '.join(CONFIGS)}")
+            config = CONFIGS[config]
+        if data is not None:
+            overrides["data"] = os.fspath(data) if isinstance(data, os.PathLike) else data
+        try:
+            self.config = replace(config, **overrides)
+        except TypeError as e:
+            raise SearchError(f"lm task: {e}; settings are {', '.join(config.__dataclass_fields__)}") from None
+        c = self.config
+        tokens, self.vocab = load_tokens(c.data)
+        split = int(len(tokens) * 0.9)
+        self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
+        for label, part in (("training", self.train_tokens), ("held-out", self.val_tokens)):
+            if len(part) < c.context + 1:
+                raise DataError(
+                    f"{c.data!r} has {len(tokens)} tokens, so its {label} part ({len(part)}) is shorter than one "
+                    f"sequence of context {c.context} + 1; give a longer file (at least "
+                    f"{math.ceil((c.context + 1) / 0.1)} tokens) or a smaller context"
+                )
+        self.widths = c.widths
+        self.hyper = Hyper(lr=c.lr, batch=c.batch, betas=(0.9, 0.95), weight_decay=0.0,
+                           warmup_frac=c.warmup_frac, max_warmup=c.max_warmup)
+
+    def check_width(self, width) -> int:
+        width = super().check_width(width)
+        d_head = min(self.config.d_head, width)
+        if width % d_head:
+            raise SearchError(f"lm width {width} is not a multiple of d_head={d_head}; use a multiple of {d_head}")
+        return width
+
+    def make_model(self, width: int, device="cpu"):
+        c = self.config
+        with torch.device(device):
+            model = GPT(self.vocab, width, c.depth, c.context, d_head=min(c.d_head, width),
+                        explicit=c.explicit_attention)
+        model.width = width
+        return model
+
+    def rows_per_step(self) -> int:
+        return self.config.batch * self.config.context
+
+    def extra_train_flops(self, width: int) -> int:
+        c = self.config
+        per_token_fwd = 2 * (2 * c.context * width)  # QK^T and AV, no causal halving
+        return 3 * per_token_fwd * c.depth * self.rows_per_step()
+
+    def _sample(self, tokens, n: int, generator: torch.Generator, device):
+        c = self.config
+        starts = torch.randint(0, len(tokens) - c.context, (n,), generator=generator).numpy()
+        rows = np.stack([np.asarray(tokens[s : s + c.context + 1], dtype=np.int64) for s in starts])
+        t = torch.from_numpy(rows).to(device)
+        return t[:, :-1], t[:, 1:]
+
+    def batch(self, step, generator, device):
+        return self._sample(self.train_tokens, self.config.batch, generator, device)
+
+    def loss(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+
+    @torch.no_grad()
+    def eval_loss(self, model, device):
+        g = torch.Generator().manual_seed(1234)  # the same held-out sequences at every evaluation
+        total = torch.zeros((), device=device)
+        for _ in range(self.config.eval_batches):
+            total += self.loss(model, self._sample(self.val_tokens, self.config.batch, g, device))
+        return total / self.config.eval_batches
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats per token) of the training text's unigram distribution: the bar to beat."""
+        counts = np.bincount(np.asarray(self.train_tokens), minlength=self.vocab).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())

@@ -1,0 +1,40 @@
+"""Tiny data sets the search tests make themselves: a text corpus and CIFAR-format pickles."""
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+
+def make_text(n_lines: int = 3000, seed: int = 0) -> str:
+    """Text from a small grammar: structured enough that a model beats the unigram entropy quickly."""
+    rng = random.Random(seed)
+    subj = ["the cat", "a dog", "my friend", "the old man", "a bird"]
+    verb = ["sat on", "ran to", "looked at", "jumped over", "walked past"]
+    obj = ["the mat", "a tree", "the house", "the river", "a red car"]
+    return "\n".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(n_lines)) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(make_text())
+    return str(path)
+
+
+def write_cifar(folder, n_train=96, n_test=48, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("data_batch_1", n_train), ("test_batch", n_test)):
+        labels = rng.integers(0, 10, n)
+        # class-dependent means so there is something to learn
+        data = np.clip(rng.normal(100 + 10 * labels[:, None], 30, (n, 3072)), 0, 255).astype(np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels.tolist()}, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    return write_cifar(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py")
