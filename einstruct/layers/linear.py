@@ -1,0 +1,459 @@
+"""StructuredLinear: a compiled structure run as a fixed chain of batched matmuls, with muP init and weight norm.
+
+The chain of :func:`einstruct.compile` is laid out once, at construction, as a list of steps. Each step
+permutes the running activation to ``(batch, rows, contracted)`` (or ``(batch, contracted, rows)``),
+reshapes it to a matrix per batch index, and multiplies it with the core reshaped to
+``(batch, contracted, produced)``: one ``mm``/``bmm`` per core, so FLOP counters see exactly
+``structure.flops`` per example. Rows are the leading dimensions of the input times the axes the core is
+shared across. The memory order of every intermediate, and the form of each matmul, are chosen by a
+small dynamic programme over the steps that minimises a measured cost of the permute copies and matmul
+forms, so consecutive steps reuse each other's layout where they can.
+
+Contract details chosen here (DESIGN.md, THEORY 4-5):
+
+- Cores are parameters named after the spec's cores (``layer.R``), stored in the spec's axis order.
+- ``init_scale=None`` draws every core from N(0, core.init_std^2) (muP); a float replaces the std of
+  every core. ``low_rank_init=True`` gives the first core of a low-rank structure std 1/sqrt(in_features)
+  (ICML appendix). ``zero_init=True`` zeroes only the last core in execution order. Biases start at 0.
+- ``normalize=True`` adds one learnable scalar gain per core, in the ``nn.ParameterDict`` ``layer.gains``
+  keyed by core name (state_dict keys ``gains.<core>``), and uses
+  ``M_eff = g * min(1, sigma / RMS(M)) * M`` with sigma the std that core was drawn with (the nominal one
+  for a zero-initialised core).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compiler import Structure
+from ..compiler import compile as compile_structure
+from ..errors import SpecError
+
+logger = logging.getLogger(__name__)
+
+ROWS = "#"  # the flattened leading dimensions of the input, as a pseudo-axis of the layout
+RMS_EPS = 1e-8
+_MAX_PERMUTED = 4  # groups up to this many axes are tried in every order when planning layouts
+# Planning costs, in units per element (measured on CPU, one thread, float32, 1024 rows): a permute
+# copy runs at about memory speed (2) when it moves contiguous runs of >= 16 elements or when the axes
+# it reorders form blocks that fit in cache (e.g. within one example); otherwise it scatters (5). A
+# matmul in any form but (rows, K) @ (K, P) costs about half a copy of its input more (1).
+_COPY, _SCATTERED, _FORM = 2, 5, 1
+_CONTIGUOUS_RUN = 16
+_CACHE_BLOCK = 16384
+_ROWS_HINT = 256  # the batch is unknown when planning; assume at least this many rows
+# Tie-break between the three other matmul forms (act_kr, core_left).
+_FORM_ORDER = {(False, False): 0, (True, True): 1, (False, True): 2, (True, False): 3}
+
+
+@dataclass(frozen=True)
+class LayoutStep:
+    """One matmul of the chain with every permutation and shape fixed; ``None`` in a shape is the batch."""
+
+    core: str
+    act_perm: tuple[int, ...] | None  # permute the activation first (None: its layout is already right)
+    act_shape: tuple[int | None, ...]  # (B?, M, K) or (B?, K, M); None stands for batch * rows
+    rows: int  # elements of M per input row (product of the carried axes)
+    act_kr: bool  # the activation matrix is laid out (K, M)
+    core_perm: tuple[int, ...] | None
+    core_shape: tuple[int, ...]  # (B?, K, P), or (B?, P, K) when core_left
+    core_left: bool  # output (B?, P, M) = core @ act, else (B?, M, P) = act @ core
+    out_shape: tuple[int | None, ...]  # full shape of the output layout; None stands for the batch
+
+
+@dataclass(frozen=True)
+class ChainLayout:
+    steps: tuple[LayoutStep, ...]
+    in_shape: tuple[int | None, ...]
+    final_perm: tuple[int, ...] | None
+    fuse_bias: bool  # the last step is a plain 2-D (rows, K) @ core giving y itself: bias goes in via addmm
+    cost: int  # planned cost per example of the copies and matmul forms (units of _COPY, _SCATTERED, _FORM)
+
+
+class _Relayout(torch.autograd.Function):
+    """``x.permute(perm).contiguous()`` whose backward returns a contiguous gradient as well.
+
+    Plain permute + reshape can hand bmm a view whose batch axis is not outermost (in the forward, or
+    as the gradient in the backward); CPU bmm then runs one small matrix at a time, orders of magnitude
+    slower. Copying here, at the places the plan chose, keeps every bmm operand batch-major.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, perm, inverse):
+        return x.permute(perm).contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.inverse = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.permute(ctx.inverse).contiguous(), None, None
+
+
+def _relayout(x: torch.Tensor, perm: tuple[int, ...] | None) -> torch.Tensor:
+    if perm is None:
+        return x
+    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+    return _Relayout.apply(x, perm, inverse)
+
+
+class _MixedMatmul(torch.autograd.Function):
+    """The two matmul forms with one operand transposed, with gradients laid out like their inputs.
+
+    ``core_left``: out = w @ a^T with a (B?, M, K), w (B?, P, K); otherwise out = a^T @ w with a (B?, K, M),
+    w (B?, K, P). Autograd's own bmm backward would return the gradient of a transposed operand in the
+    transposed memory order, turning the mirrored copy of the backward into a scattered one.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, w, core_left):
+        return torch.matmul(w, a.mT) if core_left else torch.matmul(a.mT, w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, w, core_left = inputs
+        ctx.save_for_backward(a, w)
+        ctx.core_left = core_left
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        ga = gw = None
+        if ctx.core_left:
+            if ctx.needs_input_grad[0]:
+                ga = torch.matmul(grad.mT, w)
+            if ctx.needs_input_grad[1]:
+                gw = torch.matmul(grad, a)
+        else:
+            if ctx.needs_input_grad[0]:
+                ga = torch.matmul(w, grad.mT)
+            if ctx.needs_input_grad[1]:
+                gw = torch.matmul(a, grad)
+        return ga, gw, None
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul of ``t`` in, or None outside autocast."""
+    dev = t.device.type
+    if dev not in ("cpu", "cuda") or t.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _fill(shape: tuple, value: int) -> tuple[int, ...]:
+    return tuple(value if s is None else s for s in shape)
+
+
+def _perm(src: tuple, dst: tuple) -> tuple[int, ...] | None:
+    p = tuple(src.index(a) for a in dst)
+    return None if p == tuple(range(len(p))) else p
+
+
+def _orders(axes: tuple) -> list[tuple]:
+    """Orders of a group to try; the given order first."""
+    return list(itertools.permutations(axes)) if len(axes) <= _MAX_PERMUTED else [axes]
+
+
+def plan_chain(st: Structure) -> ChainLayout:
+    """Lay out the compiled chain: memory order of each intermediate and matmul forms of least cost."""
+    sizes = st.sizes
+
+    def big(axes) -> tuple:
+        return tuple(a for a in axes if sizes[a] > 1)
+
+    def elems(layout) -> int:
+        return math.prod(sizes[a] for a in layout if a != ROWS)
+
+    def extent(axes) -> int:
+        return math.prod(_ROWS_HINT if a == ROWS else sizes[a] for a in axes)
+
+    def copy_cost(src, dst) -> int:
+        if src == dst:
+            return 0
+        keep = 0  # outer axes that stay in place split the copy into independent blocks
+        while src[keep] == dst[keep]:
+            keep += 1
+        run = 0  # inner axes that stay in place are copied as contiguous runs
+        while src[len(src) - 1 - run] == dst[len(dst) - 1 - run]:
+            run += 1
+        fast = extent(src[keep:]) <= _CACHE_BLOCK or extent(src[len(src) - run :]) >= _CONTIGUOUS_RUN
+        return elems(src) * (_COPY if fast else _SCATTERED)
+
+    # frontier: layout -> (cost, tie-break, choices so far); the first found wins ties (deterministic)
+    frontier: dict[tuple, tuple] = {(ROWS,) + big(st.spec.x): (0, 0, ())}
+    for core in st.cores:
+        s = core.step
+        groups = big(s.batch), big(s.contracted), (ROWS,) + big(s.carried), big(s.produced)
+        nxt: dict[tuple, tuple] = {}
+        for layout, (cost, pen, hist) in frontier.items():
+            b, k, r0 = (tuple(a for a in layout if a in g) for g in groups[:3])
+            for r in _orders(r0):
+                for act_kr in (False, True):
+                    arr = b + (k + r if act_kr else r + k)
+                    c = cost + copy_cost(layout, arr)
+                    for core_left in (False, True):
+                        form = _FORM_ORDER[(act_kr, core_left)]
+                        for p in _orders(groups[3]):
+                            out = b + (p + r if core_left else r + p)
+                            key = (c + (elems(arr) * _FORM if form else 0), pen + form)
+                            if out not in nxt or key < nxt[out][:2]:
+                                nxt[out] = (*key, hist + ((layout, arr, act_kr, core_left, b, r, k, p, out),))
+        frontier = nxt
+    final = (ROWS,) + big(st.spec.y)
+    layout, (cost, _, hist) = min(
+        frontier.items(), key=lambda kv: (kv[1][0] + copy_cost(kv[0], final), kv[1][1])
+    )
+    steps = []
+    for core, (src, arr, act_kr, core_left, b, r, k, p, out) in zip(st.cores, hist):
+        bsz, ksz, psz = (math.prod(sizes[a] for a in g) for g in (b, k, p))
+        lead = (bsz,) if b else ()
+        ones = tuple(a for a in core.axes if sizes[a] == 1)
+        core_order = ones + b + (p + k if core_left else k + p)
+        steps.append(
+            LayoutStep(
+                core=core.name,
+                act_perm=_perm(src, arr),
+                act_shape=lead + ((ksz, None) if act_kr else (None, ksz)),
+                rows=elems(r),
+                act_kr=act_kr,
+                core_perm=_perm(tuple(core.axes), core_order),
+                core_shape=lead + ((psz, ksz) if core_left else (ksz, psz)),
+                core_left=core_left,
+                out_shape=tuple(None if a == ROWS else sizes[a] for a in out),
+            )
+        )
+    in_layout = (ROWS,) + big(st.spec.x)
+    return ChainLayout(
+        steps=tuple(steps),
+        in_shape=tuple(None if a == ROWS else sizes[a] for a in in_layout),
+        final_perm=_perm(layout, final),
+        fuse_bias=len(steps[-1].core_shape) == 2 and steps[-1].rows == 1 and not steps[-1].core_left
+        and layout == final,
+        cost=cost + copy_cost(layout, final),
+    )
+
+
+def _is_low_rank(st: Structure) -> bool:
+    """Two cores joined only through bond axes (x -> bond -> y), like ``i,ir,ro->o``."""
+    if len(st.cores) != 2:
+        return False
+    return all(st.spec.role(a) == "bond" for a in st.cores[0].step.after if st.sizes[a] > 1)
+
+
+def _check_features(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"StructuredLinear: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+class StructuredLinear(nn.Module):
+    """A drop-in for nn.Linear whose weight is a structured einsum (a plain nn.Module, not a subclass).
+
+    >>> layer = StructuredLinear(1024, 4096, es.presets.btt(rank=4))
+    >>> y = layer(torch.randn(8, 1024))          # (8, 4096)
+
+    Args:
+        spec: an :class:`einstruct.Spec` or a preset name, compiled with ``es.compile(spec, in_features,
+            out_features, pad_tolerance=...)``; the result is ``layer.structure``.
+        zero_init: zero the last core in execution order, so the layer starts at 0 (THEORY 4).
+        init_scale: None for each core's muP std ``core.init_std``; a float is the std of every core.
+        low_rank_init: give the first core of a low-rank structure std 1/sqrt(in_features).
+        normalize: weight normalisation with one learnable scalar gain per core in ``layer.gains``.
+        pad_tolerance: how much in/out may be padded to split into the axis sizes (inputs are padded
+            with zeros, outputs sliced).
+
+    ``layer.init_stds`` holds the std each core was drawn with (and the weight-norm cap).
+    """
+
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        spec,
+        bias: bool = True,
+        *,
+        zero_init: bool = False,
+        init_scale: float | None = None,
+        low_rank_init: bool = False,
+        normalize: bool = False,
+        pad_tolerance: float = 0.15,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features = _check_features(in_features, "in_features")
+        self.out_features = _check_features(out_features, "out_features")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise SpecError(f"StructuredLinear: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if init_scale is not None and (
+            isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not math.isfinite(init_scale)
+            or init_scale <= 0
+        ):
+            raise SpecError(
+                f"StructuredLinear: init_scale must be None (muP std per core) or a std > 0, got {init_scale!r}; "
+                "use zero_init=True for a zero start"
+            )
+        self.structure = compile_structure(spec, in_features, out_features, pad_tolerance=pad_tolerance)
+        self.spec = self.structure.spec
+        self.zero_init = bool(zero_init)
+        self.normalize = bool(normalize)
+        self.low_rank_init = bool(low_rank_init)
+        if self.low_rank_init and not _is_low_rank(self.structure):
+            raise SpecError(
+                f"low_rank_init=True needs a low-rank structure (two cores joined by a bond, e.g. "
+                f"es.presets.low_rank(rank=8)); {self.spec.label or self.spec.einsum!r} is not one"
+            )
+        std = {c.name: (c.init_std if init_scale is None else float(init_scale)) for c in self.structure.cores}
+        if self.low_rank_init:
+            std[self.structure.cores[0].name] = 1.0 / math.sqrt(self.in_features)
+        self.init_stds: dict[str, float] = std  # metadata on the module, never on tensors
+        factory = {"device": device, "dtype": dtype}
+        for c in self.structure.cores:
+            if hasattr(self, c.name):
+                raise SpecError(
+                    f"core name {c.name!r} clashes with an attribute of StructuredLinear; rename the core "
+                    f"(e.g. '{c.name}_core:{c.axes}' in the einsum)"
+                )
+            self.register_parameter(c.name, nn.Parameter(torch.empty(c.shape, **factory)))
+        if self.normalize:
+            clash = [c.name for c in self.structure.cores if hasattr(nn.ParameterDict(), c.name)]
+            if clash:
+                raise SpecError(f"core name {clash[0]!r} clashes with an nn.ParameterDict method; rename the core")
+            self.gains = nn.ParameterDict(
+                {c.name: nn.Parameter(torch.ones((), **factory)) for c in self.structure.cores}
+            )
+        else:
+            self.gains = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._chain = plan_chain(self.structure)
+        logger.debug("%s: planned layout cost %d per example", self.spec.einsum, self._chain.cost)
+        self.reset_parameters()
+
+    # ---- parameters ----------------------------------------------------------------------
+    @property
+    def core_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.structure.cores)
+
+    def reset_parameters(self) -> None:
+        last = self.core_names[-1]
+        with torch.no_grad():
+            for name in self.core_names:
+                w = getattr(self, name)
+                if self.zero_init and name == last:
+                    w.zero_()
+                else:
+                    w.normal_(0.0, self.init_stds[name])
+            if self.gains is not None:
+                for g in self.gains.values():
+                    g.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def effective_cores(self) -> dict[str, torch.Tensor]:
+        """The cores the chain multiplies with: the parameters, weight-normalised when ``normalize``."""
+        cores = {name: getattr(self, name) for name in self.core_names}
+        if self.gains is None:
+            return cores
+        out = {}
+        for name, w in cores.items():
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            rms = torch.sqrt(w.to(acc).square().mean() + RMS_EPS)
+            sigma = self.init_stds[name]
+            scale = self.gains[name].to(acc) * (sigma / torch.clamp(rms, min=sigma))  # = g * min(1, sigma/rms)
+            out[name] = w * scale.to(w.dtype)
+        return out
+
+    # ---- running the chain ---------------------------------------------------------------
+    def _run(self, act: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, d_in_padded) -> (n, d_out_padded) through the planned chain, plus ``bias`` if given."""
+        cores = self.effective_cores()
+        chain = self._chain
+        act = act.reshape(_fill(chain.in_shape, n))
+        last = len(chain.steps) - 1
+        for i, s in enumerate(chain.steps):
+            a = _relayout(act, s.act_perm).reshape(_fill(s.act_shape, n * s.rows))
+            w = _relayout(cores[s.core], s.core_perm).reshape(s.core_shape)
+            if s.core_left != s.act_kr:  # one operand transposed: keep the backward's layouts too
+                dt = _autocast_dtype(a)
+                if dt is not None:  # a custom Function's backward runs outside autocast: cast here
+                    a, w = a.to(dt), w.to(dt)
+                out = _MixedMatmul.apply(a, w, s.core_left)
+            elif s.core_left:  # out (P, M) = core (P, K) @ act (K, M)
+                out = torch.matmul(w, a)
+            elif i == last and bias is not None and chain.fuse_bias:
+                out, bias = torch.addmm(bias.to(a.dtype), a, w), None  # as nn.Linear: one pass over y
+            else:  # out (M, P) = act (M, K) @ core (K, P)
+                out = torch.matmul(a, w)
+            act = out.view(_fill(s.out_shape, n))
+        act = _relayout(act, chain.final_perm).reshape(n, self.structure.d_out_padded)
+        return act if bias is None else act + bias.to(act.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise SpecError(
+                f"StructuredLinear({self.in_features} -> {self.out_features}) expects input of shape "
+                f"(..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        n = math.prod(lead)
+        x2 = x.reshape(n, self.in_features).contiguous()  # no-op unless x has unusual strides
+        pad_in = self.structure.d_in_padded - self.in_features
+        if pad_in:
+            x2 = F.pad(x2, (0, pad_in))
+        pad_out = self.structure.d_out_padded - self.out_features
+        if pad_out:
+            y = self._run(x2, n)[:, : self.out_features]
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            y = self._run(x2, n, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) matrix the layer applies (weight norm included, bias not)."""
+        ref = getattr(self, self.core_names[0])
+        d_in = self.structure.d_in_padded
+        eye = torch.eye(d_in, device=ref.device, dtype=ref.dtype)
+        cols = self._run(eye, d_in)  # row i is W e_i
+        return cols[: self.in_features, : self.out_features].transpose(0, 1).contiguous()
+
+    # ---- reporting -----------------------------------------------------------------------
+    def flops(self, batch: int) -> int:
+        """FLOPs (2 x MACs) of the forward path that runs for ``batch`` rows: the factored chain."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise SpecError(f"flops(batch) needs a non-negative integer number of rows, got {batch!r}")
+        return self.structure.flops * batch
+
+    def extra_repr(self) -> str:
+        st = self.structure
+        name = f"{self.spec.label} " if self.spec.label else ""
+        parts = [
+            f"{name}{self.spec.einsum}",
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"bias={self.bias is not None}",
+            f"params={st.params}",
+            f"flops_per_example={st.flops}",
+        ]
+        if st.padded:
+            parts.append(f"padded=({st.d_in_padded}, {st.d_out_padded})")
+        if self.normalize:
+            parts.append("normalize=True")
+        if self.zero_init:
+            parts.append("zero_init=True")
+        return ", ".join(parts)
