@@ -6,9 +6,9 @@ The compiler (Spec, theta, presets, compile) does not import torch; the torch pa
 from importlib import import_module
 
 from . import presets
+from .compiler import Core, Structure, compile
 from .errors import SpecError
 from .spec import CoreSpec, Spec
-from .compiler import Core, Structure, compile
 from .theta import theta
 
 _LAZY = {
@@ -18,7 +18,7 @@ _LAZY = {
     "structure": ".layers.model",
     "summary": ".layers.model",
     "param_groups": ".mup",
-    "coord_check": ".coord_check",
+    "coord_check": ".coordcheck",
 }
 
 __all__ = ["Core", "CoreSpec", "Spec", "SpecError", "Structure", "compile", "presets", "theta", *_LAZY]

@@ -7,9 +7,9 @@ import json
 import sys
 
 from . import presets
+from .compiler import compile
 from .errors import SpecError
 from .spec import Spec
-from .compiler import compile
 from .theta import theta
 
 EXAMPLES = """examples:

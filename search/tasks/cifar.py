@@ -115,6 +115,7 @@ class Cifar(Task):
             overrides["data"] = os.fspath(data)
         try:
             self.config = replace(config, **overrides)
+            self.config = replace(self.config, widths=tuple(self.config.widths))
         except TypeError as e:
             raise SearchError(f"cifar task: {e}; settings are {', '.join(config.__dataclass_fields__)}") from None
         c = self.config

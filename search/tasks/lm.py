@@ -105,6 +105,7 @@ class LanguageModel(Task):
             overrides["data"] = os.fspath(data) if isinstance(data, os.PathLike) else data
         try:
             self.config = replace(config, **overrides)
+            self.config = replace(self.config, widths=tuple(self.config.widths))
         except TypeError as e:
             raise SearchError(f"lm task: {e}; settings are {', '.join(config.__dataclass_fields__)}") from None
         c = self.config

@@ -97,6 +97,7 @@ class Regression(Task):
             config = CONFIGS[config]
         try:
             self.config = replace(config, **overrides)
+            self.config = replace(self.config, widths=tuple(self.config.widths))
         except TypeError as e:
             raise SearchError(f"regression task: {e}; settings are {', '.join(config.__dataclass_fields__)}") from None
         c = self.config

@@ -8,15 +8,13 @@ its per-step change, averaged over the steps. Under muP it stays roughly constan
 naive dense rate for every core (``structured_rates=False``) it shrinks for BTT and Kronecker.
 
 The hidden layer has no bias (a bias moves every feature by about lr per step at any width and would mask
-the weight's update). The input layer is frozen by default so that the hidden layer's own update is what moves the features
-(with it training the contrast is much weaker; THEORY 4, calibration).
+the weight's update). The input layer is frozen by default so that the hidden layer's own update is what
+moves the features (with it training the contrast is much weaker; THEORY 4, calibration).
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass
 
 import torch
@@ -158,14 +156,3 @@ def _run(sp, w: int, base_width: int, structured_rates: bool, steps: int, lr: fl
             total += float((h - prev).pow(2).mean().sqrt())
             prev = h
     return total / steps
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule sets ``einstruct.coord_check`` to the module, shadowing the lazily exported
-    function of the same name; making the module callable keeps ``es.coord_check(spec)`` working."""
-
-    def __call__(self, *args, **kwargs) -> CoordCheckResult:
-        return coord_check(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

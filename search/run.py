@@ -1,0 +1,167 @@
+"""`python -m search.run`: a budgeted structure search (the project's main job).
+
+    python -m search.run                                   # embedded default: regression, minutes on a CPU
+    python -m search.run --budget 1e17 --task lm --data corpus.txt --device cuda --study owt-small
+    python -m search.run --study owt-small                 # the same command again resumes the study
+    python -m search.run --budget 1e17 --dry-run           # the plan and its estimated wall time only
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import SearchError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"search.run: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    from .loop import DEFAULTS, SAMPLERS
+    from .space import SPACES
+    from .tasks import NAMES
+
+    p = _Parser(prog="python -m search.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", default="default", help="study name; runs/<study>/ holds everything (default: default)")
+    p.add_argument("--task", choices=NAMES, help=f"task (default {DEFAULTS['task']})")
+    p.add_argument("--data", help="data path for lm (text or .bin) and cifar (folder)")
+    p.add_argument("--budget", type=float,
+                   help=f"total training FLOPs over all trials (default {DEFAULTS['budget']:g})")
+    p.add_argument("--levels", type=int, help="compute levels, >= 3 (default 3)")
+    p.add_argument("--ratio", type=float, help="compute factor between levels, >= 2 (default 4)")
+    p.add_argument("--top-trials", type=int, help="trials at the top level (default 8; lower levels x ratio)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default tpe, multivariate)")
+    p.add_argument("--seed", type=int, help="seed for sampling and training (default 0)")
+    p.add_argument("--space", choices=tuple(SPACES), help="search space: full, theta, btt (beta = delta = 0)")
+    p.add_argument("--min-steps", type=int, help="reject candidates with fewer steps (default 20)")
+    p.add_argument("--target-steps", type=int, help="steps the references' widths aim for (default 100)")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite file in runs/<study>/)")
+    p.add_argument("--out", help="output folder (default runs/<study>)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and estimated wall time, train nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+class TqdmReporter:
+    """Two progress bars: the budget spent, and the current trial's steps, with the best loss so far."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.total = self.trial = None
+
+    def plan(self, info):
+        from .budget import Level  # noqa: F401
+
+        cfg, est = info["settings"], info["estimate"]
+        print(f"study {info['study']} -> {info['folder']}")
+        print(f"task {cfg['task']}, budget {cfg['budget']:.3g} training FLOPs, sampler {cfg['sampler']}, "
+              f"seed {cfg['seed']}, space {cfg['space']}")
+        print(f"{'level':>5s} {'FLOPs per trial':>16s} {'trials':>7s} {'level FLOPs':>12s}")
+        for lv in info["levels"]:
+            print(f"{lv.index:5d} {lv.allowance:16.3e} {lv.trials:7d} {lv.planned_flops:12.3e}")
+        print(f"references at every level: {', '.join(info['references'])}")
+        secs = est["seconds"]
+        print(f"throughput probe: {est['flops_per_second']:.3g} FLOP/s, {est['seconds_per_trial']:.2f} s overhead "
+              f"per trial -> estimated wall time {_human(secs)}")
+        if info["dry_run"]:
+            print("dry run: nothing trained")
+            return
+        from tqdm import tqdm
+
+        self.total = tqdm(total=float(cfg["budget"]), desc="budget", unit="FLOP", unit_scale=True,
+                          disable=not self.enabled, position=0, dynamic_ncols=True)
+
+    def level_start(self, level, done):
+        if self.total is not None:
+            self.total.set_description(f"budget (level {level.index})")
+
+    def trial_start(self, level, label, steps):
+        from tqdm import tqdm
+
+        self.trial = tqdm(total=steps, desc=f"  L{level.index} {label}"[:40], unit="step", leave=False,
+                          disable=not self.enabled, position=1, dynamic_ncols=True)
+
+    def trial_step(self, info):
+        if self.trial is not None:
+            self.trial.n = info["step"]
+            self.trial.set_postfix(loss=f"{info['loss']:.4g}", refresh=True)
+
+    def trial_end(self, row, spent, best):
+        if self.trial is not None:
+            self.trial.close()
+            self.trial = None
+        if self.total is not None:
+            self.total.n = min(spent, self.total.total)
+            if best is not None:
+                self.total.set_postfix(best=f"{best:.4g}")
+            self.total.refresh()
+
+    def close(self):
+        if self.total is not None:
+            self.total.close()
+
+
+def _human(s: float) -> str:
+    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if s >= 2 * n:
+            return f"{s / n:.1f} {unit}"
+    return f"{s:.0f} seconds"
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    given = {k: getattr(args, k) for k in ("task", "data", "budget", "levels", "ratio", "top_trials", "sampler",
+                                            "seed", "space", "min_steps", "target_steps", "device")}
+    rep = TqdmReporter(enabled=not args.no_progress)
+    try:
+        from .loop import run_search
+
+        result = run_search(args.study, storage=args.storage, out=args.out, dry_run=args.dry_run, reporter=rep,
+                            **given)
+    except SearchError as e:
+        if args.debug:
+            raise
+        from .storage import redact
+
+        print(f"search.run: error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are stored; run the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        rep.close()
+    if args.dry_run:
+        return 0
+    import einstruct as es
+
+    from .space import Candidate
+
+    spent = result.spent
+    print(f"\nspent {spent:.4g} of {result.settings['budget']:.4g} training FLOPs; "
+          f"trials in {result.folder}/trials.csv")
+    for lv in result.levels:
+        b = result.best(lv.index)
+        if b:
+            print(f"level {lv.index} ({lv.allowance:.3g} FLOPs): best {b['structure']} width {b['width']} "
+                  f"loss {float(b['loss']):.4g}")
+    b = result.best()
+    if b:
+        theta = tuple(float(b[k]) for k in ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")) \
+            if b["family"] == "theta" else None
+        cand = Candidate(b["family"], int(b["width"]), theta, int(b["blocks"] or 0) or None,
+                         int(b["rank"] or 0) or None)
+        spec = cand.spec() or es.presets.dense()
+        print(f"\nbest structure at the top level, as a {b['width']}x{b['width']} layer:\n")
+        print(es.compile(spec, int(b["width"])).table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

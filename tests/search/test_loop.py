@@ -1,0 +1,170 @@
+"""The search loop: budget held, rejections free and explained, resume idempotent, references everywhere."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from search import outputs
+from search.budget import plan_levels
+from search.errors import SearchError
+from search.loop import run_search
+from search.space import Candidate, make_space, references, theta_from_unit
+
+TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
+SETTINGS = dict(budget=6e8, levels=3, ratio=2.0, top_trials=7, min_steps=8, target_steps=30, task_settings=TINY,
+                device="cpu")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    result = run_search("tiny", out=str(out), **SETTINGS)
+    return result, str(out)
+
+
+def test_budget_is_never_exceeded_and_levels_are_spread(finished):
+    result, out = finished
+    rows = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+    assert sum(int(r["train_flops"]) for r in rows) <= SETTINGS["budget"]
+    allowances = [lv.allowance for lv in result.levels]
+    assert len(allowances) >= 3 and all(b / a >= 2 for a, b in itertools.pairwise(allowances))
+    for r in rows:
+        assert int(r["train_flops"]) <= float(r["allowance"])
+
+
+def test_rejections_cost_nothing_and_say_why(finished):
+    _, out = finished
+    rows = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+    pruned = [r for r in rows if r["state"] == "PRUNED"]
+    assert pruned, "the tiny allowances should make some widths unaffordable"
+    for r in pruned:
+        assert int(r["train_flops"]) == 0 and r["reason"]
+    for r in rows:
+        if r["state"] == "COMPLETE" and int(r["train_flops"]) == 0:
+            assert r["reason"].startswith("same as trial")
+
+
+def test_references_come_first_at_every_level(finished):
+    result, out = finished
+    rows = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+    refs = [c.label for c in references(make_space("full", TINY["widths"]))]
+    for lv in result.levels:
+        first = [r["structure"] for r in rows if int(r["level"]) == lv.index][: len(refs)]
+        assert first == refs
+
+
+def test_study_json_and_csv_columns(finished):
+    result, out = finished
+    meta = json.load(open(os.path.join(out, "study.json")))
+    assert meta["settings"]["budget"] == SETTINGS["budget"] and len(meta["levels"]) == 3
+    assert meta["spent"] == result.spent
+    rows = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+    for col in ("number", "state", "train_flops", "alpha", "rho", "width", "steps", "params", "omega", "psi", "nu",
+                "loss", "seconds", "reason"):
+        assert col in rows[0]
+    assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED", "FAIL"}
+
+
+def test_running_again_adds_nothing_and_changes_nothing(finished):
+    result, out = finished
+    before = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+    again = run_search("tiny", out=out, **SETTINGS)
+    after = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+    assert before == after and again.spent == result.spent
+
+
+def test_resume_with_other_settings_is_refused(finished):
+    _, out = finished
+    with pytest.raises(SearchError, match="already exists with budget"):
+        run_search("tiny", out=out, **{**SETTINGS, "budget": 1e9})
+
+
+def test_interrupted_trial_is_failed_and_charged(tmp_path):
+    import optuna
+
+    out = str(tmp_path / "s")
+    small = {**SETTINGS, "budget": 3e8}
+    run_search("cut", out=out, **small)
+    store = optuna.storages.RDBStorage("sqlite:///" + os.path.join(out, "study.db"))
+    st = optuna.load_study(study_name="cut.L0", storage=store)
+    st.ask()  # a trial whose process "died": RUNNING forever
+    r = run_search("cut", out=out, **small)
+    rows = [x for x in r.rows() if x["level"] == 0 and x["state"] == "FAIL"]
+    assert rows and rows[-1]["reason"].startswith("interrupted")
+    assert int(rows[-1]["train_flops"]) == int(r.levels[0].allowance)
+    assert r.spent <= small["budget"]
+
+
+def test_sampler_and_seed_are_honoured(tmp_path):
+    s = {**SETTINGS, "budget": 1e8, "sampler": "random", "seed": 3, "space": "btt", "top_trials": 3}
+    a = run_search("a", out=str(tmp_path / "a"), **s)
+    b = run_search("b", out=str(tmp_path / "b"), **s)
+    c = run_search("c", out=str(tmp_path / "c"), **{**s, "seed": 4})
+    assert type(a.studies[0][1].sampler).__name__ == "RandomSampler"
+    key = lambda res: [(r["structure"], r["width"]) for r in res.rows()]
+    assert key(a) == key(b) and key(a) != key(c)
+
+
+def test_dry_run_trains_nothing(tmp_path):
+    out = tmp_path / "dry"
+    r = run_search("dry", out=str(out), dry_run=True, **SETTINGS)
+    assert not out.exists() and r.studies == [] and r.estimate["seconds"] > 0
+
+
+def test_space_samples_are_valid_and_references_round_trip():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        al, be, ga, de, ep, ph = theta_from_unit(*(rng.random() for _ in range(4)))
+        assert abs(al + be + ga - 1) < 1e-9 and abs(de + ep + ph - 1) < 1e-9
+        assert min(al, ep) >= min(be, de)  # never redundant
+    space = make_space("full", (64,))
+
+    class Fixed:  # replays enqueued params like an Optuna trial would
+        def __init__(self, p):
+            self.p = p
+
+        def suggest_categorical(self, k, choices):
+            return self.p[k]
+
+        def suggest_float(self, k, lo, hi):
+            return self.p[k]
+
+    for ref in references(space):
+        cand = Candidate(ref.family, 64, ref.theta, ref.blocks, ref.rank)
+        assert space.suggest(Fixed(space.params_for(cand))) == cand
+
+
+def test_plan_levels_rules():
+    levels = plan_levels(1e12, levels=4, ratio=3.0, top_trials=5)
+    assert sum(lv.planned_flops for lv in levels) <= 1e12
+    assert [lv.trials for lv in levels] == [135, 45, 15, 5]
+    for bad in (dict(levels=2), dict(ratio=1.5), dict(top_trials=0)):
+        with pytest.raises(SearchError):
+            plan_levels(1e12, **bad)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--sampler", "bogus"], "invalid choice"),
+        (["--task", "nope"], "invalid choice"),
+        (["--budget", "abc"], "invalid float"),
+        (["--budget", "-5", "--dry-run"], "--budget must be a positive"),
+        (["--levels", "2", "--dry-run"], "--levels must be"),
+        (["--study", "../etc", "--dry-run"], "not allowed"),
+        (["--task", "lm", "--data", "/nonexistent/corpus.txt", "--dry-run"], "does not exist"),
+        (["--storage", "nonsense", "--budget", "1e8", "--study", "x", "--out", "/tmp/einstruct-x"], "not a URL"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(argv, needle):
+    proc = subprocess.run([sys.executable, "-m", "search.run", "--no-progress", *argv], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
