@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from .tasks import get as get_task
 log = logging.getLogger(__name__)
 
 DEFAULTS = {
-    "task": "regression", "data": None, "budget": 2e12, "levels": 3, "ratio": 4.0, "top_trials": 8,
+    "task": "regression", "data": None, "budget": 1.5e11, "levels": 3, "ratio": 3.0, "top_trials": 7,
     "sampler": "tpe", "seed": 0, "space": "full", "min_steps": 20, "target_steps": 100, "device": "auto",
     "task_settings": {},
 }
@@ -79,7 +80,7 @@ def make_sampler(name: str, seed: int):
 
     s = optuna.samplers
     makers = {
-        "tpe": lambda: s.TPESampler(multivariate=True, group=True, seed=seed, warn_independent_sampling=False),
+        "tpe": lambda: s.TPESampler(multivariate=True, group=True, seed=seed),
         "random": lambda: s.RandomSampler(seed=seed),
         "qmc": lambda: s.QMCSampler(seed=seed, warn_independent_sampling=False),
         "cmaes": lambda: s.CmaEsSampler(seed=seed, warn_independent_sampling=False),
@@ -87,7 +88,11 @@ def make_sampler(name: str, seed: int):
     }
     if name not in makers:
         raise SearchError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return makers[name]()
+    import warnings
+
+    with warnings.catch_warnings():  # multivariate/group TPE and GP are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return makers[name]()
 
 
 def settings_for(name: str, folder: str, given: dict) -> dict:
@@ -137,17 +142,19 @@ def reference_width(task, spec, widths, allowance: float, min_steps: int, target
 
 
 def probe(task, widths, device: str) -> dict:
-    """Throughput of a few real steps (dense and BTT at a middle width), for the wall-time estimate."""
+    """Throughput of real steps (dense and BTT at a middle width) and the fixed cost of a trial."""
     w = sorted(widths)[len(widths) // 2]
-    rates, overheads = [], []
+    rates = []
     for spec in (None, es.presets.btt(rank=1)):
         _, per_step = train.plan(task, spec, w, 1.0)
-        t0 = time.perf_counter()
-        r = train.run(task, spec, w, train_flops=per_step * 4, seed=0, device=device, evals=1)
-        total = time.perf_counter() - t0
+        train.run(task, spec, w, train_flops=per_step, seed=0, device=device, evals=1)  # warm-up
+        r = train.run(task, spec, w, train_flops=per_step * 8, seed=0, device=device, evals=1)
         rates.append(r.train_flops / max(r.seconds, 1e-9))
-        overheads.append(max(0.0, total - r.seconds) + r.seconds / 4)  # build + eval + one step
-    return {"flops_per_second": min(rates), "seconds_per_trial": max(overheads), "probe_width": w}
+    t0 = time.perf_counter()
+    _, per_step = train.plan(task, None, w, 1.0)
+    train.run(task, None, w, train_flops=per_step, seed=0, device=device, evals=1)
+    overhead = time.perf_counter() - t0  # build, groups, one step, one evaluation
+    return {"flops_per_second": min(rates), "seconds_per_trial": overhead, "probe_width": w}
 
 
 def run_search(study: str = "default", *, storage: str | None = None, out: str | None = None,
@@ -207,10 +214,13 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
             st.set_user_attr("references_enqueued", True)
         rep.level_start(lv, _trained(st))
         rows = result.rows()
+        explore = random.Random(seed * 1000 + lv.index)
         while _trained(st) < lv.trials and len(st.trials) < 5 * lv.trials + len(refs):
             trial = st.ask()
             cand = search_space.suggest(trial)
             row = _evaluate(trial, st, cand, lv, task, cfg, budget - _spent(rows), rep)
+            if str(row.get("reason", "")).startswith("same as trial"):  # the sampler is stuck on a point: explore once
+                st.enqueue_trial(search_space.random_params(explore), user_attrs={"exploration": True})
             rows = result.rows()
             outputs.write_trials_csv(csv_path, rows)
             done = [float(r["loss"]) for r in rows if r["level"] == lv.index and r["state"] == "COMPLETE"]

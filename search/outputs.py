@@ -28,6 +28,8 @@ def trial_rows(level_studies) -> list[dict]:
     rows = []
     for level, study in level_studies:
         for t in study.get_trials(deepcopy=False):
+            if t.state.name in ("WAITING", "RUNNING") and "train_flops" not in t.user_attrs:
+                continue  # enqueued or in progress: not a trial yet
             a = {**t.user_attrs.get("record", {}), **t.user_attrs}
             row = {k: a.get(k, "") for k in COLUMNS}
             row.update(level=level, trial=t.number, state=t.state.name, train_flops=int(a.get("train_flops", 0)))

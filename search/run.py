@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float,
                    help=f"total training FLOPs over all trials (default {DEFAULTS['budget']:g})")
     p.add_argument("--levels", type=int, help="compute levels, >= 3 (default 3)")
-    p.add_argument("--ratio", type=float, help="compute factor between levels, >= 2 (default 4)")
-    p.add_argument("--top-trials", type=int, help="trials at the top level (default 8; lower levels x ratio)")
+    p.add_argument("--ratio", type=float, help="compute factor between levels, >= 2 (default 3)")
+    p.add_argument("--top-trials", type=int, help="trials at the top level (default 7; each level below x ratio)")
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default tpe, multivariate)")
     p.add_argument("--seed", type=int, help="seed for sampling and training (default 0)")
     p.add_argument("--space", choices=tuple(SPACES), help="search space: full, theta, btt (beta = delta = 0)")
@@ -160,6 +160,14 @@ def main(argv=None) -> int:
         spec = cand.spec() or es.presets.dense()
         print(f"\nbest structure at the top level, as a {b['width']}x{b['width']} layer:\n")
         print(es.compile(spec, int(b["width"])).table())
+    try:  # the study is stored already: a failing report must not lose it
+        from .report import write_report
+
+        print(f"\nreport: {write_report(result.folder, result.name)}")
+    except Exception as e:
+        why = (str(e).splitlines() or [""])[0]
+        print(f"warning: no report ({type(e).__name__}: {why}); retry with python -m search.report --study "
+              f"{result.name} --out {result.folder}", file=sys.stderr)
     return 0
 
 

@@ -90,6 +90,21 @@ class Space:
             return Candidate("btt", width, rank=trial.suggest_categorical("rank", list(BTT_RANKS)))
         return Candidate("dense", width)
 
+    def random_params(self, rng) -> dict:
+        """Uniformly random Optuna params of this space (``rng``: a random.Random), to force exploration."""
+        family = rng.choice(self.families)
+        p: dict = {"width": rng.choice(self.widths)}
+        if len(self.families) > 1:
+            p["family"] = family
+        if family == "theta":
+            keys = ("u1", "v1", "u3") if self.fix_beta_delta_zero else ("u1", "u2", "v1", "v2", "u3")
+            p.update({k: rng.random() for k in keys})
+        elif family == "monarch":
+            p["blocks"] = rng.choice(MONARCH_BLOCKS)
+        elif family == "btt":
+            p["rank"] = rng.choice(BTT_RANKS)
+        return p
+
     def params_for(self, cand: Candidate) -> dict:
         """Optuna params that make ``suggest`` return ``cand`` (for enqueuing references)."""
         p: dict = {"width": cand.width}
