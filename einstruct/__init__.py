@@ -19,6 +19,11 @@ _LAZY = {
     "summary": ".layers.model",
     "param_groups": ".mup",
     "coord_check": ".coordcheck",
+    "BTTMoE": ".layers.moe",
+    "MoE": ".layers.moe",
+    "MoEConfig": ".layers.moe",
+    "moe_aux_loss": ".layers.moe",
+    "AUX_WEIGHT": ".layers.moe",
 }
 
 __all__ = ["Core", "CoreSpec", "Spec", "SpecError", "Structure", "compile", "presets", "theta", *_LAZY]

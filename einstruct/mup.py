@@ -14,6 +14,11 @@ Multipliers (a parameter's lr is ``lr * multiplier``):
 - StructuredLinear core: the dense multiplier of the layer it replaces (from its in/out features and the
   base module's, which may be an nn.Linear or a StructuredLinear) times the core's ``kappa`` (Adam) or
   ``kappa_sgd`` (SGD) from ``layer.structure``.
+- BTTMoE: its cores get the dense multiplier of the layer it replaces times the ``kappa`` of the same core
+  of a rank-1 BTT (``layer.expert_structure``): each expert is treated as a rank-1 BTT. Its router (an
+  nn.Linear d_in -> E whose fan-out does not grow) gets the dense rule with the layer's fan-in, which is the
+  layer's dense multiplier for Adam. An MoE of FFNs needs no rule of its own: its experts' linears and its
+  router follow the rules above, matched by name in a base model that has the same MoE.
 - everything else (biases, norm gains, weight-norm gains, any tensor with < 2 dims): 1; raw >= 2-dim
   parameters of other modules: 1.
 
@@ -91,6 +96,7 @@ def assign(model: nn.Module, base: nn.Module | None = None, *, optimizer: str = 
     the baseline of a coord check.
     """
     from .layers.linear import StructuredLinear
+    from .layers.moe import BTTMoE
 
     if not isinstance(model, nn.Module):
         raise SpecError(f"param_groups() needs an nn.Module, got {type(model).__name__}")
@@ -136,8 +142,26 @@ def assign(model: nn.Module, base: nn.Module | None = None, *, optimizer: str = 
         claimed[id(p)] = (mult, reason)
 
     linear_like = (nn.Linear, StructuredLinear)
+    inside: set[int] = set()  # modules handled by their BTTMoE
     for name, m in _named_modules(model):
-        if isinstance(m, linear_like):
+        if id(m) in inside:
+            continue
+        if isinstance(m, BTTMoE):
+            inside.update(id(c) for c in m.modules() if c is not m)
+            b = base_of(name, m, (*linear_like, BTTMoE))
+            mult = dense(m.in_features, m.out_features, b.in_features, b.out_features)
+            inp = m.in_features == b.in_features and base is not None
+            if inp:
+                mult *= input_lr_mult
+            where = f"{'input ' if inp else ''}BTT-MoE layer {name!r}"
+            for core in m.core_names:
+                c = m.expert_structure.core(core)
+                kappa = (c.kappa if rule == "adam" else c.kappa_sgd) if structured else 1.0
+                claim(getattr(m, core), mult * kappa, f"core {core} of {where} (rank-1 kappa {kappa:g})")
+            e = m.num_experts
+            rmult = dense(m.in_features, e, b.in_features, e) * (input_lr_mult if inp else 1.0)
+            claim(m.router.weight, rmult, f"router of {where}")
+        elif isinstance(m, linear_like):
             b = base_of(name, m, linear_like)
             mult = dense(m.in_features, m.out_features, b.in_features, b.out_features)
             inp = m.in_features == b.in_features and base is not None

@@ -4,7 +4,9 @@ Forward FLOPs of a linear layer = 2 x MACs of the path it runs. Training = forwa
 backward is 2 x forward for a layer whose input needs a gradient and 1 x forward (the weight gradient
 only) for a layer fed by data. Inside a structured layer fed by data only its first step skips the
 input gradient. Embeddings are lookups (0). Attention's two matmuls are counted analytically by the
-task. Biases, norms, activations and the loss are not counted.
+task. Biases, norms, activations and the loss are not counted. An MoE layer (es.BTTMoE, es.MoE) is counted
+as one unit by its own ``train_flops`` (router and experts, for the dispatch path it runs); the modules
+inside it are not counted again.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ def linear_train_flops(module: nn.Module, rows: int, input_needs_grad: bool = Tr
 def model_train_flops(model: nn.Module, rows: int, data_fed: frozenset[str] = frozenset()) -> int:
     """Sum over the linear layers of ``model``; ``data_fed`` names the layers whose input is raw data."""
     total = 0
+    inside: set[int] = set()
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, es.StructuredLinear)):
+        if id(m) in inside:
+            continue
+        if isinstance(m, (es.BTTMoE, es.MoE)):
+            inside.update(id(c) for c in m.modules() if c is not m)
+            total += m.train_flops(rows, input_needs_grad=name not in data_fed)
+        elif isinstance(m, (nn.Linear, es.StructuredLinear)):
             total += linear_train_flops(m, rows, input_needs_grad=name not in data_fed)
     return total

@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import SearchError
 
-GROUPS = ("dense", "low rank", "Kronecker", "Tensor-Train", "Monarch", "BTT", "theta")
+GROUPS = ("dense", "low rank", "Kronecker", "Tensor-Train", "Monarch", "BTT", "theta", "BTT-MoE", "MoE")
 MATCH_TOL = 0.011  # the papers write .33 and .67
 
 
@@ -293,4 +293,5 @@ def group_of(row: dict) -> str:
             return theta_group([float(row[k]) for k in ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")])
         except (KeyError, TypeError, ValueError):
             return "theta"
-    return {"dense": "dense", "monarch": "Monarch", "btt": "BTT"}.get(family, family or "other")
+    return {"dense": "dense", "monarch": "Monarch", "btt": "BTT", "btt_moe": "BTT-MoE", "moe": "MoE"}.get(
+        family, family or "other")

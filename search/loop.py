@@ -281,7 +281,7 @@ def _evaluate(trial, st, cand, lv: Level, task, cfg: dict, remaining: float, rep
         return finish(TrialState.COMPLETE, twin.value, reason=f"same as trial {twin.number}: not retrained")
     try:
         spec = cand.spec()
-        layer = es.compile(spec if spec is not None else es.presets.dense(), cand.width)
+        layer = es.compile(cand.structure_spec(), cand.width)
         steps, per_step = train.plan(task, spec, cand.width, lv.allowance)
     except (es.SpecError, SearchError) as e:
         return finish(TrialState.PRUNED, reason=f"invalid at width {cand.width}: {e}")

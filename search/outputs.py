@@ -9,7 +9,8 @@ import os
 from .space import THETA_KEYS
 
 COLUMNS = ["number", "level", "trial", "state", "train_flops", "allowance", "family", "structure", *THETA_KEYS,
-           "blocks", "rank", "width", "steps", "params", "omega", "psi", "nu", "loss", "seconds", "reason"]
+           "blocks", "rank", "experts", "active", "width",
+           "steps", "params", "omega", "psi", "nu", "loss", "seconds", "reason"]
 
 
 def write_atomic(path: str, text: str) -> None:

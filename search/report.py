@@ -380,8 +380,7 @@ def candidate_of(row: dict):
     """The search.space.Candidate of a trials.csv row."""
     from .space import Candidate
 
-    theta = tuple(float(row[k]) for k in THETA) if row["family"] == "theta" else None
-    return Candidate(row["family"], int(row["width"]), theta, row.get("blocks") or None, row.get("rank") or None)
+    return Candidate.from_row(row)
 
 
 def structure_table(row: dict) -> str:
@@ -389,8 +388,7 @@ def structure_table(row: dict) -> str:
     import einstruct as es
 
     try:
-        spec = candidate_of(row).spec()
-        return es.compile(spec if spec is not None else es.presets.dense(), int(row["width"])).table()
+        return es.compile(candidate_of(row).structure_spec(), int(row["width"])).table()
     except (es.SpecError, SearchError, ValueError, TypeError) as e:
         return f"(cannot rebuild this structure: {e})"
 

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-trials", type=int, help="trials at the top level (default 7; each level below x ratio)")
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default tpe, multivariate)")
     p.add_argument("--seed", type=int, help="seed for sampling and training (default 0)")
-    p.add_argument("--space", choices=tuple(SPACES), help="search space: full, theta, btt (beta = delta = 0)")
+    p.add_argument("--space", choices=tuple(SPACES),
+                   help="search space: full, theta, btt (beta = delta = 0), moe (dense, BTT, BTT-MoE, MoE; opt-in)")
     p.add_argument("--min-steps", type=int, help="reject candidates with fewer steps (default 20)")
     p.add_argument("--target-steps", type=int, help="steps the references' widths aim for (default 100)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
@@ -153,11 +154,8 @@ def main(argv=None) -> int:
                   f"loss {float(b['loss']):.4g}")
     b = result.best()
     if b:
-        theta = tuple(float(b[k]) for k in ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")) \
-            if b["family"] == "theta" else None
-        cand = Candidate(b["family"], int(b["width"]), theta, int(b["blocks"] or 0) or None,
-                         int(b["rank"] or 0) or None)
-        spec = cand.spec() or es.presets.dense()
+        cand = Candidate.from_row(b)
+        spec = cand.structure_spec()
         print(f"\nbest structure at the top level, as a {b['width']}x{b['width']} layer:\n")
         print(es.compile(spec, int(b["width"])).table())
     try:  # the study is stored already: a failing report must not lose it

@@ -2,6 +2,10 @@
 
 Families: ``theta`` (the NeurIPS family) and the presets that are not theta points: ``dense``,
 ``monarch`` (b blocks) and ``btt`` (integer rank r). Low rank, Kronecker and Tensor-Train are theta points.
+Mixtures of experts (THEORY 6), searched over (experts, active) in the opt-in space ``moe``: ``btt_moe``
+(every structured linear a BTT-MoE) and ``moe`` (standard MoE: each MLP is E dense FFNs; tasks with such a
+model, i.e. lm). Both run the sparse dispatch, so a candidate pays for the experts it runs. They are not in
+``full``: per FLOP they train slower on a CPU (a Python loop over experts per layer).
 
 theta is sampled through unconstrained coordinates in [0, 1] so that every sample is valid:
 (alpha, beta, gamma) = (min(u1, u2), |u1 - u2|, 1 - max(u1, u2)) is uniform on the simplex, and the same
@@ -21,6 +25,10 @@ from .errors import SearchError
 THETA_KEYS = ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")
 MONARCH_BLOCKS = (2, 4, 8, 16)
 BTT_RANKS = (1, 2, 4)
+MOE_FAMILIES = ("btt_moe", "moe")
+MOE_EXPERTS = (4, 8, 16)
+MOE_ACTIVE = (2, 4)  # active=1 gives gate 1: the router would learn from the balancing loss only
+DEFAULT_EXPERTS, DEFAULT_ACTIVE = 8, 2  # the references, and a row that lacks the columns
 
 
 @dataclass(frozen=True)
@@ -32,11 +40,31 @@ class Candidate:
     theta: tuple[float, ...] | None = None
     blocks: int | None = None
     rank: int | None = None
+    experts: int | None = None
+    active: int | None = None
 
-    def spec(self) -> es.Spec | None:
-        """The einstruct Spec (None for dense). May raise SpecError for an invalid point."""
+    def __post_init__(self):
+        if self.family in MOE_FAMILIES:  # fill in the defaults (a candidate rebuilt from its first fields)
+            object.__setattr__(self, "experts", int(self.experts or DEFAULT_EXPERTS))
+            object.__setattr__(self, "active", int(self.active or DEFAULT_ACTIVE))
+
+    @classmethod
+    def from_row(cls, row: dict) -> Candidate:
+        """The candidate of a trials.csv row (or a trial record)."""
+        family = str(row["family"])
+        theta = tuple(float(row[k]) for k in THETA_KEYS) if family == "theta" else None
+        num = lambda k: int(float(row.get(k) or 0)) or None
+        return cls(family, int(float(row["width"])), theta, num("blocks"), num("rank"), num("experts"),
+                   num("active"))
+
+    def spec(self) -> es.Spec | es.MoEConfig | None:
+        """The einstruct Spec (None for dense), or an es.MoEConfig for the MoE families (sparse dispatch).
+        May raise SpecError for an invalid point."""
         if self.family == "dense":
             return None
+        if self.family in MOE_FAMILIES:
+            return es.MoEConfig(experts=self.experts, active=self.active, dispatch="sparse",
+                                kind="btt" if self.family == "btt_moe" else "ffn")
         if self.family == "theta":
             return es.theta(*self.theta)
         if self.family == "monarch":
@@ -44,6 +72,14 @@ class Candidate:
         if self.family == "btt":
             return es.presets.btt(rank=self.rank)
         raise SearchError(f"unknown structure family {self.family!r}")
+
+    def structure_spec(self) -> es.Spec:
+        """A Spec to compile for the structure's table and omega/psi/nu: an MoE's weight structure (rank-E
+        BTT for btt_moe, dense for moe), dense for dense."""
+        spec = self.spec()
+        if spec is None:
+            return es.presets.dense()
+        return spec.weight_spec if isinstance(spec, es.MoEConfig) else spec
 
     @property
     def label(self) -> str:
@@ -53,12 +89,17 @@ class Candidate:
             return f"monarch(b={self.blocks})"
         if self.family == "btt":
             return f"btt(r={self.rank})"
+        if self.family in MOE_FAMILIES:
+            return f"{self.family}(E={self.experts},k={self.active})"
         return "dense"
 
     def columns(self) -> dict:
         t = dict(zip(THETA_KEYS, self.theta)) if self.theta else dict.fromkeys(THETA_KEYS, "")
-        return {"family": self.family, "structure": self.label, **t, "blocks": self.blocks or "",
-                "rank": self.rank or "", "width": self.width}
+        out = {"family": self.family, "structure": self.label, **t, "blocks": self.blocks or "",
+               "rank": self.rank or "", "width": self.width}
+        if self.family in MOE_FAMILIES:
+            out.update(experts=self.experts, active=self.active)
+        return out
 
 
 @dataclass(frozen=True)
@@ -88,6 +129,10 @@ class Space:
             return Candidate("monarch", width, blocks=trial.suggest_categorical("blocks", list(MONARCH_BLOCKS)))
         if family == "btt":
             return Candidate("btt", width, rank=trial.suggest_categorical("rank", list(BTT_RANKS)))
+        if family in MOE_FAMILIES:
+            experts = trial.suggest_categorical("experts", list(MOE_EXPERTS))
+            active = trial.suggest_categorical("active", list(MOE_ACTIVE))
+            return Candidate(family, width, experts=experts, active=min(active, experts))
         return Candidate("dense", width)
 
     def random_params(self, rng) -> dict:
@@ -103,6 +148,8 @@ class Space:
             p["blocks"] = rng.choice(MONARCH_BLOCKS)
         elif family == "btt":
             p["rank"] = rng.choice(BTT_RANKS)
+        elif family in MOE_FAMILIES:
+            p["experts"], p["active"] = rng.choice(MOE_EXPERTS), rng.choice(MOE_ACTIVE)
         return p
 
     def params_for(self, cand: Candidate) -> dict:
@@ -122,6 +169,8 @@ class Space:
             p["blocks"] = cand.blocks
         elif cand.family == "btt":
             p["rank"] = cand.rank
+        elif cand.family in MOE_FAMILIES:
+            p["experts"], p["active"] = cand.experts, cand.active
         return p
 
 
@@ -150,12 +199,15 @@ REFERENCES = (
     Candidate("theta", 0, theta=(0.5, 0.5, 0.0, 0.5, 0.5, 0.0, 0.25)),  # Tensor-Train, r = d^1/4
     Candidate("monarch", 0, blocks=4),
     Candidate("btt", 0, rank=1),
+    Candidate("btt_moe", 0, experts=DEFAULT_EXPERTS, active=DEFAULT_ACTIVE),
+    Candidate("moe", 0, experts=DEFAULT_EXPERTS, active=DEFAULT_ACTIVE),
 )
 
 SPACES = {
     "full": ("theta", "dense", "monarch", "btt"),
     "theta": ("theta",),
     "btt": ("theta",),
+    "moe": ("dense", "btt", "btt_moe", "moe"),  # opt-in: MoE candidates train slower per FLOP on a CPU
 }
 
 

@@ -12,7 +12,15 @@
 - a callable ``(name, module) -> bool | Spec | str | None``: True uses ``spec``, a Spec (or a preset
   name) gives that layer its own structure, False or None keeps the layer dense.
 
-nn.Linear modules owned by nn.MultiheadAttention are never replaced (it reads their weights directly).
+nn.Linear modules owned by nn.MultiheadAttention are never replaced (it reads their weights directly),
+and neither are the routers of MoE layers or anything inside a BTTMoE.
+
+``moe=`` (an :class:`einstruct.MoEConfig`, a dict of its fields, or the number of experts) replaces each
+selected layer with an MoE layer instead: a :class:`einstruct.BTTMoE` (``kind='btt'``, the default; spec
+must be None, 'btt' or btt(rank=1)) or an :class:`einstruct.MoE` of FFNs whose linears have ``spec``
+(``kind='ffn'``; None for dense experts):
+
+    model = es.structure(model, "btt", select="all_but_last", moe=dict(experts=8, active=2, dispatch="sparse"))
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from typing import Union
 import torch
 from torch import nn
 
+from .. import presets
 from ..errors import SpecError
 from ..spec import Spec
 from .linear import StructuredLinear
+from .moe import MOE_LAYERS, BTTMoE, MoE, MoEConfig, is_btt_expert_spec
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +52,39 @@ _SELECT_HELP = (
 )
 
 
-def structure(model: nn.Module, spec, select: Select = "all", *, copy_weights: bool = False, **layer_kwargs):
+def structure(model: nn.Module, spec, select: Select = "all", *, copy_weights: bool = False, moe=None,
+              **layer_kwargs):
     """Replace the selected nn.Linear modules of ``model`` with StructuredLinear, in place; returns the model.
 
     New layers keep the device, dtype, bias presence, training mode and requires_grad of the layers they
     replace. Weights are not copied unless ``copy_weights=True`` (then the closest structured matrix,
     :func:`einstruct.from_dense`). A layer whose weight is all zeros is replaced with ``zero_init=True``.
     Every replacement is built before any is swapped in, so an error leaves the model unchanged.
-    ``layer_kwargs`` go to StructuredLinear. If ``model`` itself is a selected nn.Linear, the new layer is
-    returned instead.
+    ``layer_kwargs`` go to StructuredLinear (or to the MoE layer with ``moe=``). If ``model`` itself is a
+    selected nn.Linear, the new layer is returned instead.
     """
     if not isinstance(model, nn.Module):
         raise SpecError(f"structure() needs an nn.Module, got {type(model).__name__}")
-    _check_layer_kwargs(layer_kwargs)
-    default = None if spec is None else _as_spec(spec, "spec")
+    cfg = None if moe is None else MoEConfig.of(moe)
+    _check_layer_kwargs(layer_kwargs, cfg)
+    if cfg is not None and copy_weights:
+        raise SpecError("copy_weights=True cannot be combined with moe=: an MoE layer has no single matrix to "
+                        "project onto; drop one of them")
+    if cfg is not None and cfg.kind == "btt":
+        if not is_btt_expert_spec(spec):
+            raise SpecError(_BTT_ONLY.format(got=_spec_name(spec)))
+        default = presets.btt(rank=1)
+    elif cfg is not None:
+        default = presets.dense() if spec is None else _as_spec(spec, "spec")
+    else:
+        default = None if spec is None else _as_spec(spec, "spec")
     chosen = _select(_linears(model), default, select)
     built: dict[int, nn.Module] = {}
     for name, lin, sp in chosen:
-        built[id(lin)] = _replacement(name or "<root>", lin, sp, copy_weights, layer_kwargs)
+        if cfg is None:
+            built[id(lin)] = _replacement(name or "<root>", lin, sp, copy_weights, layer_kwargs)
+        else:
+            built[id(lin)] = _moe_replacement(name or "<root>", lin, sp, cfg, layer_kwargs)
     if id(model) in built:
         return built[id(model)]
     for parent in model.modules():
@@ -70,13 +95,35 @@ def structure(model: nn.Module, spec, select: Select = "all", *, copy_weights: b
     return model
 
 
-def _check_layer_kwargs(kwargs: dict) -> None:
-    params = inspect.signature(StructuredLinear.__init__).parameters
-    fixed = {"self", "in_features", "out_features", "spec", "bias"}
+_BTT_ONLY = ("moe= with kind 'btt' makes each layer a BTT-MoE, whose experts are rank-1 BTTs, so spec must be None, "
+             "'btt' or es.presets.btt(rank=1); got {got}. For experts of another structure use "
+             "moe=dict(kind='ffn', ...) (an es.MoE of FFNs with that spec)")
+
+
+def _spec_name(spec) -> str:
+    return repr(getattr(spec, "label", None) or getattr(spec, "einsum", None) or spec)
+
+
+def _check_layer_kwargs(kwargs: dict, cfg: MoEConfig | None = None) -> None:
+    if cfg is None:
+        cls, fixed = StructuredLinear, {"self", "in_features", "out_features", "spec", "bias"}
+    elif cfg.kind == "btt":
+        cls, fixed = BTTMoE, {"self", "d_in", "d_out", "experts", "active", "bias", "dispatch"}
+    else:  # MoE passes its extra keywords on to StructuredLinear experts
+        params = set(inspect.signature(MoE.__init__).parameters) | set(
+            inspect.signature(StructuredLinear.__init__).parameters)
+        fixed = {"self", "d_in", "d_out", "experts", "active", "bias", "dispatch", "hidden", "spec", "in_features",
+                 "out_features", "expert_kwargs"}
+        for key in kwargs:
+            if key in fixed or key not in params:
+                raise SpecError(f"structure() got an unknown layer argument {key!r} for moe kind 'ffn'; it takes "
+                                f"{', '.join(sorted(params - fixed))}")
+        return
+    params = inspect.signature(cls.__init__).parameters
     for key in kwargs:
         if key in fixed or key not in params:
             allowed = ", ".join(p for p in params if p not in fixed)
-            raise SpecError(f"structure() got an unknown layer argument {key!r}; StructuredLinear takes {allowed}")
+            raise SpecError(f"structure() got an unknown layer argument {key!r}; {cls.__name__} takes {allowed}")
 
 
 def _as_spec(value, what: str) -> Spec:
@@ -93,12 +140,17 @@ def _as_spec(value, what: str) -> Spec:
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear modules in registration order, minus those owned by nn.MultiheadAttention."""
+    """The nn.Linear modules in registration order, minus those owned by nn.MultiheadAttention, MoE routers
+    and anything inside a BTTMoE."""
     skip = set()
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             skip.update(id(c) for c in m.modules() if c is not m)
             log.debug("structure(): keeping the projections of nn.MultiheadAttention %r dense", name)
+        elif isinstance(m, BTTMoE):
+            skip.update(id(c) for c in m.modules() if c is not m)
+        elif isinstance(m, MoE):
+            skip.add(id(m.router))
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in skip]
 
 
@@ -169,6 +221,33 @@ def _replacement(name: str, lin: nn.Linear, spec: Spec, copy_weights: bool, kwar
                     new.bias.copy_(lin.bias)
     except SpecError as e:
         raise SpecError(f"cannot structure {what} with {spec.label or spec.einsum}: {e}") from e
+    new.train(lin.training)
+    if not w.requires_grad:
+        new.requires_grad_(False)
+    return new
+
+
+def _moe_replacement(name: str, lin: nn.Linear, spec: Spec, cfg: MoEConfig, kwargs: dict) -> nn.Module:
+    if isinstance(lin, nn.modules.lazy.LazyModuleMixin) and lin.has_uninitialized_params():
+        raise SpecError(f"module {name!r} is an uninitialised LazyLinear; run one forward pass before structure()")
+    w = lin.weight
+    kw = dict(kwargs)
+    kw.setdefault("device", w.device)
+    kw.setdefault("dtype", w.dtype)
+    if not w.is_meta and not bool(torch.any(w != 0)):
+        kw["zero_init"] = True
+    what = f"module {name!r} (Linear {lin.in_features} -> {lin.out_features})"
+    common = dict(experts=cfg.experts, active=cfg.active, bias=lin.bias is not None, dispatch=cfg.dispatch)
+    try:
+        if cfg.kind == "btt":
+            if not is_btt_expert_spec(spec):
+                raise SpecError(_BTT_ONLY.format(got=_spec_name(spec)))
+            new = BTTMoE(lin.in_features, lin.out_features, **common, **kw)
+        else:
+            new = MoE(lin.in_features, lin.out_features, hidden=cfg.hidden_ratio * lin.in_features, spec=spec,
+                      **common, **kw)
+    except SpecError as e:
+        raise SpecError(f"cannot make {what} a {cfg.label}: {e}") from e
     new.train(lin.training)
     if not w.requires_grad:
         new.requires_grad_(False)
@@ -248,9 +327,17 @@ def summary(model: nn.Module, baseline: ModelSummary | None = None) -> ModelSumm
             f"baseline must be the ModelSummary of another model (es.summary(other)), got {type(baseline).__name__}"
         )
     rows = []
+    inside: set[int] = set()
     for name, m in model.named_modules():
         name = _clean(name)
-        if isinstance(m, StructuredLinear):
+        if id(m) in inside:
+            continue
+        if isinstance(m, MOE_LAYERS):  # one row; its router and experts are in it
+            inside.update(id(c) for c in m.modules() if c is not m)
+            kind = (f"btt_moe(E={m.num_experts},k={m.active},{m.dispatch})" if isinstance(m, BTTMoE)
+                    else f"moe(E={m.num_experts},k={m.active},{m.dispatch})")
+            rows.append(LayerRow(name, kind, m.in_features, m.out_features, m.params, int(m.flops(1))))
+        elif isinstance(m, StructuredLinear):
             st = m.structure
             kind = st.spec.label or st.spec.einsum
             rows.append(LayerRow(name, kind, m.in_features, m.out_features, st.params, int(m.flops(1))))

@@ -36,6 +36,7 @@ class Task:
     base_width: int = 64
     select: str = "intermediate"  # which nn.Linear layers es.structure replaces
     data_fed: frozenset[str] = frozenset()  # module names whose input is raw data (no input gradient)
+    ffn_moe: bool = False  # make_model(width, device, moe=MoEConfig) builds standard-MoE FFNs
     hyper: Hyper
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -70,23 +71,49 @@ class Task:
             raise SearchError(f"width must be a positive integer, got {width!r}")
         return width
 
+    def split_moe(self, spec) -> tuple[object, es.MoEConfig | None]:
+        """(structure spec, MoE setting) of a candidate: an es.MoEConfig is an MoE candidate (BTT-MoE
+        linears, or standard-MoE FFNs with dense experts); anything else is a plain structure."""
+        if isinstance(spec, es.MoEConfig):
+            return None, spec
+        return spec, None
+
     def build(self, spec, width: int, *, device="cpu", seed: int = 0) -> nn.Module:
-        """The task's model at ``width`` with its selected linears structured by ``spec`` (None: dense)."""
+        """The task's model at ``width`` with its selected linears structured by ``spec`` (None: dense).
+
+        ``spec`` may be an es.MoEConfig: kind 'btt' makes the selected linears BTT-MoE layers, kind 'ffn'
+        builds the model with standard-MoE FFNs (tasks with ``ffn_moe``).
+        """
         width = self.check_width(width)
+        spec, moe = self.split_moe(spec)
         torch.manual_seed(seed)
-        model = self.make_model(width, device=device)
-        if spec is not None and not _is_dense(spec):
-            es.structure(model, spec, select=self.select)
+        if moe is not None and moe.kind == "ffn":
+            if not self.ffn_moe:
+                raise SearchError(f"task {self.name!r} has no standard-MoE (FFN experts) model; use a BTT-MoE "
+                                  "(es.MoEConfig(kind='btt')) or the lm task")
+            model = self.make_model(width, device=device, moe=moe)
+            model.moe_config = moe  # the base model for muP rates needs the same MoE
+            if spec is not None and not _is_dense(spec):
+                es.structure(model, spec, select=self.select)  # experts and other linears; routers stay dense
+        else:
+            model = self.make_model(width, device=device)
+            if moe is not None:
+                es.structure(model, None, select=self.select, moe=moe)
+            elif spec is not None and not _is_dense(spec):
+                es.structure(model, spec, select=self.select)
         return model
 
-    def base_model(self) -> nn.Module:
-        """The dense architecture at the base width on the meta device, for muP rates."""
+    def base_model(self, moe: es.MoEConfig | None = None) -> nn.Module:
+        """The dense architecture (with the same standard-MoE FFNs, if any) at the base width on the meta
+        device, for muP rates."""
+        if moe is not None:
+            return self.make_model(self.base_width, device="meta", moe=moe)
         return self.make_model(self.base_width, device="meta")
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         return es.param_groups(
-            model, lr, base=self.base_model(), weight_decay=self.hyper.weight_decay,
-            input_lr_mult=self.hyper.input_lr_mult,
+            model, lr, base=self.base_model(getattr(model, "moe_config", None)),
+            weight_decay=self.hyper.weight_decay, input_lr_mult=self.hyper.input_lr_mult,
         )
 
     def flops_per_step(self, model: nn.Module) -> int:

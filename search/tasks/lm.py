@@ -9,6 +9,14 @@ Configurations: ``cpu`` (default: 3 layers, context 128, 32 sequences = 4,096 to
 of the steps) and ``paper`` (65,536 tokens per step, 2000 warmup steps) for GPUs. Attention FLOPs are
 counted analytically: QK^T and AV are 2*L*d each per token per layer forward (L the context), without
 causal halving (the full L x L scores are computed), times 3 for training.
+
+Mixture of experts (THEORY 6), set per task with ``moe`` (``experts``, ``active``, ``moe_dispatch``):
+``moe="ffn"`` makes every block's MLP a standard MoE of FFN experts, whose linears take the candidate's
+structure like any other; ``moe="btt"`` runs the BTT candidates (``btt``/``btt(rank=1)``) as BTT-MoE, every
+other candidate unchanged. A candidate that is an es.MoEConfig (the ``moe`` search space) is an MoE
+whatever this setting. The training loss adds ``es.AUX_WEIGHT`` x the layers' load-balancing losses; the
+held-out loss is the cross-entropy alone. The default dispatch is ``sparse``, so a candidate pays for the
+experts it runs (active/E of them).
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import einstruct as es
+from einstruct.layers.moe import is_btt_expert_spec
 
 from ..errors import DataError, SearchError
 from ..models.gpt import GPT
@@ -82,6 +93,10 @@ class LMConfig:
     eval_batches: int = 8
     explicit_attention: bool = False  # plain matmuls instead of SDPA (so FlopCounterMode sees attention)
     widths: tuple[int, ...] = (64, 128, 192, 256, 384, 512)
+    moe: str = ""  # "", "btt" (BTT candidates become BTT-MoE) or "ffn" (MLPs are standard MoEs)
+    experts: int = 8
+    active: int = 2
+    moe_dispatch: str = "sparse"
 
 
 CONFIGS = {
@@ -95,6 +110,7 @@ class LanguageModel(Task):
     name = "lm"
     select = "all_but_last"  # the head is the last linear registered
     data_fed = frozenset()  # embeddings feed the first linear, and they need gradients
+    ffn_moe = True
 
     def __init__(self, config: str | LMConfig = "cpu", *, data=None, **overrides):
         if isinstance(config, str):
@@ -119,6 +135,16 @@ class LanguageModel(Task):
                     f"sequence of context {c.context} + 1; give a longer file (at least "
                     f"{math.ceil((c.context + 1) / 0.1)} tokens) or a smaller context"
                 )
+        if c.moe not in ("", "btt", "ffn"):
+            raise SearchError(f"lm task: moe={c.moe!r} is not known; use '' (none), 'btt' (BTT candidates become "
+                              "BTT-MoE) or 'ffn' (every MLP a standard MoE)")
+        try:
+            self.moe = es.MoEConfig(experts=c.experts, active=c.active, kind=c.moe or "btt",
+                                    dispatch=c.moe_dispatch)
+        except es.SpecError as e:
+            raise SearchError(f"lm task: {e}") from None
+        if not c.moe:
+            self.moe = None
         self.widths = c.widths
         self.hyper = Hyper(lr=c.lr, batch=c.batch, betas=(0.9, 0.95), weight_decay=0.0,
                            warmup_frac=c.warmup_frac, max_warmup=c.max_warmup)
@@ -130,11 +156,20 @@ class LanguageModel(Task):
             raise SearchError(f"lm width {width} is not a multiple of d_head={d_head}; use a multiple of {d_head}")
         return width
 
-    def make_model(self, width: int, device="cpu"):
+    def split_moe(self, spec):
+        if isinstance(spec, es.MoEConfig) or self.moe is None:
+            return super().split_moe(spec)
+        if self.moe.kind == "ffn":
+            return spec, self.moe
+        if spec is not None and is_btt_expert_spec(spec):
+            return None, self.moe
+        return spec, None
+
+    def make_model(self, width: int, device="cpu", moe=None):
         c = self.config
         with torch.device(device):
             model = GPT(self.vocab, width, c.depth, c.context, d_head=min(c.d_head, width),
-                        explicit=c.explicit_attention)
+                        explicit=c.explicit_attention, moe=moe)
         model.width = width
         return model
 
@@ -159,7 +194,10 @@ class LanguageModel(Task):
     def loss(self, model, batch):
         x, y = batch
         logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+        if model.training and any(isinstance(m, (es.BTTMoE, es.MoE)) for m in model.modules()):
+            loss = loss + es.AUX_WEIGHT * es.moe_aux_loss(model)
+        return loss
 
     @torch.no_grad()
     def eval_loss(self, model, device):
