@@ -519,7 +519,7 @@ def render(study: Study, gs: list[Group]) -> str:
         states[r["state"]] = states.get(r["state"], 0) + 1
     counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     lines = [f"# Structure search report: {study.name}", "",
-             f"Study folder `{study.folder}`; {len(study.rows)} trials ({counts or 'none'}); "
+             f"Study folder `{_shown(study.folder)}`; {len(study.rows)} trials ({counts or 'none'}); "
              f"{len(study.trained())} trained. Frontier points: {study.curve_note}.", ""]
     lines += _settings_section(study)
     lines += _budget_section(study)
@@ -543,6 +543,12 @@ def render(study: Study, gs: list[Group]) -> str:
               "axis; the first layer's backward is cheaper, so this slightly overstates it).",
               f"- Regenerate: `python -m search.report --study {study.name}`.", ""]
     return "\n".join(lines)
+
+
+def _shown(folder: str) -> str:
+    """The folder relative to the working directory when below it, else its name (no machine paths)."""
+    rel = os.path.relpath(folder)
+    return os.path.basename(folder) if rel.startswith("..") else rel
 
 
 def write_report(folder: str, name: str | None = None) -> str:
