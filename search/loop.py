@@ -3,8 +3,13 @@ the level's FLOP allowance; invalid or unaffordable ones are rejected at zero co
 
 Each level is its own Optuna study (``<study>.L<i>``) in one storage, because losses at different
 compute are not comparable for a sampler. Reference structures are enqueued first at every level.
-Re-running with the same study name resumes: finished trials stay, the budget counts what was spent,
-and a trial left RUNNING by a killed process is failed and charged its full allowance.
+Re-running with the same study name resumes: finished trials stay, the budget counts what was spent.
+
+Any number of workers (processes, machines) may run the same study against one storage: the budget is
+held by an atomic reservation per trial (search.ledger), a trial whose worker died is found by its stale
+heartbeat, charged what it may have spent and retried from its checkpoint (search.recovery). A worker
+that runs out of new trials waits for the other workers' trials to end, so that it can retry any of them
+that die; it returns when no trial of the study is running.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import einstruct as es
@@ -22,6 +28,8 @@ from . import outputs, train
 from . import space as space_mod
 from .budget import Level, plan_levels
 from .errors import SearchError
+from .ledger import Ledger
+from .recovery import Heartbeat, Recovery, checkpoint_path, recover, retry_of
 from .storage import check_study_name, check_url, default_url, open_storage, redact, study_dir
 from .tasks import get as get_task
 
@@ -30,11 +38,14 @@ log = logging.getLogger(__name__)
 DEFAULTS = {
     "task": "regression", "data": None, "budget": 1.5e11, "levels": 3, "ratio": 3.0, "top_trials": 7,
     "sampler": "tpe", "seed": 0, "space": "full", "min_steps": 20, "target_steps": 100, "device": "auto",
-    "task_settings": {},
+    "task_settings": {}, "heartbeat": 10, "checkpoints": 10, "checkpoint_steps": 50,
 }
 KEYED = ("task", "data", "budget", "levels", "ratio", "top_trials", "sampler", "seed", "space", "min_steps",
          "target_steps", "task_settings")  # must match when a study is resumed
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp")
+# heartbeat: seconds between a running trial's heartbeats (a dead worker's trial is retried after 3 missed);
+# checkpoints: how many times a trial saves its state, so a retry repeats at most 1/checkpoints of it, but
+# never more often than every checkpoint_steps steps (each save is a write to the storage).
 
 
 class Reporter:
@@ -57,9 +68,10 @@ class SearchStudy:
     levels: tuple[Level, ...]
     studies: list = field(default_factory=list)  # [(level index, optuna.Study)]
     estimate: dict = field(default_factory=dict)
+    ledger: Ledger | None = None
 
     def rows(self) -> list[dict]:
-        return outputs.trial_rows(self.studies)
+        return outputs.trial_rows(self.studies, self.ledger.charges() if self.ledger is not None else None)
 
     @property
     def spent(self) -> int:
@@ -80,7 +92,7 @@ def make_sampler(name: str, seed: int):
 
     s = optuna.samplers
     makers = {
-        "tpe": lambda: s.TPESampler(multivariate=True, group=True, seed=seed),
+        "tpe": lambda: s.TPESampler(multivariate=True, group=True, seed=seed, constant_liar=True),
         "random": lambda: s.RandomSampler(seed=seed),
         "qmc": lambda: s.QMCSampler(seed=seed, warn_independent_sampling=False),
         "cmaes": lambda: s.CmaEsSampler(seed=seed, warn_independent_sampling=False),
@@ -88,8 +100,6 @@ def make_sampler(name: str, seed: int):
     }
     if name not in makers:
         raise SearchError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    import warnings
-
     with warnings.catch_warnings():  # multivariate/group TPE and GP are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return makers[name]()
@@ -158,8 +168,13 @@ def probe(task, widths, device: str) -> dict:
 
 
 def run_search(study: str = "default", *, storage: str | None = None, out: str | None = None,
-               dry_run: bool = False, reporter: Reporter | None = None, **given) -> SearchStudy:
-    """Run (or resume) a budgeted structure search; returns the SearchStudy. See search.run for settings."""
+               dry_run: bool = False, reporter: Reporter | None = None, worker: int = 0, estimate: bool = True,
+               **given) -> SearchStudy:
+    """Run (or resume, or join) a budgeted structure search; returns the SearchStudy. See search.run.
+
+    ``worker`` tells workers of one study apart: it offsets the sampler's seed, so that workers do not
+    propose the same points (training seeds stay ``seed``). ``estimate=False`` skips the throughput probe.
+    """
     import optuna
 
     name = check_study_name(study)
@@ -180,9 +195,11 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
     if storage is not None:
         check_url(storage)
     task.prepare(int(cfg["seed"]))
-    est = probe(task, task.widths, cfg["device"])
-    trials = sum(lv.trials for lv in levels)
-    est["seconds"] = float(cfg["budget"]) / est["flops_per_second"] + trials * est["seconds_per_trial"]
+    est = {}
+    if estimate or dry_run:
+        est = probe(task, task.widths, cfg["device"])
+        trials = sum(lv.trials for lv in levels)
+        est["seconds"] = float(cfg["budget"]) / est["flops_per_second"] + trials * est["seconds_per_trial"]
     result = SearchStudy(name, folder, cfg, levels, estimate=est)
     rep.plan({"study": name, "folder": folder, "settings": cfg, "levels": levels, "estimate": est,
               "references": [r.label for r in refs], "dry_run": dry_run})
@@ -191,49 +208,87 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
 
     os.makedirs(folder, exist_ok=True)
     url = storage or default_url(folder)
-    store = open_storage(url)
+    heartbeat = int(cfg["heartbeat"]) if cfg["heartbeat"] else None
+    recovery = Recovery()
+    store = open_storage(url, heartbeat=heartbeat, on_stale=recovery)
+    ledger = result.ledger = recovery.ledger = Ledger(store.engine, name, float(cfg["budget"]))
     meta = {"settings": cfg, "storage": redact(url) if storage else "default (study.db in this folder)",
             "levels": [{"index": lv.index, "allowance": lv.allowance, "trials": lv.trials} for lv in levels],
             "version": es.__version__}
     outputs.write_json(os.path.join(folder, "study.json"), meta)
     csv_path = os.path.join(folder, "trials.csv")
-    budget = float(cfg["budget"])
     seed = int(cfg["seed"])
+    grace = 3 * heartbeat if heartbeat else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ctx = _Context(task, cfg, folder, ledger, rep, store, heartbeat)
 
+    def one(st, lv, explore) -> None:
+        with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ask() + Heartbeat does the same
+            warnings.simplefilter("ignore", UserWarning)
+            trial = st.ask()
+        with Heartbeat(store, trial._trial_id, heartbeat):
+            cand = search_space.suggest(trial)
+            row = _evaluate(trial, st, cand, lv, ctx)
+        if str(row.get("reason", "")).startswith("same as trial"):  # the sampler is stuck on a point: explore once
+            st.enqueue_trial(search_space.random_params(explore), user_attrs={"exploration": True})
+        rows = result.rows()
+        outputs.write_trials_csv(csv_path, rows)
+        done = [float(r["loss"]) for r in rows if r["level"] == lv.index and r["state"] == "COMPLETE"]
+        rep.trial_end(row, _spent(rows), min(done) if done else None)
+
+    explorers = {}
     for lv in levels:
         st = optuna.create_study(study_name=f"{name}.L{lv.index}", storage=store, direction="minimize",
-                                 sampler=make_sampler(cfg["sampler"], seed * 1000 + lv.index), load_if_exists=True)
+                                 sampler=make_sampler(cfg["sampler"], seed * 1000 + lv.index + 7919 * int(worker)),
+                                 load_if_exists=True)
         result.studies.append((lv.index, st))
-        _fail_interrupted(st, lv)
-        if not st.user_attrs.get("references_enqueued"):
-            for ref in refs:
+        ledger.adopt((t._trial_id, lv.index, t.user_attrs["train_flops"]) for t in st.get_trials(deepcopy=False)
+                     if t.state.is_finished() and t.user_attrs.get("train_flops", 0) > 0)
+        recover(st, grace)
+        if not st.user_attrs.get("references_enqueued") and ledger.claim(f"{name}.L{lv.index}.references"):
+            for ref in refs:  # one worker enqueues them (the claim is atomic); every worker may run them
                 w = reference_width(task, ref.spec(), task.widths, lv.allowance, cfg["min_steps"], cfg["target_steps"])
                 cand = space_mod.Candidate(ref.family, w, ref.theta, ref.blocks, ref.rank)
                 st.enqueue_trial(search_space.params_for(cand), user_attrs={"reference": True})
             st.set_user_attr("references_enqueued", True)
-        rep.level_start(lv, _trained(st))
-        rows = result.rows()
-        explore = random.Random(seed * 1000 + lv.index)
-        while _trained(st) < lv.trials and len(st.trials) < 5 * lv.trials + len(refs):
-            trial = st.ask()
-            cand = search_space.suggest(trial)
-            row = _evaluate(trial, st, cand, lv, task, cfg, budget - _spent(rows), rep)
-            if str(row.get("reason", "")).startswith("same as trial"):  # the sampler is stuck on a point: explore once
-                st.enqueue_trial(search_space.random_params(explore), user_attrs={"exploration": True})
-            rows = result.rows()
-            outputs.write_trials_csv(csv_path, rows)
-            done = [float(r["loss"]) for r in rows if r["level"] == lv.index and r["state"] == "COMPLETE"]
-            rep.trial_end(row, _spent(rows), min(done) if done else None)
+        rep.level_start(lv, ledger.used_slots(lv.index))
+        explore = explorers[lv.index] = random.Random(seed * 1000 + lv.index + 7919 * int(worker))
+        while (ledger.used_slots(lv.index) < lv.trials or _waiting(st)) and len(st.trials) < 5 * lv.trials + len(refs):
+            one(st, lv, explore)
+            recover(st, grace)
+    while True:  # out of new work: retry trials of workers that die, until no trial is running
+        busy = False
+        for (_, st), lv in zip(result.studies, levels):
+            recover(st, grace)
+            while _waiting(st):
+                one(st, lv, explorers[lv.index])
+            busy = busy or bool(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        if not busy:
+            break
+        time.sleep(heartbeat or 1)
     outputs.write_trials_csv(csv_path, result.rows())
     meta["spent"] = result.spent
     outputs.write_json(os.path.join(folder, "study.json"), meta)
     return result
 
 
-def _trained(st) -> int:
-    """Trials that spent compute (COMPLETE, or FAIL after training); zero-cost rejections do not count."""
-    return sum(1 for t in st.get_trials(deepcopy=False) if t.user_attrs.get("train_flops", 0) > 0)
+@dataclass
+class _Context:
+    """What evaluating a trial needs besides the trial: the task, settings, folder, ledger and hooks."""
+
+    task: object
+    cfg: dict
+    folder: str
+    ledger: Ledger
+    rep: Reporter
+    storage: object
+    heartbeat: int | None
+
+
+def _waiting(st) -> bool:
+    from optuna.trial import TrialState
+
+    return bool(st.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def _twin(st, trial, cand):
@@ -250,22 +305,13 @@ def _twin(st, trial, cand):
     return None
 
 
-def _fail_interrupted(st, lv: Level) -> None:
+def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict:
+    """Reject for free, or reserve the FLOPs, train (from a checkpoint for a retry), settle; returns the row."""
     from optuna.trial import TrialState
 
-    for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        tid = t._trial_id
-        st._storage.set_trial_user_attr(tid, "train_flops", int(lv.allowance))  # charged in full: unknown spend
-        rec = {"level": lv.index, "allowance": int(lv.allowance), "train_flops": int(lv.allowance),
-               "reason": "interrupted (its process stopped); charged its allowance"}
-        st._storage.set_trial_user_attr(tid, "record", rec)
-        st._storage.set_trial_state_values(tid, TrialState.FAIL)
-
-
-def _evaluate(trial, st, cand, lv: Level, task, cfg: dict, remaining: float, rep: Reporter) -> dict:
-    from optuna.trial import TrialState
-
+    task, cfg, ledger, rep = ctx.task, ctx.cfg, ctx.ledger, ctx.rep
     attrs = {"level": lv.index, "allowance": int(lv.allowance), "train_flops": 0, **cand.columns()}
+    tid = trial._trial_id
 
     def finish(state, value=None, **more):
         attrs.update(more)
@@ -289,19 +335,46 @@ def _evaluate(trial, st, cand, lv: Level, task, cfg: dict, remaining: float, rep
     if steps < cfg["min_steps"]:
         return finish(TrialState.PRUNED, reason=f"width {cand.width} gets only {steps} steps of {per_step:.3g} FLOPs "
                                                  f"within the allowance (minimum {cfg['min_steps']})")
-    if lv.allowance > remaining:
-        return finish(TrialState.PRUNED, reason=f"allowance {lv.allowance:.3g} does not fit the {remaining:.3g} "
-                                                 "FLOPs left in the budget")
+    seed = int(cfg["seed"])
+    first = retry_of(st, trial)
+    ckpt = checkpoint_path(ctx.folder, lv.index, trial.number if first is None else first)
+    start = 0
+    if first is not None:
+        start = train.checkpoint_step(ckpt, train.checkpoint_key(task, spec, cand.width, lv.allowance, seed))
+    need = (steps - start) * per_step  # a retry pays only for what its checkpoint leaves
+    every = max(int(cfg["checkpoint_steps"]), math.ceil(steps / max(1, int(cfg["checkpoints"] or 1))), 1)
+    bound = min(steps - start, every) * per_step
+    # Charged as if its worker died now (overwritten when it finishes): the mirror of the ledger's bound.
+    trial.set_user_attr("train_flops", bound)
+    trial.set_user_attr("record", {**attrs, "train_flops": bound, "reason": "lost: its worker stopped during "
+                                   "training; charged the FLOPs it may have spent, retried with the same parameters"})
+    why = ledger.reserve(tid, lv.index, need, None if first is not None else lv.trials, bound)
+    if why.startswith("budget"):
+        left = ledger.budget - ledger.spent()
+        return finish(TrialState.PRUNED, train_flops=0,
+                      reason=f"allowance {need:.3g} does not fit the {left:.3g} FLOPs left in the budget")
+    if why:
+        return finish(TrialState.PRUNED, train_flops=0, reason=f"{why.split(': ', 1)[1]} (other workers took them)")
+
+    def on_bound(flops: int) -> None:  # before the run spends them (a lost trial's row shows the ledger's charge)
+        ledger.raise_bound(tid, flops - start * per_step)
+
     rep.trial_start(lv, cand.label, steps)
     try:
-        r = train.run(task, spec, cand.width, lv.allowance, seed=int(cfg["seed"]), device=cfg["device"],
-                      callback=rep.trial_step)
+        r = train.run(task, spec, cand.width, lv.allowance, seed=seed, device=cfg["device"], callback=rep.trial_step,
+                      checkpoint=ckpt, checkpoint_every=every, on_bound=on_bound)
     except Exception as e:  # a crash in one candidate must not lose the study
         log.exception("trial %s failed", trial.number)
-        return finish(TrialState.FAIL, train_flops=int(lv.allowance), reason=f"crashed: {type(e).__name__}: {e}")
-    attrs.update(train_flops=r.train_flops, steps=r.steps, params=r.params, seconds=round(r.seconds, 3),
-                 curve=[list(p) for p in r.curve])
+        ledger.settle(tid, need)  # unknown spend: charged everything it reserved
+        return finish(TrialState.FAIL, train_flops=need, reason=f"crashed: {type(e).__name__}: {e}")
+    spent = r.train_flops - r.resumed_step * per_step
+    note = "" if first is None else f"retry of trial {first}, resumed from step {r.resumed_step} of {steps}"
+    attrs.update(train_flops=spent, steps=r.steps, params=r.params, seconds=round(r.seconds, 3),
+                 curve=[list(p) for p in r.curve], reason=note)
+    ledger.settle(tid, spent)
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
     if r.diverged:
-        return finish(TrialState.FAIL, reason=f"diverged: {r.reason}", loss="")
+        return finish(TrialState.FAIL, reason=f"diverged: {r.reason}" + (f"; {note}" if note else ""), loss="")
     attrs["loss"] = r.loss
     return finish(TrialState.COMPLETE, r.loss)

@@ -41,22 +41,57 @@ def check_url(url) -> str:
     return url
 
 
-def open_storage(url: str):
-    """An Optuna RDB storage; SQLite gets WAL mode and a busy timeout so several processes can share it."""
+def driver_url(url: str) -> str:
+    """``postgresql://`` (and ``postgres://``) go through psycopg 3, the driver the ``postgres`` extra installs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def open_storage(url: str, heartbeat: int | None = None, grace: int | None = None, on_stale=None):
+    """An Optuna RDB storage; SQLite gets WAL mode and a busy timeout so several processes can share it.
+
+    ``heartbeat`` (seconds) turns on Optuna's heartbeats: a RUNNING trial whose heartbeat is older than
+    ``grace`` seconds is failed by the next worker that looks, which then calls ``on_stale(study, trial)``.
+    """
     import optuna
     from sqlalchemy.exc import ArgumentError, OperationalError
 
     check_url(url)
+    url = driver_url(url)
     kwargs = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
+    elif url.startswith("postgresql"):
+        kwargs = {"pool_pre_ping": True}
+    beat = {}
+    if heartbeat:
+        beat = {"heartbeat_interval": int(heartbeat), "grace_period": int(grace or 3 * heartbeat),
+                "heartbeat_stale_trial_callback": on_stale}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        import warnings
+
+        with warnings.catch_warnings():  # heartbeat_interval is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beat)
         if url.startswith("sqlite"):
+            from sqlalchemy import event
+
+            @event.listens_for(storage.engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # every connection: WAL commits without an fsync each
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+
+            storage.engine.dispose()  # connections made before the listener are closed
             with storage.engine.connect() as conn:  # several workers may share the file
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         return storage
-    except (ArgumentError, OperationalError, ImportError, ValueError) as e:
+    except ImportError as e:
+        raise SearchError(f"cannot open storage {redact(url)!r}: no database driver ({e.name or e}); for "
+                          "PostgreSQL install it with pip install 'einstruct[postgres]'") from None
+    except (ArgumentError, OperationalError, ValueError) as e:
         reason = str(e).splitlines()[0]
         raise SearchError(f"cannot open storage {redact(url)!r}: {redact(reason)}; check the URL and that "
                           "the database server is running") from None

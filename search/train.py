@@ -10,18 +10,31 @@ are fair frontier points, THEORY 8), cosine to 0 as an option; gradient clipping
 The held-out loss is measured at evenly spaced FLOP marks (evaluation FLOPs are not charged). A NaN or
 a blow-up of the training loss stops the run with a reason instead of raising. The loss is read back
 from the device only every ``check_every`` steps.
+
+Checkpoints: with ``checkpoint=path`` and ``checkpoint_every=N`` the model, optimizer, step, generator and
+curves are saved every N steps (written to a temporary file, then renamed, so a file on disk is always
+whole), and a run that finds a matching checkpoint continues from it with the same result as an
+uninterrupted run. ``on_bound(flops)`` is told, before they are spent, the FLOPs the run may have spent
+by its next checkpoint: what a budget must charge if the process dies.
+
+Several devices: under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel and
+every rank trains on its slice of the same global batch (search.distributed); FLOPs are summed over ranks.
+
+    torchrun --nproc-per-node 2 -m search.train --task regression --spec btt --width 64 --train-flops 1e9
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
 from .errors import SearchError
 from .tasks.base import Task, check_positive
 
@@ -44,6 +57,8 @@ class Result:
     diverged: bool = False
     reason: str = ""
     settings: dict = field(default_factory=dict)
+    resumed_step: int = 0  # the step a checkpoint let this run start from (0: from scratch)
+    ranks: int = 1  # processes that shared each step (torchrun)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -88,6 +103,9 @@ def run(
     evals: int = 8,
     check_every: int = 10,
     callback: Callable[[dict], None] | None = None,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 0,
+    on_bound: Callable[[int], None] | None = None,
 ) -> Result:
     """Train ``spec`` (None or 'dense' for dense) at ``width`` on ``task`` for at most ``train_flops``."""
     check_positive("train_flops", train_flops, float)
@@ -95,39 +113,69 @@ def run(
         raise SearchError(f"schedule {schedule!r} is not known; use 'constant' (warmup then flat) or 'cosine'")
     hp = task.hyper
     lr = hp.lr if lr is None else check_positive("lr", lr, float)
-    dev = resolve_device(device)
+    world, dev = distributed.setup(resolve_device(device))
+    try:
+        return _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals, check_every, callback,
+                    checkpoint, checkpoint_every, on_bound, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals, check_every, callback,
+         checkpoint, checkpoint_every, on_bound, world) -> Result:
+    hp = task.hyper
 
     # 1. Data (reported, not charged) and the model with its muP parameter groups.
     data_seconds = task.prepare(seed)
     model = task.build(spec, width, device=dev, seed=seed)
     per_step = task.flops_per_step(model)
     steps = int(train_flops // per_step)
-    label = getattr(spec, "label", None) or getattr(spec, "einsum", None) or str(spec or "dense")
+    label = _label(spec)
     if steps < 1:
         raise SearchError(
             f"an allowance of {train_flops:.3g} FLOPs is less than one step of {label} at width {width} "
             f"({per_step:.3g} FLOPs); raise train_flops or lower the width"
         )
-    warmup = min(hp.max_warmup, max(1, round(hp.warmup_frac * steps))) if warmup is None else max(1, int(warmup))
+    warmup = _warmup(hp, steps, warmup)
     opt = torch.optim.AdamW(task.param_groups(model, lr), lr=lr, betas=hp.betas, weight_decay=hp.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
+    net = model
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
     marks = sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
 
-    # 2. The loop.
+    # 2. The loop, from a checkpoint if there is a matching one.
     gen = torch.Generator().manual_seed(seed)
     curve, train_curve = [], []
     running = torch.zeros((), device=dev)
     since, first_loss, reason = 0, None, ""
+    every = 0
+    if checkpoint and checkpoint_every:
+        every = -(-int(checkpoint_every) // check_every) * check_every  # saves fall on loss read-backs
+    key = fingerprint(label, width, per_step, steps, seed, lr, schedule, warmup, world.size, task.describe())
+    state = load_checkpoint(checkpoint, key) if every else None
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        curve, train_curve = [tuple(p) for p in state["curve"]], [tuple(p) for p in state["train_curve"]]
+        first_loss, start = state["first_loss"], int(state["step"])
+    if on_bound is not None and world.main:
+        on_bound(min(steps, start + every if every else steps) * per_step)
     t0 = time.perf_counter()
-    done = 0
-    for step in range(steps):
+    done = start
+    for step in range(start, steps):
         f = lr_factor(step, steps, warmup, schedule)
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * f
-        batch = task.batch(step, gen, dev)
+        batch = distributed.shard(task.batch(step, gen, dev), world, hp.batch)
         with autocast:
-            loss = task.loss(model, batch)
+            loss = task.loss(net, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if hp.clip:
@@ -137,7 +185,7 @@ def run(
         running += loss.detach()
         since += 1
         if done % check_every == 0 or done in marks or done == steps:
-            mean = float(running) / since  # one read-back every check_every steps
+            mean = float(distributed.all_sum(running, world)) / since / world.size  # one read-back per check
             running.zero_()
             since = 0
             if first_loss is None:
@@ -158,13 +206,22 @@ def run(
                 ev = float(task.eval_loss(model, dev))
             model.train()
             curve.append((done * per_step, ev))
+        if every and done % every == 0 and done < steps and not reason:
+            if world.main:
+                save_checkpoint(checkpoint, {
+                    "key": key, "step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "first_loss": first_loss,
+                    "curve": [list(p) for p in curve], "train_curve": [list(p) for p in train_curve]})
+                if on_bound is not None:  # before spending the next stretch
+                    on_bound(min(steps, done + every) * per_step)
+            distributed.barrier(world)
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     return Result(
         loss=float("nan") if reason else (curve[-1][1] if curve else float("nan")),
         curve=tuple(curve),
         train_curve=tuple(train_curve),
-        train_flops=done * per_step,
+        train_flops=_spent(done, per_step, world),
         steps=done,
         seconds=seconds,
         flops_per_step=per_step,
@@ -176,4 +233,110 @@ def run(
         reason=reason,
         settings={"lr": lr, "schedule": schedule, "warmup": warmup, "seed": seed, "device": str(dev),
                   **task.describe()},
+        resumed_step=start,
+        ranks=world.size,
     )
+
+
+def _spent(done: int, per_step: int, world) -> int:
+    """FLOPs of ``done`` global steps, summed over the ranks that each spent their slice of every step."""
+    local = torch.tensor(done * per_step // world.size if world.active else done * per_step, dtype=torch.int64)
+    return int(distributed.all_sum(local, world))
+
+
+def fingerprint(*parts) -> str:
+    """What a checkpoint must match to be resumed: the run's structure, size, schedule, seed and task."""
+    return repr(parts)
+
+
+def checkpoint_key(task: Task, spec, width: int, train_flops: float, seed: int = 0, *, lr: float | None = None,
+                   schedule: str = "constant", warmup: int | None = None, ranks: int = 1) -> str:
+    """The fingerprint ``run`` gives its checkpoints for these arguments (computed without training)."""
+    steps, per_step = plan(task, spec, width, train_flops)
+    hp = task.hyper
+    lr = hp.lr if lr is None else lr
+    warmup = _warmup(hp, steps, warmup)
+    return fingerprint(_label(spec), width, per_step, steps, seed, lr, schedule, warmup, ranks, task.describe())
+
+
+def _warmup(hp, steps: int, warmup) -> int:
+    return min(hp.max_warmup, max(1, round(hp.warmup_frac * steps))) if warmup is None else max(1, int(warmup))
+
+
+def _label(spec) -> str:
+    return getattr(spec, "label", None) or getattr(spec, "einsum", None) or str(spec or "dense")
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write to a temporary file, then rename: a checkpoint on disk is always complete."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | None, key: str | None = None) -> dict | None:
+    """The checkpoint at ``path`` (loaded with weights_only=True), or None if absent, unreadable or another run's."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a foreign or damaged file: train from scratch rather than fail the trial
+        return None
+    if not isinstance(state, dict) or (key is not None and state.get("key") != key):
+        return None
+    return state
+
+
+def checkpoint_step(path: str | None, key: str | None = None) -> int:
+    """The step a checkpoint would let a run with this key continue from (0 if none)."""
+    state = load_checkpoint(path, key)
+    return int(state["step"]) if state is not None else 0
+
+
+def main(argv=None) -> int:
+    """``python -m search.train`` (or under torchrun): one budgeted training run; rank 0 prints a JSON line."""
+    import argparse
+    import json
+    import sys
+
+    import einstruct as es
+
+    from .tasks import NAMES
+    from .tasks import get as get_task
+
+    p = argparse.ArgumentParser(prog="python -m search.train", description=main.__doc__)
+    p.add_argument("--task", choices=NAMES, default="regression")
+    p.add_argument("--data", help="data path for lm and cifar")
+    p.add_argument("--task-settings", default="{}", help='task overrides as JSON, e.g. \'{"batch": 64}\'')
+    p.add_argument("--spec", default="dense", help="a preset name: dense, low_rank, kron, tt, btt, monarch, block_diag")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--train-flops", type=float, default=1e9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--checkpoint", help="checkpoint file: continue from it if it matches, save to it")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
+    args = p.parse_args(argv)
+    try:
+        kwargs = json.loads(args.task_settings)
+        if not isinstance(kwargs, dict):
+            raise ValueError("not a JSON object")
+        if args.data:
+            kwargs["data"] = args.data
+        task = get_task(args.task, **kwargs)
+        spec = None if args.spec == "dense" else es.presets.get(args.spec)
+        r = run(task, spec, args.width, args.train_flops, args.seed, device=args.device, checkpoint=args.checkpoint,
+                checkpoint_every=args.checkpoint_every)
+    except (SearchError, es.SpecError, ValueError) as e:
+        print(f"search.train: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"loss": r.loss, "train_flops": r.train_flops, "steps": r.steps, "ranks": r.ranks,
+                          "flops_per_step": r.flops_per_step, "resumed_step": r.resumed_step,
+                          "curve": [list(c) for c in r.curve], "seconds": round(r.seconds, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
