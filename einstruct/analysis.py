@@ -14,6 +14,8 @@ from functools import lru_cache
 
 from . import network, plan
 
+_MAX_SCALE = 10**12
+
 
 class Poly:
     """A polynomial in d with rational exponents and positive coefficients, ordered as d -> infinity."""
@@ -69,9 +71,12 @@ def taxonomy(spec) -> Taxonomy:
     params = Poly()
     for axes in core_axes:
         params = params + mono(axes)
-    scale = math.lcm(*(s.exponent().denominator for s in sizes.values()))
-    value, _ = network.min_cut(spec, lambda a: int(sizes[a].exponent() * scale))
-    psi = Fraction(round(value), scale)
+    # Integer capacities on a common denominator keep the max-flow exact; exponents with huge denominators
+    # (e.g. theta entries like 5e-324) would overflow a float, so the scale is capped and psi is then summed
+    # exactly over the cut that was found (the minimum to within 1e-12).
+    scale = min(math.lcm(*(s.exponent().denominator for s in sizes.values())), _MAX_SCALE)
+    _, cut = network.min_cut(spec, lambda a: math.floor(sizes[a].exponent() * scale))
+    psi = sum((sizes[a].exponent() for a in cut), Fraction(0))
     return Taxonomy(omega=macs.degree - params.degree, psi=psi, nu=macs.degree - 1, order=order)
 
 

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from . import analysis, network, plan
 from .errors import SpecError
+from .limits import MAX_ELEMENTS, count, human_bytes
 from .resolve import resolve
 from .spec import Spec
 
@@ -148,6 +149,8 @@ def _compile(spec: Spec, d_in: int, d_out: int, pad_tolerance: float) -> Structu
         )
     core_axes = [c.axes for c in cores]
     prod = lambda axes: math.prod(sizes[a] for a in axes)
+    for c in cores:
+        _check_elements(f"core {c.name} ('{c.axes}')", prod(c.axes), spec, d_in, d_out)
     macs, order = plan.best_chain(spec.x, spec.y, core_axes, prod, 0)
     k = len(cores)
     out_cores = []
@@ -158,6 +161,8 @@ def _compile(spec: Spec, d_in: int, d_out: int, pad_tolerance: float) -> Structu
         applied = applied | {i}
         cs = cores[i]
         fan_in, fan_out = prod(st.contracted), prod(st.produced)
+        _check_elements(f"the activation after core {cores[i].name} (axes '{st.after}')", prod(st.after), spec,
+                        d_in, d_out)
         max_inter = max(max_inter, prod(st.after))
         out_cores.append(
             Core(
@@ -196,6 +201,14 @@ def _compile(spec: Spec, d_in: int, d_out: int, pad_tolerance: float) -> Structu
         nu=float(tax.nu),
         warnings=tuple(warnings),
     )
+
+
+def _check_elements(what: str, n: int, spec: Spec, d_in: int, d_out: int) -> None:
+    if n > MAX_ELEMENTS:
+        raise SpecError(
+            f"{what} of {spec.einsum!r} has {count(n)} elements at d_in={d_in}, d_out={d_out} "
+            f"({human_bytes(4 * n)} as float32), more than any tensor can hold (2^62); use smaller sizes"
+        )
 
 
 def _subspec(spec: Spec, cores) -> Spec:

@@ -14,6 +14,7 @@ In ``d^1/2`` the ``/2`` belongs to the exponent; write ``d^1/2/4`` to also divid
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -74,16 +75,17 @@ class Size:
         return s
 
 
-_NUM = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_FRAC = rf"{_NUM}(?:/\d+)?"
+_NUM = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # ASCII digits only: no other scripts' numerals
+_FRAC = rf"{_NUM}(?:/[0-9]+)?"
 _EXP = rf"(?:\(\s*{_FRAC}\s*\)|{_FRAC})"
 _BASE = r"(d_in|d_out|d)"
 _MONO = re.compile(
     rf"^(?:(?P<coef>{_FRAC})\s*\*\s*)?{_BASE}"
     rf"(?:\s*(?:\^|\*\*)\s*(?P<exp>{_EXP}))?"
-    rf"(?:\s*/\s*(?P<div>\d+))?$"
+    rf"(?:\s*/\s*(?P<div>[0-9]+))?$",
+    re.ASCII,
 )
-_INT = re.compile(r"^\d+$")
+_INT = re.compile(r"^[0-9]+$")
 _HINT = "write an integer such as 32 or a monomial such as 'd_in^1/2', 'd_out/4', 'd/16'"
 
 
@@ -101,11 +103,14 @@ def parse_size(value, axis: str = "?") -> Size:
     """Parse one axis size (int or string) into a Size; raise SpecError naming the axis."""
     where = f"size of axis '{axis}'"
     if isinstance(value, Size):
-        return value
+        return _checked_size(value, where)
     if isinstance(value, bool) or value is None:
         raise SpecError(f"{where} is {value!r}; {_HINT}")
-    if isinstance(value, int):
-        return _checked_int(value, where)
+    if isinstance(value, int) or (not isinstance(value, (str, float)) and hasattr(value, "__index__")):
+        try:
+            return _checked_int(operator.index(value), where)  # numpy integers too
+        except TypeError:
+            raise SpecError(f"{where} has type {type(value).__name__}; {_HINT}") from None
     if isinstance(value, float):
         raise SpecError(
             f"{where} is the float {value!r}; sizes are integers or monomials: "
@@ -141,6 +146,21 @@ def parse_size(value, axis: str = "?") -> Size:
             raise SpecError(f"{where} {value!r} is the constant {coef}, not an integer")
         return _checked_int(int(coef), where)
     return Size(coef, m.group(2), exp)
+
+
+def _checked_size(s: Size, where: str) -> Size:
+    """A Size built directly (not parsed) obeys the same rules as a parsed one."""
+    ok = (
+        isinstance(s.coef, Fraction) and isinstance(s.exp, Fraction) and s.coef > 0
+        and (s.base is None or s.base in BASES) and 0 <= s.exp <= _MAX_EXPONENT
+    )
+    if not ok:
+        raise SpecError(f"{where} is {s!r}, which is not a valid size; {_HINT}")
+    if s.is_constant:
+        if s.coef.denominator != 1:
+            raise SpecError(f"{where} is the constant {s.coef}, not an integer")
+        return _checked_int(int(s.coef), where)
+    return s
 
 
 def _checked_int(n: int, where: str) -> Size:

@@ -47,9 +47,12 @@ class Spec:
 
     def __init__(self, einsum, names=None, sizes=None, *, label: str = "", theta=None, **axis_sizes):
         x, cores, y = _parse_einsum(einsum, names)
+        if not isinstance(label, str):
+            raise SpecError(f"label= must be a string, got {type(label).__name__}")
+        if sizes is not None and not isinstance(sizes, dict):
+            raise SpecError(f"sizes= must be a dict of axis -> size, e.g. sizes={{'g': 'd_in^1/2'}}, got "
+                            f"{type(sizes).__name__}")
         given = dict(sizes or {})
-        if not isinstance(sizes or {}, dict):
-            raise SpecError(f"sizes= must be a dict of axis -> size, got {type(sizes).__name__}")
         for k, v in axis_sizes.items():
             if k in given:
                 raise SpecError(f"axis '{k}' is given a size twice (in sizes= and as a keyword); give it once")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 from .errors import SpecError
+from .sizes import Size
 from .spec import Spec
 
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")
 # x = (g, b, a); core A = (f, d, r, g, a); core B = (f, e, r, g, b); y = (f, e, d); d is delta's axis.
 EINSUM = "gba,A:fdrga,B:fergb->fed"
+# A theta entry given as text: a decimal (exponent notation up to e-99) or a fraction; parsed, never evaluated.
+_TEXT = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,2})?$|^[0-9]+/[0-9]+$", re.ASCII)
 
 
 def _entry(name: str, v) -> Fraction:
@@ -25,10 +29,14 @@ def _entry(name: str, v) -> Fraction:
             raise SpecError(f"theta {name} is {v!r}; give a finite number in [0, 1]")
         f = Fraction(repr(v))
     elif isinstance(v, str):
+        text = v.strip()
+        if len(text) > 64 or not _TEXT.match(text):
+            shown = v if len(v) <= 40 else v[:40] + "..."
+            raise SpecError(f"theta {name} is {shown!r}, not a number; give a number in [0, 1] such as 0.5 or 1/3")
         try:
-            f = Fraction(v.strip())
+            f = Fraction(text)
         except (ValueError, ZeroDivisionError):
-            raise SpecError(f"theta {name} is {v!r}, not a number; give a number in [0, 1] such as 0.5") from None
+            raise SpecError(f"theta {name} is {v!r}, not a number; give a number in [0, 1] such as 0.5 or 1/3") from None
     else:
         try:
             f = Fraction(repr(float(v)))  # numpy scalars and the like
@@ -50,8 +58,8 @@ def theta(alpha, beta, gamma, delta, epsilon, phi, rho) -> Spec:
         if abs(total - 1) > Fraction(1, 100):
             raise SpecError(f"theta has {label} = {float(total):g}; it must be 1 (within 0.01)")
 
-    def p(base: str, e: Fraction):
-        return 1 if e == 0 else f"{base}^{e.numerator}/{e.denominator}"
+    def p(base: str, e: Fraction):  # a Size, not text: any exact exponent in [0, 1] is representable
+        return 1 if e == 0 else Size(Fraction(1), base, e)
 
     label = "theta(" + ", ".join(f"{float(v):g}" for v in t) + ")"
     return Spec(

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import limits
 from ..compiler import Structure
 from ..compiler import compile as compile_structure
 from ..errors import SpecError
@@ -245,6 +246,17 @@ def plan_chain(st: Structure) -> ChainLayout:
     )
 
 
+def _row_elements(chain: ChainLayout, st: Structure) -> int:
+    """Elements per input row of the tensors a forward materialises: padded input, copies, step outputs."""
+    prev = math.prod(s for s in chain.in_shape if s is not None)
+    total = prev
+    for s in chain.steps:
+        out = math.prod(d for d in s.out_shape if d is not None)
+        total += (prev if s.act_perm is not None else 0) + out
+        prev = out
+    return total + (prev if chain.final_perm is not None else 0) + st.d_out_padded
+
+
 def _is_low_rank(st: Structure) -> bool:
     """Two cores joined only through bond axes (x -> bond -> y), like ``i,ir,ro->o``."""
     if len(st.cores) != 2:
@@ -320,6 +332,7 @@ class StructuredLinear(nn.Module):
             std[self.structure.cores[0].name] = 1.0 / math.sqrt(self.in_features)
         self.init_stds: dict[str, float] = std  # metadata on the module, never on tensors
         factory = {"device": device, "dtype": dtype}
+        self._check_parameter_memory(bias, device, dtype)
         for c in self.structure.cores:
             if hasattr(self, c.name):
                 raise SpecError(
@@ -341,8 +354,30 @@ class StructuredLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._chain = plan_chain(self.structure)
+        self._row_elems = _row_elements(self._chain, self.structure)
         logger.debug("%s: planned layout cost %d per example", self.spec.einsum, self._chain.cost)
         self.reset_parameters()
+
+    # ---- memory limits ---------------------------------------------------------------------
+    def _describe(self) -> str:
+        name = self.spec.label or self.spec.einsum
+        return f"StructuredLinear({self.in_features} -> {self.out_features}, {name})"
+
+    def _check_parameter_memory(self, bias: bool, device, dtype) -> None:
+        """Refuse parameters that cannot fit on their device, before any is allocated."""
+        dev = torch.device(device) if device is not None else torch.get_default_device()
+        itemsize = (dtype or torch.get_default_dtype()).itemsize
+        n = self.structure.params + (self.out_features if bias else 0) + (len(self.structure.cores) * self.normalize)
+        limits.check_fits(
+            f"the parameters of {self._describe()} ({limits.count(n)} elements)", n * itemsize, dev,
+            "use smaller dimensions or a structure with fewer parameters (e.g. a lower rank)",
+        )
+
+    def _check_forward_memory(self, rows: int, x: torch.Tensor, what: str = "the forward") -> None:
+        limits.check_fits(
+            f"the intermediates of {what} of {self._describe()} for {rows} rows", rows * self._row_elems
+            * x.element_size(), x.device, "use a smaller batch (or accumulate gradients over several)",
+        )
 
     # ---- parameters ----------------------------------------------------------------------
     @property
@@ -411,6 +446,8 @@ class StructuredLinear(nn.Module):
             )
         lead = x.shape[:-1]
         n = math.prod(lead)
+        if not torch.compiler.is_compiling():  # plain integer arithmetic on shapes: no tensor reads
+            self._check_forward_memory(n, x)
         x2 = x.reshape(n, self.in_features).contiguous()  # no-op unless x has unusual strides
         pad_in = self.structure.d_in_padded - self.in_features
         if pad_in:
@@ -428,6 +465,11 @@ class StructuredLinear(nn.Module):
         """The (out_features, in_features) matrix the layer applies (weight norm included, bias not)."""
         ref = getattr(self, self.core_names[0])
         d_in = self.structure.d_in_padded
+        limits.check_fits(
+            f"the dense matrix of {self._describe()} and its intermediates",
+            (d_in * d_in + d_in * self._row_elems) * ref.element_size(), ref.device,
+            "to_dense() materialises the full matrix: use it on smaller layers",
+        )
         eye = torch.eye(d_in, device=ref.device, dtype=ref.dtype)
         cols = self._run(eye, d_in)  # row i is W e_i
         return cols[: self.in_features, : self.out_features].transpose(0, 1).contiguous()
