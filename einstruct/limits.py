@@ -48,9 +48,11 @@ def physical_memory() -> int | None:
 
 def device_memory(device) -> int | None:
     """The byte limit for tensors on ``device`` (a torch.device, a string or None for the CPU)."""
+    kind = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else "cpu")
+    if kind == "meta":  # shapes only, nothing is allocated
+        return None
     if MAX_BYTES is not None:
         return MAX_BYTES
-    kind = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else "cpu")
     index = getattr(device, "index", None)
     key = (kind, index)
     if key not in _cache:
