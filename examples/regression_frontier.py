@@ -1,7 +1,7 @@
 """A larger structure search on the regression task (about 30 minutes on a 2-core CPU), and its report.
 
     python examples/regression_frontier.py                       # runs/regression-frontier -> docs/results/
-    python examples/regression_frontier.py --budget 4e11 --levels 3 --results /tmp/quick   # a shorter try
+    python examples/regression_frontier.py --budget 4e11 --levels 3 --results runs/quick-results   # a shorter try
 
 It runs the same search as ``python -m search.run`` (TPE over theta, dense, Monarch and BTT, references
 first at every level) with a larger budget and four compute levels, so each family's frontier spans a
