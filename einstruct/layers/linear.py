@@ -257,6 +257,47 @@ def _row_elements(chain: ChainLayout, st: Structure) -> int:
     return total + (prev if chain.final_perm is not None else 0) + st.d_out_padded
 
 
+def _act_views(chain: ChainLayout) -> tuple[bool, ...]:
+    """Per step: the activation's permute + reshape is a view BLAS reads in place (no copy needed).
+
+    True when the reshape after the permute is a view whose matrices have a unit stride in one of their
+    two dimensions; the batch index may have any stride (bmm then runs one gemm per batch index, each
+    with its own leading dimension). Checked once, on meta tensors, at construction.
+    """
+    out = []
+    srcs = (chain.in_shape,) + tuple(s.out_shape for s in chain.steps[:-1])
+    for s, src in zip(chain.steps, srcs):
+        if s.act_perm is None:
+            out.append(False)
+            continue
+        t = torch.empty(_fill(src, 3), device="meta").permute(s.act_perm)
+        try:
+            m = t.view(_fill(s.act_shape, 3 * s.rows))
+        except RuntimeError:
+            out.append(False)
+            continue
+        out.append(m.stride(-1) == 1 or m.stride(-2) == 1)
+    return tuple(out)
+
+
+# Materialised path for small inference batches (see the module docstring): the dense matrix is used
+# when no autograd graph is recorded, the structure has fewer FLOPs than dense, the weight has at most
+# _DENSE_MAX_WEIGHT elements and the dense product at most _DENSE_MAX_MACS multiply-adds: measured on
+# CPU (1 thread, float32), below these a dense matmul of the cached matrix costs less than the fixed
+# per-call cost of the factored chain (tens of microseconds per step).
+_DENSE_MAX_ROWS = 16
+_DENSE_MAX_WEIGHT = 1 << 18
+_DENSE_MAX_MACS = 1 << 21
+
+
+def default_dense_rows(st: Structure, in_features: int, out_features: int) -> int:
+    """Largest batch (rows) that runs on the materialised dense matrix in inference; 0 for never."""
+    weight = in_features * out_features
+    if st.flops >= 2 * weight or weight > _DENSE_MAX_WEIGHT:
+        return 0
+    return min(_DENSE_MAX_ROWS, _DENSE_MAX_MACS // weight)
+
+
 def _is_low_rank(st: Structure) -> bool:
     """Two cores joined only through bond axes (x -> bond -> y), like ``i,ir,ro->o``."""
     if len(st.cores) != 2:
@@ -353,7 +394,11 @@ class StructuredLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        self._names = tuple(c.name for c in self.structure.cores)
         self._chain = plan_chain(self.structure)
+        self._act_views = _act_views(self._chain)
+        self.dense_rows = default_dense_rows(self.structure, self.in_features, self.out_features)
+        self._cache: dict[str, tuple] = {}  # inference-only copies of the weights, keyed by parameter versions
         self._row_elems = _row_elements(self._chain, self.structure)
         logger.debug("%s: planned layout cost %d per example", self.spec.einsum, self._chain.cost)
         self.reset_parameters()
@@ -416,12 +461,17 @@ class StructuredLinear(nn.Module):
     # ---- running the chain ---------------------------------------------------------------
     def _run(self, act: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
         """(n, d_in_padded) -> (n, d_out_padded) through the planned chain, plus ``bias`` if given."""
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._run_plain(act, n, bias, self._cached("chain", self._step_cores))
         cores = self.effective_cores()
         chain = self._chain
         act = act.reshape(_fill(chain.in_shape, n))
         last = len(chain.steps) - 1
         for i, s in enumerate(chain.steps):
-            a = _relayout(act, s.act_perm).reshape(_fill(s.act_shape, n * s.rows))
+            if self._act_views[i] and n > 1:  # strided view read in place by bmm (n = 1: odd strides)
+                a = act.permute(s.act_perm).view(_fill(s.act_shape, n * s.rows))
+            else:
+                a = _relayout(act, s.act_perm).reshape(_fill(s.act_shape, n * s.rows))
             w = _relayout(cores[s.core], s.core_perm).reshape(s.core_shape)
             if s.core_left != s.act_kr:  # one operand transposed: keep the backward's layouts too
                 dt = _autocast_dtype(a)
@@ -435,8 +485,71 @@ class StructuredLinear(nn.Module):
             else:  # out (M, P) = act (M, K) @ core (K, P)
                 out = torch.matmul(a, w)
             act = out.view(_fill(s.out_shape, n))
-        act = _relayout(act, chain.final_perm).reshape(n, self.structure.d_out_padded)
+        if chain.final_perm is not None:
+            act = _relayout(act, chain.final_perm)
+            if bias is not None and n > 1:  # a fresh copy (n > 1): add the bias in place, no second y
+                return act.view(n, self.structure.d_out_padded).add_(bias.to(act.dtype))
+        act = act.reshape(n, self.structure.d_out_padded)
         return act if bias is None else act + bias.to(act.dtype)
+
+    def _run_plain(self, act: torch.Tensor, n: int, bias: torch.Tensor | None, ws: tuple) -> torch.Tensor:
+        """The chain without autograd (grad mode off), on cores already laid out per step (``ws``)."""
+        chain = self._chain
+        act = act.reshape(_fill(chain.in_shape, n))
+        last = len(chain.steps) - 1
+        for i, (s, w) in enumerate(zip(chain.steps, ws)):
+            a = act if s.act_perm is None else act.permute(s.act_perm)
+            shape = _fill(s.act_shape, n * s.rows)
+            a = a.view(shape) if self._act_views[i] and n > 1 else a.reshape(shape)
+            if s.act_kr:
+                a = a.mT
+            mm = torch.bmm if w.dim() == 3 else torch.mm  # matmul can pick a slow path for odd strides
+            if s.core_left:
+                out = mm(w, a.mT)
+            elif i == last and bias is not None and chain.fuse_bias:
+                out, bias = torch.addmm(bias.to(a.dtype), a, w), None
+            else:
+                out = mm(a, w)
+            act = out.view(_fill(s.out_shape, n))
+        if chain.final_perm is not None:
+            act = act.permute(chain.final_perm).reshape(n, self.structure.d_out_padded)
+            return act if bias is None else act.add_(bias.to(act.dtype))
+        act = act.reshape(n, self.structure.d_out_padded)
+        return act if bias is None else act + bias.to(act.dtype)
+
+    # ---- inference caches ----------------------------------------------------------------
+    def _cache_key(self) -> tuple:
+        """Identity and in-place version of every core and gain: changes whenever a weight changes."""
+        params = self._parameters  # not getattr: nn.Module.__getattr__ costs a microsecond per call
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in map(params.__getitem__, self._names))
+        if self.gains is not None:
+            key += tuple((p.data_ptr(), p._version) for p in self.gains._parameters.values())
+        return key  # .to(), load_state_dict and optimizer steps change these; reading them never syncs
+
+    def _cached(self, what: str, build):
+        key = self._cache_key()
+        hit = self._cache.get(what)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self._cache[what] = (key, value)
+        return value
+
+    def _step_cores(self) -> tuple[torch.Tensor, ...]:
+        """The effective cores as each step multiplies them (permuted, contiguous), without a graph."""
+        cores = self.effective_cores()
+        return tuple(
+            (cores[s.core] if s.core_perm is None else cores[s.core].permute(s.core_perm)).reshape(s.core_shape)
+            .contiguous()
+            for s in self._chain.steps
+        )
+
+    def _dense_weight(self) -> torch.Tensor:
+        return self.to_dense()
+
+    def uses_dense(self, batch: int) -> bool:
+        """Whether ``batch`` rows run on the cached dense matrix now (grad mode off, batch <= dense_rows)."""
+        return batch <= self.dense_rows and not torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -446,6 +559,8 @@ class StructuredLinear(nn.Module):
             )
         lead = x.shape[:-1]
         n = math.prod(lead)
+        if self.uses_dense(n) and not torch.compiler.is_compiling():
+            return F.linear(x, self._cached("dense", self._dense_weight), self.bias)
         if not torch.compiler.is_compiling():  # plain integer arithmetic on shapes: no tensor reads
             self._check_forward_memory(n, x)
         x2 = x.reshape(n, self.in_features).contiguous()  # no-op unless x has unusual strides
@@ -476,9 +591,15 @@ class StructuredLinear(nn.Module):
 
     # ---- reporting -----------------------------------------------------------------------
     def flops(self, batch: int) -> int:
-        """FLOPs (2 x MACs) of the forward path that runs for ``batch`` rows: the factored chain."""
+        """FLOPs (2 x MACs) of the forward path that runs now for ``batch`` rows.
+
+        The factored chain (``structure.flops`` per row), or, when :meth:`uses_dense` (grad mode off and
+        ``batch <= dense_rows``), the materialised matrix: ``2 * in_features * out_features`` per row.
+        """
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
             raise SpecError(f"flops(batch) needs a non-negative integer number of rows, got {batch!r}")
+        if self.uses_dense(batch):
+            return 2 * self.in_features * self.out_features * batch
         return self.structure.flops * batch
 
     def extra_repr(self) -> str:

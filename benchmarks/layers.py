@@ -1,0 +1,279 @@
+"""Structured layers side by side: time, GFLOP/s and saved memory against dense, bare matmuls and einsums.
+
+For every (d, batch) all contenders run in one process, their repeats interleaved in a shuffled order so
+that machine noise hits them alike; every figure is a median over repeats, and the columns are ratios
+measured in the same run:
+
+- ``ms``, ``GF/s``: StructuredLinear forward + backward (input needs a gradient: 3 x forward FLOPs).
+- ``/dense``: its GFLOP/s over nn.Linear's (d x d, same batch).
+- ``/prim``: its rate over the bare primitives of its plan: the same mm/bmm shapes, contiguous, each step
+  as three matmuls (forward, input gradient, core gradient), no copies, no autograd.
+- ``x ein``: speed-up over the two-einsum layer (one torch.einsum per core, the reference papers' way).
+- ``MB``, ``/ein``: bytes autograd keeps for the backward (saved tensors, parameters excluded, each
+  storage once) and their ratio to the einsum layer's.
+- ``inf x``: inference (forward under no_grad) speed over nn.Linear's; only for batches <= --infer-max.
+
+    python -m benchmarks.layers                       # d 1024 4096 8192, batch 16 2048, all structures
+    python -m benchmarks.layers --quick               # d 1024, batch 16 2048, 3 repeats
+    python -m benchmarks.layers --dims 4096 --batches 2048 --structures "btt r=1" "monarch 4" --out t.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import einstruct as es
+from einstruct import plan
+
+P = es.presets
+THETA_A = (0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25)
+THETA_B = (0.75, 0, 0.25, 0, 0.75, 0.25, 0.25)
+STRUCTURES = {
+    "dense": P.dense,
+    "btt r=1": lambda: P.btt(rank=1),
+    "btt r=2": lambda: P.btt(rank=2),
+    "btt r=4": lambda: P.btt(rank=4),
+    "monarch 4": lambda: P.monarch(blocks=4),
+    "monarch 16": lambda: P.monarch(blocks=16),
+    "low rank 64": lambda: P.low_rank(rank=64),
+    "kron": P.kron,
+    "tt r=4": lambda: P.tt(rank=4),
+    "theta A": lambda: es.theta(*THETA_A),
+    "theta B": lambda: es.theta(*THETA_B),
+}
+
+
+class EinsumChain(nn.Module):
+    """The same structure as one torch.einsum per core in spec order (parameters shared with ``layer``)."""
+
+    def __init__(self, layer: es.StructuredLinear):
+        super().__init__()
+        self.layer = layer
+        st = layer.structure
+        spec = st.spec
+        names = {c.name for c in st.cores}
+        cores = [c for c in spec.cores if c.name in names]
+        axes = [c.axes for c in cores]
+        used = set(spec.x + spec.y + "".join(axes))
+        n = next(ch for ch in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA" if ch not in used)
+        self.exprs = []
+        applied: frozenset[int] = frozenset()
+        for i, c in enumerate(cores):
+            s = plan.make_step(spec.x, spec.y, axes, applied, i)
+            applied = applied | {i}
+            self.exprs.append((c.name, f"{n}{s.before},{c.axes}->{n}{s.after}"))
+        last = plan.activation(spec.x, spec.y, axes, applied)
+        self.final = f"{n}{last}->{n}{spec.y}" if last != spec.y else None
+        self.x_shape = tuple(st.sizes[a] for a in spec.x)
+
+    def forward(self, x):
+        layer, st = self.layer, self.layer.structure
+        h = x.reshape(-1, *self.x_shape)
+        for name, expr in self.exprs:
+            h = torch.einsum(expr, h, getattr(layer, name))
+        if self.final is not None:
+            h = torch.einsum(self.final, h)
+        return h.reshape(x.shape[0], st.d_out_padded) + layer.bias
+
+
+class Primitives:
+    """The bare matmuls of a layer's plan at ``n`` rows: per step a @ w, g @ w^T, a^T @ g, contiguous."""
+
+    def __init__(self, layer: es.StructuredLinear, n: int, device):
+        self.ops = []
+        for s in layer._chain.steps:
+            lead = s.core_shape[:-2]
+            k, p = s.core_shape[-2:] if not s.core_left else s.core_shape[-2:][::-1]
+            m = n * s.rows
+            self.ops.append(tuple(torch.randn(*lead, *shape, device=device) for shape in ((m, k), (k, p), (m, p))))
+
+    def __call__(self):
+        for a, w, g in self.ops:
+            torch.matmul(a, w)
+            torch.matmul(g, w.mT)
+            torch.matmul(a.mT, g)
+
+
+def saved_bytes(fn, module: nn.Module) -> int:
+    """Bytes of the tensors autograd saves while ``fn()`` runs, each storage once, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_max: int, log) -> list[dict]:
+    """Time every structure at (d, batch) against dense, primitives and einsum, repeats interleaved."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, d, device=device)
+    grad = torch.randn(batch, d, device=device)
+    dense = nn.Linear(d, d, device=device)
+    layers = {lab: es.StructuredLinear(d, d, STRUCTURES[lab](), device=device) for lab in labels}
+
+    def train_step(m):
+        def f():
+            xi = x.detach().requires_grad_(True)
+            m(xi).backward(grad)
+        return f
+
+    def infer(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    jobs = {("dense", "train"): train_step(dense)}
+    infer_on = batch <= infer_max
+    if infer_on:
+        jobs[("dense", "infer")] = infer(dense)
+    for lab, layer in layers.items():
+        ein = EinsumChain(layer)
+        with torch.no_grad():  # same function: sanity check before timing
+            err = (layer(x) - ein(x)).abs().max().item()
+            scale = layer(x).abs().max().item()
+        if err > 1e-4 * max(scale, 1.0):
+            raise RuntimeError(f"{lab} at d={d}: einsum and StructuredLinear differ by {err}")
+        jobs[(lab, "train")] = train_step(layer)
+        jobs[(lab, "ein")] = train_step(ein)
+        jobs[(lab, "prim")] = Primitives(layer, batch, device)
+        if infer_on:
+            jobs[(lab, "infer")] = infer(layer)
+    times: dict = {k: [] for k in jobs}
+    keys, rng = list(jobs), random.Random(0)
+    for r in range(repeats + 1):  # the first round warms up (allocator, caches) and is dropped
+        rng.shuffle(keys)
+        for k in keys:
+            _sync(device)
+            t0 = time.perf_counter()
+            jobs[k]()
+            _sync(device)
+            if r:
+                times[k].append(time.perf_counter() - t0)
+        log(f"  d={d} batch={batch}: round {r}/{repeats}")
+    t = {k: statistics.median(v) for k, v in times.items()}
+    dense_flops = 3 * 2 * d * d * batch
+    dense_rate = dense_flops / t[("dense", "train")]
+    rows = []
+    for lab, layer in layers.items():
+        flops = 3 * layer.structure.flops * batch
+        mem = saved_bytes(lambda m=layer: m(x.detach().requires_grad_(True)), layer)
+        ein = EinsumChain(layer)
+        mem_ein = saved_bytes(lambda m=ein: m(x.detach().requires_grad_(True)), layer)
+        rows.append({
+            "d": d,
+            "batch": batch,
+            "structure": lab,
+            "flops_vs_dense": flops / dense_flops,
+            "ms": t[(lab, "train")] * 1e3,
+            "gflops": flops / t[(lab, "train")] / 1e9,
+            "vs_dense": flops / t[(lab, "train")] / dense_rate,
+            "vs_prim": t[(lab, "prim")] / t[(lab, "train")],
+            "vs_einsum": t[(lab, "ein")] / t[(lab, "train")],
+            "saved_mb": mem / 2**20,
+            "saved_vs_einsum": mem / mem_ein if mem_ein else math.nan,
+            "infer_vs_dense": t[("dense", "infer")] / t[(lab, "infer")] if infer_on else math.nan,
+            "dense_gflops": dense_rate / 1e9,
+        })
+    return rows
+
+
+COLUMNS = [
+    ("d", "{:d}"), ("batch", "{:d}"), ("structure", "{}"), ("flops_vs_dense", "{:.3f}"), ("ms", "{:.2f}"),
+    ("gflops", "{:.1f}"), ("vs_dense", "{:.2f}"), ("vs_prim", "{:.2f}"), ("vs_einsum", "{:.2f}"),
+    ("saved_mb", "{:.1f}"), ("saved_vs_einsum", "{:.2f}"), ("infer_vs_dense", "{:.2f}"), ("dense_gflops", "{:.1f}"),
+]
+HEADERS = {
+    "flops_vs_dense": "FLOPs/dense", "gflops": "GF/s", "vs_dense": "/dense", "vs_prim": "/prim",
+    "vs_einsum": "x ein", "saved_mb": "MB", "saved_vs_einsum": "MB/ein", "infer_vs_dense": "inf x",
+    "dense_gflops": "dense GF/s",
+}
+
+
+def fmt(row: dict) -> list[str]:
+    out = []
+    for key, f in COLUMNS:
+        v = row[key]
+        out.append("-" if isinstance(v, float) and math.isnan(v) else f.format(v))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096, 8192])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 2048])
+    ap.add_argument("--structures", nargs="+", default=list(STRUCTURES), metavar="NAME",
+                    help=f"any of: {', '.join(STRUCTURES)}")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="d 1024 only, 3 repeats")
+    ap.add_argument("--infer-max", type=int, default=64, help="largest batch with an inference column")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--out", help="also write the table: .csv or .md")
+    args = ap.parse_args(argv)
+    unknown = [s for s in args.structures if s not in STRUCTURES]
+    if unknown:
+        ap.error(f"unknown structure {unknown[0]!r}; choose from {', '.join(STRUCTURES)}")
+    if args.quick:
+        args.dims, args.repeats = [1024], 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if device.type == "cuda" and args.device != "auto":
+        device = torch.device(args.device)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    head = (f"device={device} threads={torch.get_num_threads()} float32 forward+backward, "
+            f"median of {args.repeats} interleaved repeats")
+    print(head, flush=True)
+    names = [HEADERS.get(k, k) for k, _ in COLUMNS]
+    widths = [max(len(n), 11 if n == "structure" else 6) for n in names]
+    line = " ".join(n.rjust(w) if n != "structure" else n.ljust(w) for n, w in zip(names, widths))
+    print(line, flush=True)
+    rows = []
+    for d in args.dims:
+        for batch in args.batches:
+            log(f"d={d} batch={batch}: {len(args.structures)} structures")
+            for row in run_cell(d, batch, args.structures, args.repeats, device, args.infer_max, log):
+                rows.append(row)
+                cells = fmt(row)
+                print(" ".join(c.ljust(w) if k == "structure" else c.rjust(w)
+                               for c, w, (k, _) in zip(cells, widths, COLUMNS)), flush=True)
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            if args.out.endswith(".csv"):
+                w = csv.writer(f)
+                w.writerow([k for k, _ in COLUMNS])
+                w.writerows(fmt(r) for r in rows)
+            else:
+                f.write(head + "\n\n| " + " | ".join(names) + " |\n|" + "---|" * len(names) + "\n")
+                for r in rows:
+                    f.write("| " + " | ".join(fmt(r)) + " |\n")
+        log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""StructuredLinear's fast paths: strided views, the graph-free chain, the cached dense matrix, exact FLOPs."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import einstruct as es
+from einstruct.layers.linear import StructuredLinear, default_dense_rows
+
+from .test_linear import PRESETS, check_against_dense
+
+P = es.presets
+FAST = {
+    **{k: PRESETS[k] for k in ("dense", "low_rank3", "kron", "tt2", "btt1", "btt3", "monarch4", "block_diag4")},
+    "theta_a": lambda: es.theta(0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25),
+    "theta_b": lambda: es.theta(0.75, 0, 0.25, 0, 0.75, 0.25, 0.25),
+}
+SIZES = [(64, 64), (144, 36), (256, 256)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def reference(layer, x):
+    w = layer.to_dense().detach()
+    return x @ w.T + layer.bias.detach()
+
+
+@pytest.mark.parametrize("d_in, d_out", SIZES)
+@pytest.mark.parametrize("name", list(FAST))
+def test_every_path_equals_the_dense_matrix_float64(name, d_in, d_out):
+    layer = StructuredLinear(d_in, d_out, FAST[name](), dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias.normal_()
+    for rows in (1, 2, 7):  # one row has degenerate strides: no views there
+        x = torch.randn(rows, d_in, dtype=torch.float64)
+        ref = reference(layer, x)
+        with torch.no_grad():
+            y_auto = layer(x)  # dense or graph-free chain, by the rule
+            layer.dense_rows, saved = 0, layer.dense_rows
+            y_chain = layer(x)  # graph-free chain on cached step cores
+            layer.dense_rows = saved
+        with torch.inference_mode():
+            y_inf = layer(x)
+        for y in (y_auto, y_chain, y_inf):
+            torch.testing.assert_close(y, ref, atol=1e-11, rtol=0)
+    # Graph path (strided views where the plan allows): forward and every gradient, at 1 and 15 rows.
+    for lead in ((1,), (3, 5)):
+        layer.zero_grad()
+        check_against_dense(layer, lead=lead, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["btt1", "btt3", "monarch4", "theta_a", "kron", "tt2"])
+def test_float32_paths_agree_loosely(name):
+    layer = StructuredLinear(1024, 1024, FAST[name]())
+    with torch.no_grad():
+        layer.bias.normal_()
+    w64 = layer.double().to_dense().detach()
+    layer.float()
+    for rows in (1, 16, 300):
+        x = torch.randn(rows, 1024)
+        ref = (x.double() @ w64.T + layer.bias.double()).float()
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        with torch.no_grad():
+            y_plain = layer(x)
+        for got in (y, y_plain):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        c = torch.randn_like(y)
+        (y * c).sum().backward()
+        torch.testing.assert_close(xg.grad, (c.double() @ w64).float(), atol=1e-4, rtol=1e-4)
+
+
+def test_dense_rows_rule():
+    small = StructuredLinear(256, 256, P.btt(rank=1))
+    assert small.dense_rows == default_dense_rows(small.structure, 256, 256) == 16
+    assert StructuredLinear(512, 512, P.btt(rank=1)).dense_rows == 8  # 2^21 MACs / 512^2
+    assert StructuredLinear(1024, 1024, P.btt(rank=1)).dense_rows == 0  # weight over 2^18 elements
+    assert StructuredLinear(64, 64, P.dense()).dense_rows == 0  # no fewer FLOPs than dense
+    assert StructuredLinear(64, 64, P.low_rank(rank=64)).dense_rows == 0
+
+
+@pytest.mark.parametrize("name", ["btt1", "monarch4", "theta_a", "tt2"])
+def test_flops_reports_the_path_that_runs(name):
+    layer = StructuredLinear(256, 256, FAST[name]())
+    st = layer.structure
+    assert layer.dense_rows == 16
+    dense_row = 2 * 256 * 256
+    with torch.no_grad():  # the first call after a weight change materialises: st.flops per input column
+        assert counted(lambda: layer(torch.randn(2, 256))) == st.flops * 256 + dense_row * 2
+    for rows in (1, 16, 17, 64):
+        x = torch.randn(rows, 256)
+        with torch.no_grad():
+            expected = dense_row * rows if rows <= 16 else st.flops * rows
+            assert layer.flops(rows) == counted(lambda x=x: layer(x)) == expected
+        # Grad mode on: always the factored chain, whatever the batch.
+        assert layer.flops(rows) == counted(lambda x=x: layer(x)) == st.flops * rows
+    layer.dense_rows = 0  # the user can turn the dense path off
+    with torch.no_grad():
+        assert layer.flops(4) == counted(lambda: layer(torch.randn(4, 256))) == st.flops * 4
+
+
+@pytest.mark.parametrize("dense_rows", [16, 0])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_inference_caches_follow_optimizer_steps_and_loads(dense_rows, normalize):
+    layer = StructuredLinear(256, 256, P.btt(rank=2), normalize=normalize)
+    layer.dense_rows = dense_rows
+    x, target = torch.randn(8, 256), torch.randn(8, 256)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    with torch.no_grad():
+        y0 = layer(x)
+    for _ in range(2):
+        ((layer(x) - target) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            y = layer(x)
+        assert not torch.allclose(y, y0)
+        torch.testing.assert_close(y, reference(layer, x), atol=1e-5, rtol=1e-5)
+        y0 = y
+    if normalize:  # a gain changed in place is seen too
+        with torch.no_grad():
+            layer.gains[layer.core_names[0]].mul_(2.0)
+            torch.testing.assert_close(layer(x), reference(layer, x), atol=1e-5, rtol=1e-5)
+    # load_state_dict copies in place: the cache follows; state_dict carries no cache.
+    other = StructuredLinear(256, 256, P.btt(rank=2), normalize=normalize)
+    other.dense_rows = dense_rows
+    with torch.no_grad():
+        other(x)  # fill its cache with its own weights first
+    sd = layer.state_dict()
+    expected = {"bias", *layer.core_names} | ({f"gains.{n}" for n in layer.core_names} if normalize else set())
+    assert set(sd) == expected
+    other.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), layer(x), atol=0, rtol=0)
+    # A dtype change gives new tensors: the cache is rebuilt.
+    other.double()
+    with torch.no_grad():
+        torch.testing.assert_close(other(x.double()), reference(other, x.double()), atol=1e-10, rtol=0)
+
+
+def test_dense_path_needs_no_grad_mode_and_keeps_shapes():
+    layer = StructuredLinear(128, 64, P.kron())
+    assert layer.dense_rows == 16
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (2, 3, 64)
+    # With grad mode on the chain runs and gradients flow, whatever the batch.
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.A.grad is not None
+    # Frozen weights under grad mode still run the chain (the rule is grad mode only).
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    assert layer.flops(6) == layer.structure.flops * 6 == counted(lambda: layer(torch.randn(6, 128)))
+
+
+def test_compiled_inference_runs_the_chain():
+    layer = StructuredLinear(256, 256, P.btt(rank=2))
+    x = torch.randn(4, 256)
+    compiled = torch.compile(layer, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
