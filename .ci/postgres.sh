@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start a throwaway PostgreSQL server on loopback for the tests and print its URL on stdout.
-#   url=$(bash .ci/postgres.sh)        # data in a temp dir; stop it with: pg_ctl -D <dir> stop
+#   url=$(PGTEST_DIR=/tmp/pg bash .ci/postgres.sh)   # stop it with: pg_ctl -D /tmp/pg/data stop
+# PGTEST_DIR (default: a new temp dir) holds the data; PGTEST_PORT (default: a free port) the port.
 # Installs Debian's postgresql package if it is missing (needs root, or sudo). The server runs as the
 # current user, or as the 'postgres' system user when this runs as root (initdb refuses root).
 set -euo pipefail
@@ -12,8 +13,9 @@ if [ -z "$bin" ] || [ ! -x "$bin/initdb" ]; then
     $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq postgresql >&2
     bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 fi
-port=${PGTEST_PORT:-55432}
-dir=$(mktemp -d /tmp/einstruct-pg.XXXXXX)
+port=${PGTEST_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+dir=${PGTEST_DIR:-$(mktemp -d /tmp/einstruct-pg.XXXXXX)}
+mkdir -p "$dir"
 run=()
 if [ "$(id -u)" = 0 ]; then
     id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres

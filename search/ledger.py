@@ -124,11 +124,15 @@ class Ledger:
         except sa.exc.IntegrityError:
             return False
 
-    def raise_bound(self, trial_id: int, bound: int) -> None:
-        """Record, before spending them, the FLOPs this trial may have spent by its next checkpoint (<= amount)."""
+    def raise_bound(self, trial_id: int, bound: int) -> bool:
+        """Record, before spending them, the FLOPs this trial may have spent by its next checkpoint (<= amount).
+
+        False if the trial is no longer running in the ledger (another worker took it for dead): stop spending.
+        """
         with self.engine.begin() as c:
-            c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
-                      .where(RESERVATION.c.status == "running").values(bound=int(bound)))
+            done = c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
+                             .where(RESERVATION.c.status == "running").values(bound=int(bound)))
+            return done.rowcount > 0
 
     def settle(self, trial_id: int, spent: int) -> None:
         """The trial finished having spent ``spent`` FLOPs (<= its reservation): the rest goes back."""

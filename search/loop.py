@@ -29,8 +29,8 @@ from . import space as space_mod
 from .budget import Level, plan_levels
 from .errors import SearchError
 from .ledger import Ledger
-from .recovery import Heartbeat, Recovery, checkpoint_path, recover, retry_of
-from .storage import check_study_name, check_url, default_url, open_storage, redact, study_dir
+from .recovery import Heartbeat, Recovery, TrialLost, checkpoint_path, recover, retry_of
+from .storage import check_storage, check_study_name, default_url, open_storage, redact, study_dir
 from .tasks import get as get_task
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,14 @@ def settings_for(name: str, folder: str, given: dict) -> dict:
     if os.path.exists(path):
         import json
 
-        with open(path) as f:
-            stored = json.load(f).get("settings", {})
+        try:
+            with open(path) as f:
+                stored = json.load(f).get("settings", {})
+            if not isinstance(stored, dict):
+                raise ValueError("its settings are not a JSON object")
+        except (OSError, ValueError, AttributeError) as e:
+            raise SearchError(f"{path} cannot be read as this study's settings ({e}); restore it, or delete it to "
+                              "start the study's settings afresh") from None
         for k in KEYED:
             if k in given and given[k] is not None and k in stored and _differs(given[k], stored[k]):
                 raise SearchError(
@@ -193,7 +199,13 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
     levels = plan_levels(float(cfg["budget"]), int(cfg["levels"]), float(cfg["ratio"]), top)
     train.resolve_device(cfg["device"])
     if storage is not None:
-        check_url(storage)
+        check_storage(storage)  # before any data is read or anything trained: a bad URL fails in seconds
+    if not dry_run:
+        try:  # likewise an unusable output folder
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise SearchError(f"cannot create the study folder {folder!r}: {e.strerror or e}; give a writable "
+                              "folder with --out") from None
     task.prepare(int(cfg["seed"]))
     est = {}
     if estimate or dry_run:
@@ -238,9 +250,9 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
 
     explorers = {}
     for lv in levels:
+        sampler = make_sampler(cfg["sampler"], (seed * 1000 + lv.index + 7919 * int(worker)) % 2**32)
         st = optuna.create_study(study_name=f"{name}.L{lv.index}", storage=store, direction="minimize",
-                                 sampler=make_sampler(cfg["sampler"], seed * 1000 + lv.index + 7919 * int(worker)),
-                                 load_if_exists=True)
+                                 sampler=sampler, load_if_exists=True)
         result.studies.append((lv.index, st))
         ledger.adopt((t._trial_id, lv.index, t.user_attrs["train_flops"]) for t in st.get_trials(deepcopy=False)
                      if t.state.is_finished() and t.user_attrs.get("train_flops", 0) > 0)
@@ -314,10 +326,16 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict:
     tid = trial._trial_id
 
     def finish(state, value=None, **more):
+        from optuna.exceptions import UpdateFinishedTrialError
+
         attrs.update(more)
-        trial.set_user_attr("train_flops", attrs["train_flops"])  # read alone by the budget and resume logic
-        trial.set_user_attr("record", attrs)  # the rest in one write
-        st.tell(trial, value, state=state) if state != TrialState.COMPLETE else st.tell(trial, value)
+        try:
+            trial.set_user_attr("train_flops", attrs["train_flops"])  # read alone by the budget and resume logic
+            trial.set_user_attr("record", attrs)  # the rest in one write
+            st.tell(trial, value, state=state) if state != TrialState.COMPLETE else st.tell(trial, value)
+        except UpdateFinishedTrialError:  # another worker took this one for dead (a late heartbeat) and failed it
+            log.warning("trial %s was failed by another worker before it finished", trial.number)
+            return {**attrs, "state": "FAIL", "loss": "", "reason": "failed by another worker (late heartbeat)"}
         return {**attrs, "state": state.name, "loss": value if value is not None else attrs.get("loss", "")}
 
     twin = _twin(st, trial, cand)
@@ -357,12 +375,16 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict:
         return finish(TrialState.PRUNED, train_flops=0, reason=f"{why.split(': ', 1)[1]} (other workers took them)")
 
     def on_bound(flops: int) -> None:  # before the run spends them (a lost trial's row shows the ledger's charge)
-        ledger.raise_bound(tid, flops - start * per_step)
+        if not ledger.raise_bound(tid, flops - start * per_step):
+            raise TrialLost(f"trial {trial.number} was taken for dead by another worker")
 
     rep.trial_start(lv, cand.label, steps)
     try:
         r = train.run(task, spec, cand.width, lv.allowance, seed=seed, device=cfg["device"], callback=rep.trial_step,
                       checkpoint=ckpt, checkpoint_every=every, on_bound=on_bound)
+    except TrialLost:  # charged its bound already, retried elsewhere: spend nothing more
+        log.warning("trial %s was taken for dead by another worker; stopped", trial.number)
+        return {**attrs, "state": "FAIL", "loss": "", "reason": "failed by another worker (late heartbeat)"}
     except Exception as e:  # a crash in one candidate must not lose the study
         log.exception("trial %s failed", trial.number)
         ledger.settle(tid, need)  # unknown spend: charged everything it reserved

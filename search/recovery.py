@@ -93,10 +93,15 @@ def recover(study, grace: float | None) -> None:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         fail_stale_trials(study)
     now = datetime.datetime.now()
+    beating = None
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started = t.datetime_start
         if "train_flops" in t.user_attrs or started is None or (now - started).total_seconds() < 2 * grace:
             continue
+        if beating is None:
+            beating = _with_heartbeat(study)
+        if beating is None or t._trial_id in beating:
+            continue  # alive, or its heartbeat will tell
         try:  # asked, then its process died before it reserved or beat: it trained nothing
             study._storage.set_trial_user_attr(t._trial_id, "train_flops", 0)
             study._storage.set_trial_user_attr(t._trial_id, "record", {
@@ -104,6 +109,21 @@ def recover(study, grace: float | None) -> None:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             pass
+
+
+def _with_heartbeat(study) -> set | None:
+    """Ids of trials that ever recorded a heartbeat (Optuna's trial_heartbeats table); None if unreadable."""
+    import sqlalchemy as sa
+
+    try:
+        with getattr(study._storage, "_backend", study._storage).engine.connect() as c:
+            return {r[0] for r in c.execute(sa.text("SELECT trial_id FROM trial_heartbeats"))}
+    except Exception:
+        return None
+
+
+class TrialLost(RuntimeError):
+    """Another worker declared this trial's worker dead (its heartbeat was late) and charged it: stop."""
 
 
 def retry_of(study, trial) -> int | None:

@@ -4,12 +4,15 @@
     python -m search.run --budget 1e17 --task lm --data corpus.txt --device cuda --study owt-small
     python -m search.run --study owt-small                 # the same command again resumes the study
     python -m search.run --budget 1e17 --dry-run           # the plan and its estimated wall time only
+    python -m search.run --study s --workers 4             # four worker processes on this machine
+    python -m search.run --study s --storage postgresql://user:pass@db-host/einstruct   # on every machine
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import SearchError
@@ -41,7 +44,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-steps", type=int, help="reject candidates with fewer steps (default 20)")
     p.add_argument("--target-steps", type=int, help="steps the references' widths aim for (default 100)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--storage", help="Optuna storage URL (default: SQLite file in runs/<study>/)")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite file in runs/<study>/); workers on "
+                                     "several machines share one postgresql://user:pass@host/db")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    p.add_argument("--heartbeat", type=int, help="seconds between a trial's heartbeats; a trial whose worker "
+                                                 "missed 3 is retried from its checkpoint (default 10)")
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set for the processes --workers starts
     p.add_argument("--out", help="output folder (default runs/<study>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimated wall time, train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -108,6 +116,15 @@ class TqdmReporter:
             self.total.close()
 
 
+def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
+    from .storage import redact
+
+    why = redact((str(e).strip().splitlines() or [""])[0], url)
+    print(f"{prog}: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, and please "
+          "report it)", file=sys.stderr)
+    return 1
+
+
 def _human(s: float) -> str:
     for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if s >= 2 * n:
@@ -115,31 +132,117 @@ def _human(s: float) -> str:
     return f"{s:.0f} seconds"
 
 
+def _start_workers(args, given: dict, base: int) -> list:
+    """Start ``--workers`` - 1 more processes on the same study (this one is the first); logs in the study folder."""
+    import subprocess
+
+    from .storage import create_storage_tables, study_dir
+
+    if args.workers == 1:
+        return []
+    folder = study_dir(args.study, args.out)
+    os.makedirs(folder, exist_ok=True)
+    create_storage_tables(args.storage, folder)  # once, before several processes race to create them
+    cmd = [sys.executable, "-m", "search.run", "--study", args.study, "--out", folder]
+    env = dict(os.environ)
+    if args.storage:  # through the environment: a password on a command line is visible to every user (ps)
+        env["EINSTRUCT_STORAGE"] = args.storage
+    for k, v in given.items():
+        if v is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    children = []
+    for i in range(1, args.workers):
+        log = open(os.path.join(folder, f"worker-{i}.log"), "w")  # the child writes to it
+        children.append((i, subprocess.Popen([*cmd, "--worker-index", str(base + i)], stdout=log,
+                                             stderr=subprocess.STDOUT, env=env)))
+        log.close()
+    return children
+
+
+def _stop(children) -> None:
+    for _, p in children:
+        p.terminate()
+    for _, p in children:
+        p.wait()
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     given = {k: getattr(args, k) for k in ("task", "data", "budget", "levels", "ratio", "top_trials", "sampler",
-                                            "seed", "space", "min_steps", "target_steps", "device")}
+                                            "seed", "space", "min_steps", "target_steps", "device", "heartbeat")}
+    if args.workers < 1:
+        print(f"search.run: error: --workers must be 1 or more, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.heartbeat is not None and args.heartbeat < 0:
+        print(f"search.run: error: --heartbeat must be a number of seconds >= 1 (0: off), got {args.heartbeat}",
+              file=sys.stderr)
+        return 2
+    if args.storage is None:  # the URL may come from the environment, keeping its password off command lines
+        args.storage = os.environ.get("EINSTRUCT_STORAGE") or None
+    if args.worker_index is not None:  # one of the processes --workers started: no bars, no report
+        from .loop import Reporter, run_search
+
+        try:
+            r = run_search(args.study, storage=args.storage, out=args.out, worker=args.worker_index, estimate=False,
+                           reporter=Reporter(), **given)
+        except SearchError as e:
+            if args.debug:
+                raise
+            from .storage import redact
+
+            print(f"search.run: error: {redact(str(e), args.storage)}", file=sys.stderr)
+            return 2
+        print(f"worker {args.worker_index}: study spent {r.spent:.4g} training FLOPs")
+        return 0
+    # Workers sharing a storage that may have other machines on it sample with seeds of their own.
+    base = 0 if args.storage is None else int.from_bytes(os.urandom(2), "little")
     rep = TqdmReporter(enabled=not args.no_progress)
+    children = []
     try:
+        children = [] if args.dry_run else _start_workers(args, given, base)
         from .loop import run_search
 
         result = run_search(args.study, storage=args.storage, out=args.out, dry_run=args.dry_run, reporter=rep,
-                            **given)
+                            worker=base, **given)
     except SearchError as e:
+        _stop(children)
         if args.debug:
             raise
         from .storage import redact
 
-        print(f"search.run: error: {redact(str(e))}", file=sys.stderr)
+        print(f"search.run: error: {redact(str(e), args.storage)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder or file the study needs: a setup problem, not a bug
+        _stop(children)
+        if args.debug:
+            raise
+        from .storage import redact
+
+        print(f"search.run: error: {redact(e, args.storage)}; check the paths given to --out and --data",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug, not bad input: still one line, unless --debug
+        _stop(children)
+        if args.debug:
+            raise
+        return _internal_error("search.run", e, args.storage)
     except KeyboardInterrupt:
+        _stop(children)
         print("\ninterrupted: finished trials are stored; run the same command to resume", file=sys.stderr)
         return 130
     finally:
         rep.close()
     if args.dry_run:
         return 0
+    if children:
+        failed = [i for i, p in children if p.wait() != 0]
+        if failed:
+            print(f"warning: worker(s) {', '.join(map(str, failed))} stopped with an error; see worker-<i>.log in "
+                  f"{result.folder}", file=sys.stderr)
+        from . import outputs
+
+        outputs.write_trials_csv(os.path.join(result.folder, "trials.csv"), result.rows())  # every worker's trials
     import einstruct as es
 
     from .space import Candidate

@@ -20,25 +20,107 @@ def check_study_name(name: str) -> str:
 
 
 def study_dir(name: str, out: str | None = None) -> str:
-    return os.path.abspath(out) if out else os.path.abspath(os.path.join("runs", check_study_name(name)))
+    name = check_study_name(name)  # also with --out: the name is stored, and shown in reports
+    return os.path.abspath(out) if out else os.path.abspath(os.path.join("runs", name))
 
 
 def default_url(folder: str) -> str:
     return "sqlite:///" + os.path.join(folder, "study.db")
 
 
-def redact(url: str | None) -> str:
-    """The URL with any password replaced by ***, for logs, files and messages."""
-    if not url:
+_URL_SECRET = re.compile(r"(://[^\s'\"/:@]*:)[^\s'\"]*@")  # scheme://user:PASSWORD@ up to the last @ of the word
+_BARE_SECRET = re.compile(r"(?<![^\s'\"(=,])([A-Za-z0-9._%+-]+:)(?!//)[^\s'\"]*@")  # user:PASSWORD@host
+_KEY_SECRET = re.compile(r"(?i)\b(password|passwd|pwd)=[^\s&;'\"]*")  # ?password=... and key=value DSNs
+
+
+def redact(text, url: str | None = None) -> str:
+    """``text`` (a URL or a message quoting one) with every password replaced by ***.
+
+    Covers ``scheme://user:pass@host`` (a password may itself hold '@' or '/'), ``user:pass@host`` without a
+    scheme and ``password=...`` parameters; given the ``url`` the text came from, any other occurrence of
+    its password (raw or percent-decoded) is replaced too. Used for everything that is printed or written.
+    """
+    if text is None:
         return ""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    out = _KEY_SECRET.sub(r"\1=***", _BARE_SECRET.sub(r"\1***@", _URL_SECRET.sub(r"\1***@", str(text))))
+    secret = password_of(url)
+    if secret:
+        from urllib.parse import unquote
+
+        # a raw '@' or ':' in a password makes drivers split it differently: hide its pieces too
+        pieces = {secret, unquote(secret), *re.split(r"[@:/]", secret), *re.split(r"[@:/]", unquote(secret))}
+        for s in sorted(pieces, key=len, reverse=True):
+            if len(s) >= 3:
+                out = out.replace(s, "***")
+    return out
+
+
+def password_of(url) -> str:
+    """The password in a storage URL ('' if none): what :func:`redact` must never let through."""
+    if not isinstance(url, str) or "@" not in url:
+        return ""
+    head = r"^[A-Za-z][A-Za-z0-9+.-]*://" if "://" in url else "^"
+    m = re.match(head + r"[^\s/:@]*:([^\s]*)@", url)
+    return m.group(1) if m else ""
 
 
 def check_url(url) -> str:
     if not isinstance(url, str) or not re.match(r"^[a-z][a-z0-9+]*://", url):
-        raise SearchError(f"storage {redact(str(url))!r} is not a URL; use e.g. sqlite:///runs/s/study.db or "
-                          "postgresql://user:pass@host/db")
+        raise SearchError(f"storage {redact(str(url), str(url))!r} is not a URL; use e.g. sqlite:///runs/s/study.db "
+                          "or postgresql://USER:PASSWORD@HOST/DB")
+    if "@" in password_of(url):
+        raise SearchError(f"the password in storage {redact(url, url)!r} holds a raw '@' (or the URL has two); "
+                          "percent-encode it as %40")
     return url
+
+
+CONNECT_TIMEOUT = 10  # seconds: an unreachable database server fails fast instead of hanging
+
+
+def check_storage(url: str) -> str:
+    """Fail fast, before any training: the URL is well formed and its database answers (connects once).
+
+    SQLite is only checked for its folder, so that nothing is created.
+    """
+    check_url(url)
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        folder = os.path.dirname(os.path.abspath(path)) if path and not path.startswith(":memory:") else ""
+        if folder and not os.path.isdir(folder):
+            raise SearchError(f"cannot open storage {redact(url)!r}: the folder {folder!r} does not exist; create it "
+                              "or leave out --storage to use runs/<study>/study.db")
+        return url
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = sqlalchemy.create_engine(driver_url(url), connect_args=_connect_args(url),
+                                          poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except ImportError as e:
+        raise _driver_error(url, e) from None
+    except (SQLAlchemyError, ValueError, TypeError, OSError) as e:
+        raise _open_error(url, e) from None
+    return url
+
+
+def _connect_args(url: str) -> dict:
+    return {"connect_timeout": CONNECT_TIMEOUT} if url.startswith(("postgres", "mysql")) else {}
+
+
+def _driver_error(url: str, e: ImportError) -> SearchError:
+    return SearchError(f"cannot open storage {redact(url)!r}: no database driver ({redact(str(e.name or e), url)}); "
+                       "for PostgreSQL install it with pip install 'einstruct[postgres]'")
+
+
+def _open_error(url: str, e: Exception) -> SearchError:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return SearchError(f"cannot open storage {redact(url)!r}: {redact(reason, url)}; check the URL and that the "
+                       "database server is running and reachable")
 
 
 def driver_url(url: str) -> str:
@@ -49,6 +131,13 @@ def driver_url(url: str) -> str:
     return url
 
 
+def create_storage_tables(url: str | None, folder: str) -> None:
+    """Create Optuna's and the budget ledger's tables in a study's storage (the default one if url is None)."""
+    from .ledger import create_tables
+
+    create_tables(open_storage(url or default_url(folder)).engine)
+
+
 def open_storage(url: str, heartbeat: int | None = None, grace: int | None = None, on_stale=None):
     """An Optuna RDB storage; SQLite gets WAL mode and a busy timeout so several processes can share it.
 
@@ -56,7 +145,7 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
     ``grace`` seconds is failed by the next worker that looks, which then calls ``on_stale(study, trial)``.
     """
     import optuna
-    from sqlalchemy.exc import ArgumentError, OperationalError
+    from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
     check_url(url)
     url = driver_url(url)
@@ -64,7 +153,7 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
     elif url.startswith("postgresql"):
-        kwargs = {"pool_pre_ping": True}
+        kwargs = {"pool_pre_ping": True, "connect_args": _connect_args(url)}
     beat = {}
     if heartbeat:
         beat = {"heartbeat_interval": int(heartbeat), "grace_period": int(grace or 3 * heartbeat),
@@ -89,9 +178,6 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         return storage
     except ImportError as e:
-        raise SearchError(f"cannot open storage {redact(url)!r}: no database driver ({e.name or e}); for "
-                          "PostgreSQL install it with pip install 'einstruct[postgres]'") from None
-    except (ArgumentError, OperationalError, ValueError) as e:
-        reason = str(e).splitlines()[0]
-        raise SearchError(f"cannot open storage {redact(url)!r}: {redact(reason)}; check the URL and that "
-                          "the database server is running") from None
+        raise _driver_error(url, e) from None
+    except (ArgumentError, OperationalError, SQLAlchemyError, ValueError, TypeError) as e:
+        raise _open_error(url, e) from None

@@ -87,7 +87,7 @@ def test_abandoned_trial_is_failed_at_no_cost(tmp_path):
     import optuna
 
     out = str(tmp_path / "s")
-    small = {**SETTINGS, "budget": 3e8, "heartbeat": 1}
+    small = {**SETTINGS, "budget": 1e8, "top_trials": 3, "space": "btt", "heartbeat": 1}
     run_search("cut", out=out, **small)
     store = optuna.storages.RDBStorage("sqlite:///" + os.path.join(out, "study.db"))
     st = optuna.load_study(study_name="cut.L0", storage=store)

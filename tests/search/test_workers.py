@@ -16,7 +16,7 @@ from search.storage import open_storage
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
 SETTINGS = dict(budget=2e8, levels=3, ratio=2.0, top_trials=3, min_steps=8, target_steps=30, task_settings=TINY,
-                device="cpu", space="btt", heartbeat=1)
+                device="cpu", space="btt", heartbeat=2)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
@@ -77,12 +77,12 @@ def test_three_workers_on_postgres_share_one_study(tmp_path):
     url = postgres_url()
     name = f"pg-{uuid.uuid4().hex[:8]}"
     out = str(tmp_path / "pg")
-    args = {"study": name, "storage": url, "out": out, **SETTINGS}
+    args = {"study": name, "storage": url, "out": out, **SETTINGS, "budget": 1.2e8}
     with open(tmp_path / "log", "w") as log:
         procs = [worker({**args, "worker": i}, log) for i in range(3)]
         codes = [p.wait(timeout=170) for p in procs]
     assert codes == [0, 0, 0], (tmp_path / "log").read_text()[-3000:]
-    rows = check_study(out, SETTINGS["budget"], url, name)
+    rows = check_study(out, args["budget"], url, name)
     trained = [r for r in rows if int(r["train_flops"]) > 0]
     assert trained and all(r["state"] in ("COMPLETE", "FAIL") for r in trained)
     levels = json.load(open(os.path.join(out, "study.json")))["levels"]
