@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 def _spec(args) -> Spec:
     name = args.spec.strip()
     if "->" in name or "," in name:
+        if args.rank is not None or args.blocks is not None or args.theta:
+            raise SpecError("--rank, --blocks and --theta apply to presets and theta, not to an einsum; give the "
+                            "einsum's sizes with --size AXIS=SIZE")
         sizes = {}
         for item in args.size:
             if "=" not in item:
@@ -63,6 +66,13 @@ def _spec(args) -> Spec:
         return Spec(name, names=args.name, sizes=sizes)
     if args.size:
         raise SpecError("--size applies to an einsum spec, not to a preset; use --rank or --blocks")
+    if args.name:
+        raise SpecError("--name applies to an einsum spec, not to a preset or theta; core names of presets are fixed")
+    if args.theta and name != "theta":
+        raise SpecError(f"--theta applies to the spec 'theta', not to {name!r}; write: show theta --theta ...")
+    if name == "theta" and (args.rank is not None or args.blocks is not None):
+        raise SpecError("--rank and --blocks apply to presets, not to theta; rho (the 7th --theta value) sets the "
+                        "bond size")
     if name == "theta":
         if not args.theta:
             raise SpecError("'theta' needs --theta alpha,beta,gamma,delta,epsilon,phi,rho, e.g. .5,0,.5,0,.5,.5,0")
@@ -72,7 +82,8 @@ def _spec(args) -> Spec:
         return theta(*parts)
     kwargs = {}
     if args.rank is not None:
-        kwargs["rank"] = int(args.rank) if args.rank.strip().isdigit() else args.rank
+        r = args.rank.strip()
+        kwargs["rank"] = int(r) if r.isascii() and r.isdigit() else args.rank  # not int('²'): that is a ValueError
     if args.blocks is not None:
         kwargs["blocks"] = args.blocks
     return presets.get(name, **kwargs)
@@ -127,3 +138,10 @@ def main(argv=None) -> int:
             raise
         print(f"einstruct: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, not bad input: still one line, unless --debug
+        if args.debug:
+            raise
+        why = (str(e).strip().splitlines() or [""])[0]
+        print(f"einstruct: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, and "
+              "please report it)", file=sys.stderr)
+        return 1

@@ -36,7 +36,7 @@ def _entry(name: str, v) -> Fraction:
         try:
             f = Fraction(text)
         except (ValueError, ZeroDivisionError):
-            raise SpecError(f"theta {name} is {v!r}, not a number; give a number in [0, 1] such as 0.5 or 1/3") from None
+            raise SpecError(f"theta {name} is {v!r}, not a number; give a number in [0, 1] such as 1/3") from None
     else:
         try:
             f = Fraction(repr(float(v)))  # numpy scalars and the like

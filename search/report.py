@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from . import frontier as fr
 from .errors import SearchError
 from .outputs import write_atomic
+from .storage import redact
 
 PLOTS = {"frontier": "loss_vs_compute.png", "taxonomy": "taxonomy.png", "history": "history.png"}
 THETA = ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")
@@ -101,7 +102,7 @@ def _read_curves(folder: str, name: str | None, meta: dict) -> tuple[dict, str, 
     db = os.path.join(folder, "study.db")
     storage = meta.get("storage", "")
     if storage and not str(storage).startswith("default"):
-        return {}, f"final losses only (the study's storage is {storage}, not read here)", None
+        return {}, f"final losses only (the study's storage is {redact(storage)}, not read here)", None
     if not os.path.exists(db):
         return {}, "final losses only (no study.db in the folder)", None
     try:
@@ -399,7 +400,7 @@ def _settings_section(study: Study) -> list[str]:
     if not s:
         return [*out, "study.json is missing: the settings are unknown.", ""]
     rows = [[f"`{k}`", f"`{json.dumps(v)}`"] for k, v in sorted(s.items())]
-    rows.append(["`storage`", f"`{study.meta.get('storage', '')}`"])
+    rows.append(["`storage`", f"`{redact(study.meta.get('storage', ''))}`"])  # redacted already; older files too
     if "version" in study.meta:
         rows.append(["`einstruct version`", f"`{study.meta['version']}`"])
     return out + _table(["setting", "value"], rows)
@@ -592,8 +593,20 @@ def main(argv=None) -> int:
     except SearchError as e:
         if args.debug:
             raise
-        print(f"search.report: error: {e}", file=sys.stderr)
+        print(f"search.report: error: {redact(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"search.report: error: {redact(e)}; check the folder given to --out", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug, not bad input: still one line, unless --debug
+        if args.debug:
+            raise
+        why = redact((str(e).strip().splitlines() or [""])[0])
+        print(f"search.report: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 1
     print(f"report: {path}")
     return 0
 

@@ -208,7 +208,7 @@ def test_any_size_value_gives_a_spec_or_a_spec_error(size, d):
     ):
         spec = spec_error_or(make)
         if spec is not None:
-            st_ = spec_error_or(lambda: es.compile(spec, d))
+            st_ = spec_error_or(lambda: es.compile(spec, d))  # noqa: B023 (called at once)
             if st_ is not None:
                 event("compiled")
                 assert all(isinstance(v, int) and v >= 1 for v in st_.sizes.values())
