@@ -229,15 +229,15 @@ def _check_no_secret(folder, *texts):
                 assert SECRET.encode() not in f.read(), n
 
 
-def _run_with_password(url, folder, capsys, caplog):
+def _run_with_password(url, folder, capsys, caplog, name="secret"):
     import logging
 
     from search.loop import run_search
 
     caplog.set_level(logging.INFO)
-    result = run_search("secret", storage=url, out=str(folder), reporter=search_run.TqdmReporter(enabled=True),
+    result = run_search(name, storage=url, out=str(folder), reporter=search_run.TqdmReporter(enabled=True),
                         **SETTINGS)
-    path = report.write_report(str(folder), "secret")
+    path = report.write_report(str(folder), name)
     out, err = capsys.readouterr()
     meta = json.load(open(folder / "study.json"))
     assert "***" in meta["storage"] and SECRET not in meta["storage"]
@@ -266,7 +266,8 @@ def test_password_never_written_or_printed_on_a_real_postgres(tmp_path, capsys, 
         pytest.skip("EINSTRUCT_TEST_POSTGRES is not set: start a server with `bash .ci/postgres.sh` and export it")
     scheme, rest = base.split("://", 1)
     user, host = rest.split("@", 1)
-    _run_with_password(f"{scheme}://{user.split(':')[0]}:{SECRET}@{host}", tmp_path / "study", capsys, caplog)
+    url = f"{scheme}://{user.split(':')[0]}:{SECRET}@{host}"
+    _run_with_password(url, tmp_path / "study", capsys, caplog, name=f"secret-{os.getpid()}-{time.time_ns()}")
 
 
 # ---- real processes ----------------------------------------------------------------------------------
@@ -297,3 +298,28 @@ def test_real_processes_fail_with_one_line(argv, needle):
 def test_debug_shows_the_traceback():
     p, _ = _proc("einstruct", "--debug", "show", "butterfly")
     assert p.returncode != 0 and "Traceback" in p.stderr and "SpecError: unknown preset" in p.stderr
+
+
+@pytest.mark.parametrize("text, want", [
+    (f"postgresql://user:{SECRET}@host:5432/db", "postgresql://user:***@host:5432/db"),
+    (f"postgresql+psycopg://user:a/b@{SECRET}@host/db", "postgresql+psycopg://user:***@host/db"),
+    (f"cannot open 'mysql://u:{SECRET}@h/db': refused", "cannot open 'mysql://u:***@h/db': refused"),
+    (f"user:{SECRET}@host", "user:***@host"),
+    (f"postgresql://u@h/db?password={SECRET}&x=1", "postgresql://u@h/db?password=***&x=1"),
+    (f"host=h password={SECRET} dbname=d", "host=h password=*** dbname=d"),
+    ("sqlite:///runs/s/study.db", "sqlite:///runs/s/study.db"),
+    ("postgresql://user@host/db", "postgresql://user@host/db"),
+    ("error at 12:30: a:b", "error at 12:30: a:b"),
+])
+def test_redact(text, want):
+    from search.storage import redact
+
+    assert redact(text) == want
+
+
+def test_redact_hides_the_pieces_of_a_password_a_driver_split():
+    from search.storage import password_of, redact
+
+    url = f"postgresql://user:p@{SECRET}@127.0.0.1:1/db"
+    assert password_of(url) == f"p@{SECRET}"
+    assert SECRET not in redact(f"failed to resolve host '{SECRET}@127.0.0.1'", url)
