@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pad-tolerance", type=float, default=0.15, help="largest padding accepted (default 0.15)")
     s.add_argument("--symbolic", action="store_true", help="also print the sympy formulas")
     s.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub.add_parser("list", help="list the presets")
     return p
 

@@ -298,6 +298,10 @@ def test_real_processes_fail_with_one_line(argv, needle):
 def test_debug_shows_the_traceback():
     p, _ = _proc("einstruct", "--debug", "show", "butterfly")
     assert p.returncode != 0 and "Traceback" in p.stderr and "SpecError: unknown preset" in p.stderr
+    import einstruct as es
+
+    with pytest.raises(es.SpecError):  # --debug after the subcommand works too
+        cli.main(["show", "butterfly", "--debug"])
 
 
 @pytest.mark.parametrize("text, want", [
