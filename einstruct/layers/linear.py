@@ -145,6 +145,62 @@ class _MixedMatmul(torch.autograd.Function):
         return ga, gw, None
 
 
+def _bmm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """bmm for 3-D, mm for 2-D operands: torch.matmul can take a slow path on views with odd strides."""
+    return (torch.bmm if x.dim() == 3 else torch.mm)(x, y, out=out)
+
+
+def _operands(a: torch.Tensor, w: torch.Tensor, act_kr: bool, core_left: bool) -> tuple:
+    """(left, right) of a step's matmul: out (B?, M, P) = a @ w, or (B?, P, M) = w @ a when core_left."""
+    a = a.mT if act_kr else a  # (M, K)
+    return (w, a.mT) if core_left else (a, w)
+
+
+class _MatmulInto(torch.autograd.Function):
+    """The last matmul of the chain written straight into y's memory order, with the bias added in place.
+
+    ``into`` = (y shape in the chain's last layout, inverse of the final permutation, matrix shape of the
+    step's output): ``y.view(shape).permute(inverse).view(matrix)`` is a strided view BLAS writes in place,
+    so neither the forward nor the backward copies y. Used for n > 1 rows outside autocast.
+    """
+
+    @staticmethod
+    def forward(a, w, bias, act_kr, core_left, into, n_out):
+        layout, inverse, matrix = into
+        y = a.new_empty((layout[0], n_out))
+        left, right = _operands(a, w, act_kr, core_left)
+        _bmm(left, right, out=y.view(layout).permute(inverse).view(matrix))
+        return y if bias is None else y.add_(bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, w, bias, act_kr, core_left, into, _ = inputs
+        ctx.save_for_backward(a, w)
+        ctx.form = (act_kr, core_left)
+        ctx.into = into
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        act_kr, core_left = ctx.form
+        layout, inverse, matrix = ctx.into
+        g = grad if grad.is_contiguous() else grad.contiguous()
+        g = g.view(layout).permute(inverse).view(matrix)  # the step's output gradient, strided as in forward
+        ga = gw = gb = None
+        if ctx.needs_input_grad[0]:  # laid out like a: (K, M) when act_kr, else (M, K)
+            if act_kr:
+                ga = _bmm(w.mT, g) if core_left else _bmm(w, g.mT)
+            else:
+                ga = _bmm(g.mT, w) if core_left else _bmm(g, w.mT)
+        if ctx.needs_input_grad[1]:  # laid out like w: (P, K) when core_left, else (K, P)
+            am = a.mT if act_kr else a  # (M, K)
+            gw = _bmm(g, am) if core_left else _bmm(am.mT, g)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(0)
+        return ga, gw, gb, None, None, None, None
+
+
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul of ``t`` in, or None outside autocast."""
     dev = t.device.type
@@ -280,6 +336,42 @@ def _act_views(chain: ChainLayout) -> tuple[bool, ...]:
     return tuple(out)
 
 
+def _core_views(chain: ChainLayout, core_shapes: dict) -> tuple[bool, ...]:
+    """Per step: the core's permute + reshape is a BLAS-readable view (no copy, the parameter is saved)."""
+    out = []
+    for s in chain.steps:
+        t = torch.empty(core_shapes[s.core], device="meta")
+        if s.core_perm is not None:
+            t = t.permute(s.core_perm)
+        try:
+            m = t.view(s.core_shape)
+        except RuntimeError:
+            out.append(False)
+            continue
+        out.append(s.core_perm is not None and (m.stride(-1) == 1 or m.stride(-2) == 1))
+    return tuple(out)
+
+
+def _final_into(chain: ChainLayout) -> tuple | None:
+    """How the last step writes into y's memory order (see :class:`_MatmulInto`), or None when it can't."""
+    if chain.final_perm is None:
+        return None
+    s = chain.steps[-1]
+    inverse = tuple(sorted(range(len(chain.final_perm)), key=chain.final_perm.__getitem__))
+    final_shape = tuple(s.out_shape[i] for i in chain.final_perm)  # y's layout: rows first
+    lead, (x, z) = s.core_shape[:-2], s.core_shape[-2:]
+    p = x if s.core_left else z
+    matrix = lead + ((p, None) if s.core_left else (None, p))
+    t = torch.empty(_fill(final_shape, 3), device="meta").permute(inverse)
+    try:
+        m = t.view(_fill(matrix, 3 * s.rows))
+    except RuntimeError:
+        return None
+    if m.stride(-1) != 1 and m.stride(-2) != 1:
+        return None
+    return final_shape, inverse, matrix
+
+
 # Materialised path for small inference batches (see the module docstring): the dense matrix is used
 # when no autograd graph is recorded, the structure has fewer FLOPs than dense, the weight has at most
 # _DENSE_MAX_WEIGHT elements and the dense product at most _DENSE_MAX_MACS multiply-adds: measured on
@@ -397,6 +489,8 @@ class StructuredLinear(nn.Module):
         self._names = tuple(c.name for c in self.structure.cores)
         self._chain = plan_chain(self.structure)
         self._act_views = _act_views(self._chain)
+        self._core_views = _core_views(self._chain, {c.name: c.shape for c in self.structure.cores})
+        self._into = _final_into(self._chain)
         self.dense_rows = default_dense_rows(self.structure, self.in_features, self.out_features)
         self._cache: dict[str, tuple] = {}  # inference-only copies of the weights, keyed by parameter versions
         self._row_elems = _row_elements(self._chain, self.structure)
@@ -467,12 +561,25 @@ class StructuredLinear(nn.Module):
         chain = self._chain
         act = act.reshape(_fill(chain.in_shape, n))
         last = len(chain.steps) - 1
+        into = self._into  # not under autocast (bmm out=) nor torch.compile (no strided out= there)
+        if n == 1 or _autocast_dtype(act) is not None or torch.compiler.is_compiling():
+            into = None
         for i, s in enumerate(chain.steps):
             if self._act_views[i] and n > 1:  # strided view read in place by bmm (n = 1: odd strides)
                 a = act.permute(s.act_perm).view(_fill(s.act_shape, n * s.rows))
             else:
                 a = _relayout(act, s.act_perm).reshape(_fill(s.act_shape, n * s.rows))
-            w = _relayout(cores[s.core], s.core_perm).reshape(s.core_shape)
+            if self._core_views[i]:  # a view of the parameter: nothing copied, nothing extra saved
+                w = cores[s.core].permute(s.core_perm).view(s.core_shape)
+            else:
+                w = _relayout(cores[s.core], s.core_perm).reshape(s.core_shape)
+            if i == last and into is not None:  # written straight into y's order: no final copy
+                layout, inverse, matrix = into
+                y = _MatmulInto.apply(
+                    a, w, None if bias is None else bias.to(a.dtype), s.act_kr, s.core_left,
+                    (_fill(layout, n), inverse, _fill(matrix, n * s.rows)), self.structure.d_out_padded,
+                )
+                return y
             if s.core_left != s.act_kr:  # one operand transposed: keep the backward's layouts too
                 dt = _autocast_dtype(a)
                 if dt is not None:  # a custom Function's backward runs outside autocast: cast here
@@ -503,6 +610,12 @@ class StructuredLinear(nn.Module):
             a = a.view(shape) if self._act_views[i] and n > 1 else a.reshape(shape)
             if s.act_kr:
                 a = a.mT
+            if i == last and self._into is not None and n > 1:  # write straight into y's memory order
+                layout, inverse, matrix = self._into
+                y = a.new_empty((n, self.structure.d_out_padded))
+                _bmm(*_operands(a.mT if s.act_kr else a, w, s.act_kr, s.core_left),
+                     out=y.view(_fill(layout, n)).permute(inverse).view(_fill(matrix, n * s.rows)))
+                return y if bias is None else y.add_(bias.to(y.dtype))
             mm = torch.bmm if w.dim() == 3 else torch.mm  # matmul can pick a slow path for odd strides
             if s.core_left:
                 out = mm(w, a.mT)
