@@ -1,6 +1,7 @@
 """Dense, BTT and BTT-MoE small GPTs trained on CPU at the same training-FLOP allowance on a local text file.
 
-    python examples/moe_gpt.py --data "$(python -c 'import pydoc_data.topics as t; print(t.__file__)')"     # a few minutes on a CPU
+    python examples/moe_gpt.py --data "$(python -c 'import pydoc_data.topics as t; print(t.__file__)')"
+                                                  # ^ Python's own reference text; a few minutes on a CPU
     python examples/moe_gpt.py --data input.txt --train-flops 2e11 --dispatch dense
 
 Character-level language modelling with the search's lm task (search.tasks.lm: 96 symbols, the last 10%
