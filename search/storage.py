@@ -138,6 +138,22 @@ def create_storage_tables(url: str | None, folder: str) -> None:
     create_tables(open_storage(url or default_url(folder)).engine)
 
 
+def _rdb(optuna, url: str, kwargs: dict, beat: dict):
+    """RDBStorage, retried when several workers create the schema of an empty database at the same moment."""
+    import time
+
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beat)
+        except DBAPIError as e:
+            raced = "already exists" in str(e) or "duplicate key" in str(e)
+            if not raced or attempt == 5:
+                raise
+            time.sleep(0.3 * (attempt + 1))
+
+
 def open_storage(url: str, heartbeat: int | None = None, grace: int | None = None, on_stale=None):
     """An Optuna RDB storage; SQLite gets WAL mode and a busy timeout so several processes can share it.
 
@@ -163,7 +179,7 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
 
         with warnings.catch_warnings():  # heartbeat_interval is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beat)
+            storage = _rdb(optuna, url, kwargs, beat)
         if url.startswith("sqlite"):
             from sqlalchemy import event
 
