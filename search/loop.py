@@ -339,10 +339,14 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict:
         return {**attrs, "state": state.name, "loss": value if value is not None else attrs.get("loss", "")}
 
     twin = _twin(st, trial, cand)
-    if twin is not None:  # the same point again (common with categorical widths): reuse, spend nothing
+    if twin is not None:
+        # The same point again (common with categorical widths): spend nothing, and tell the sampler PRUNED,
+        # not COMPLETE: a repeated value would only sharpen TPE's belief in that point and bring it back,
+        # while a pruned trial counts as a poor outcome there and pushes the next proposals elsewhere. The
+        # row keeps the twin's loss for reading; the report counts it as a duplicate, never as a point.
         rec = twin.user_attrs.get("record", {})
         attrs.update({k: rec.get(k, "") for k in ("steps", "params", "omega", "psi", "nu", "seconds")})
-        return finish(TrialState.COMPLETE, twin.value, reason=f"same as trial {twin.number}: not retrained")
+        return finish(TrialState.PRUNED, loss=twin.value, reason=f"same as trial {twin.number}: not retrained")
     try:
         spec = cand.spec()
         layer = es.compile(cand.structure_spec(), cand.width)

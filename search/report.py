@@ -56,6 +56,11 @@ class Study:
         return [r for r in self.rows if r["state"] == "COMPLETE" and r["train_flops"] > 0 and _finite(r["loss"])]
 
 
+def _duplicate(row: dict) -> bool:
+    """A trial that repeated a trained candidate of its level (0 FLOPs; PRUNED, or COMPLETE in older studies)."""
+    return row["train_flops"] == 0 and str(row.get("reason", "")).startswith("same as trial")
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -430,8 +435,8 @@ def _budget_section(study: Study) -> list[str]:
         b = min(trained, key=lambda r: r["loss"]) if trained else None
         body.append([str(lv), _g(allowance), _g(allowance / MACS) if _finite(allowance) else "—",
                      str(planned.get(lv, {}).get("trials", "—")), str(len(trained)),
-                     str(sum(1 for r in rows if r["state"] == "COMPLETE" and r["train_flops"] == 0)),
-                     str(sum(1 for r in rows if r["state"] == "PRUNED")),
+                     str(sum(1 for r in rows if _duplicate(r))),
+                     str(sum(1 for r in rows if r["state"] == "PRUNED" and not _duplicate(r))),
                      str(sum(1 for r in rows if r["state"] == "FAIL")),
                      _g(sum(r["train_flops"] for r in rows)), _g(b["loss"]) if b else "—",
                      f"`{b['structure']}` at width {b['width']}" if b else "—"])

@@ -44,8 +44,14 @@ def test_rejections_cost_nothing_and_say_why(finished):
     for r in pruned:
         assert int(r["train_flops"]) == 0 and r["reason"]
     for r in rows:
-        if r["state"] == "COMPLETE" and int(r["train_flops"]) == 0:
-            assert r["reason"].startswith("same as trial")
+        if r["state"] == "COMPLETE":
+            assert int(r["train_flops"]) > 0, "a COMPLETE trial was trained"
+    by_number = {(r["level"], r["trial"]): r for r in rows}
+    for r in rows:  # a duplicate is PRUNED at no cost, points at a trained twin and carries its loss
+        if r["reason"].startswith("same as trial"):
+            twin = by_number[(r["level"], r["reason"].split()[3].rstrip(":"))]
+            assert r["state"] == "PRUNED" and twin["state"] == "COMPLETE" and int(twin["train_flops"]) > 0
+            assert float(r["loss"]) == float(twin["loss"])
 
 
 def test_references_come_first_at_every_level(finished):
