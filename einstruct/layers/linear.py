@@ -9,6 +9,25 @@ shared across. The memory order of every intermediate, and the form of each matm
 small dynamic programme over the steps that minimises a measured cost of the permute copies and matmul
 forms, so consecutive steps reuse each other's layout where they can.
 
+Paths (all deterministic; DESIGN.md: ``flops(batch)`` reports the path that runs):
+
+- Grad mode on (training): the planned chain with autograd. Where an activation's permute + reshape
+  is a strided view BLAS can read in place (checked once at construction), it is not copied (n > 1
+  rows); where y's memory order is a strided view of the last matmul's output, that matmul writes into
+  y directly and the bias is added in place (``_MatmulInto``; not under autocast or torch.compile);
+  a core whose permute is such a view is used as a view of its parameter. Otherwise the copies of
+  ``_Relayout``. Autograd keeps each step's activation operand (a view of x for a viewed first step).
+- Grad mode off (``torch.no_grad`` / ``torch.inference_mode``): the same chain without autograd, on the
+  effective cores laid out per step once and cached; or, for ``batch <= layer.dense_rows`` rows, the
+  materialised (out, in) matrix, cached, through ``F.linear``. ``dense_rows`` is 0 unless the structure
+  has fewer FLOPs than dense and the weight has at most 2^18 elements; then min(16, 2^21 // (in * out))
+  (measured on CPU: below that the dense matmul costs less than the chain's fixed per-call cost).
+  Set ``layer.dense_rows = 0`` to turn it off. The rule depends on grad mode and batch only (frozen
+  weights under grad mode still run the chain). The caches are keyed by each core's and gain's
+  ``data_ptr()`` and ``_version`` (metadata: no device sync), so optimizer steps, ``load_state_dict``,
+  ``.to()`` and in-place edits invalidate them; they are plain attributes, never in ``state_dict``. The
+  first call after a weight change materialises (``structure.flops * d_in_padded`` FLOPs, once).
+
 Contract details chosen here (DESIGN.md, THEORY 4-5):
 
 - Cores are parameters named after the spec's cores (``layer.R``), stored in the spec's axis order.
