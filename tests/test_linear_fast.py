@@ -82,7 +82,8 @@ def test_float32_paths_agree_loosely(name):
 def test_dense_rows_rule():
     small = StructuredLinear(256, 256, P.btt(rank=1))
     assert small.dense_rows == default_dense_rows(small.structure, 256, 256) == 16
-    assert StructuredLinear(512, 512, P.btt(rank=1)).dense_rows == 8  # 2^21 MACs / 512^2
+    assert StructuredLinear(512, 512, P.btt(rank=1)).dense_rows == 16  # 2^22 MACs / 512^2
+    assert StructuredLinear(512, 1024, P.btt(rank=1)).dense_rows == 0  # weight 2^19 > 2^18
     assert StructuredLinear(1024, 1024, P.btt(rank=1)).dense_rows == 0  # weight over 2^18 elements
     assert StructuredLinear(64, 64, P.dense()).dense_rows == 0  # no fewer FLOPs than dense
     assert StructuredLinear(64, 64, P.low_rank(rank=64)).dense_rows == 0

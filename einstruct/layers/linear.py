@@ -20,7 +20,7 @@ Paths (all deterministic; DESIGN.md: ``flops(batch)`` reports the path that runs
 - Grad mode off (``torch.no_grad`` / ``torch.inference_mode``): the same chain without autograd, on the
   effective cores laid out per step once and cached; or, for ``batch <= layer.dense_rows`` rows, the
   materialised (out, in) matrix, cached, through ``F.linear``. ``dense_rows`` is 0 unless the structure
-  has fewer FLOPs than dense and the weight has at most 2^18 elements; then min(16, 2^21 // (in * out))
+  has fewer FLOPs than dense and the weight has at most 2^18 elements; then min(16, 2^22 // (in * out))
   (measured on CPU: below that the dense matmul costs less than the chain's fixed per-call cost).
   Set ``layer.dense_rows = 0`` to turn it off. The rule depends on grad mode and batch only (frozen
   weights under grad mode still run the chain). The caches are keyed by each core's and gain's
@@ -398,7 +398,7 @@ def _final_into(chain: ChainLayout) -> tuple | None:
 # per-call cost of the factored chain (tens of microseconds per step).
 _DENSE_MAX_ROWS = 16
 _DENSE_MAX_WEIGHT = 1 << 18
-_DENSE_MAX_MACS = 1 << 21
+_DENSE_MAX_MACS = 1 << 22
 
 
 def default_dense_rows(st: Structure, in_features: int, out_features: int) -> int:
