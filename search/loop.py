@@ -36,8 +36,8 @@ from .tasks import get as get_task
 log = logging.getLogger(__name__)
 
 DEFAULTS = {
-    "task": "regression", "data": None, "budget": 1.5e11, "levels": 3, "ratio": 3.0, "top_trials": 7,
-    "sampler": "tpe", "seed": 0, "space": "full", "min_steps": 20, "target_steps": 100, "device": "auto",
+    "task": "regression", "data": None, "budget": 6e10, "levels": 3, "ratio": 3.0, "top_trials": 7,
+    "sampler": "tpe", "seed": 0, "space": "full", "min_steps": 20, "target_steps": 300, "device": "auto",
     "task_settings": {}, "heartbeat": 10, "checkpoints": 10, "checkpoint_steps": 50,
 }
 KEYED = ("task", "data", "budget", "levels", "ratio", "top_trials", "sampler", "seed", "space", "min_steps",
@@ -158,14 +158,24 @@ def reference_width(task, spec, widths, allowance: float, min_steps: int, target
 
 
 def probe(task, widths, device: str) -> dict:
-    """Throughput of real steps (dense and BTT at a middle width) and the fixed cost of a trial."""
-    w = sorted(widths)[len(widths) // 2]
+    """Throughput of real steps and the fixed cost of a trial, for the wall-time estimate.
+
+    Dense and BTT, each at the smallest and at a middle width of the grid; the slowest rate counts.
+    Small models are overhead-bound (far fewer FLOP/s) and the search often favours them on a CPU
+    (on the default study a middle-width-only probe was 4x optimistic).
+    """
+    ws = sorted(widths)
     rates = []
-    for spec in (None, es.presets.btt(rank=1)):
-        _, per_step = train.plan(task, spec, w, 1.0)
-        train.run(task, spec, w, train_flops=per_step, seed=0, device=device, evals=1)  # warm-up
-        r = train.run(task, spec, w, train_flops=per_step * 8, seed=0, device=device, evals=1)
-        rates.append(r.train_flops / max(r.seconds, 1e-9))
+    for w in sorted({ws[0], ws[len(ws) // 2]}):
+        for spec in (None, es.presets.btt(rank=1)):
+            try:
+                _, per_step = train.plan(task, spec, w, 1.0)
+            except (es.SpecError, SearchError):
+                continue
+            train.run(task, spec, w, train_flops=per_step, seed=0, device=device, evals=1)  # warm-up
+            r = train.run(task, spec, w, train_flops=per_step * 16, seed=0, device=device, evals=1)
+            rates.append(r.train_flops / max(r.seconds, 1e-9))
+    w = ws[len(ws) // 2]
     t0 = time.perf_counter()
     _, per_step = train.plan(task, None, w, 1.0)
     train.run(task, None, w, train_flops=per_step, seed=0, device=device, evals=1)
@@ -185,6 +195,8 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
 
     name = check_study_name(study)
     folder = study_dir(name, out)
+    asked = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    plan_levels(asked["budget"], asked["levels"], asked["ratio"], asked["top_trials"])  # a bad value before a clash
     cfg = settings_for(name, folder, given)
     rep = reporter or Reporter()
     if cfg["sampler"] not in SAMPLERS:

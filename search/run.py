@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--space", choices=tuple(SPACES),
                    help="search space: full, theta, btt (beta = delta = 0), moe (dense, BTT, BTT-MoE, MoE; opt-in)")
     p.add_argument("--min-steps", type=int, help="reject candidates with fewer steps (default 20)")
-    p.add_argument("--target-steps", type=int, help="steps the references' widths aim for (default 100)")
+    p.add_argument("--target-steps", type=int, help="steps the references' widths aim for (default 300)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite file in runs/<study>/); workers on "
                                      "several machines share one postgresql://user:pass@host/db")

@@ -137,7 +137,8 @@ def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals,
             f"({per_step:.3g} FLOPs); raise train_flops or lower the width"
         )
     warmup = _warmup(hp, steps, warmup)
-    opt = torch.optim.AdamW(task.param_groups(model, lr), lr=lr, betas=hp.betas, weight_decay=hp.weight_decay)
+    opt = torch.optim.AdamW(task.param_groups(model, lr), lr=lr, betas=hp.betas, weight_decay=hp.weight_decay,
+                            foreach=True)  # one kernel per group, not per tensor: most of a small model's step on CPU
     base_lrs = [g["lr"] for g in opt.param_groups]
     net = model
     if world.active:

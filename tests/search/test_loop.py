@@ -169,9 +169,9 @@ def test_plan_levels_rules():
         (["--storage", "nonsense", "--budget", "1e8", "--study", "x", "--out", "/tmp/einstruct-x"], "not a URL"),
     ],
 )
-def test_cli_bad_input_is_one_line_exit_2(argv, needle):
+def test_cli_bad_input_is_one_line_exit_2(argv, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "search.run", "--no-progress", *argv], capture_output=True,
-                          text=True, timeout=120, check=False)
+                          text=True, timeout=120, check=False, cwd=tmp_path)  # never the checkout's runs/
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
