@@ -196,7 +196,9 @@ def _select(linears, default: Spec | None, select) -> list[tuple[str, nn.Linear,
     raise SpecError(f"{_SELECT_HELP}; got {type(select).__name__}")
 
 
-def _replacement(name: str, lin: nn.Linear, spec: Spec, copy_weights: bool, kwargs: dict) -> nn.Module:
+def _source(name: str, lin: nn.Linear, kwargs: dict) -> tuple[torch.Tensor, dict, bool, str]:
+    """The replaced layer's weight, the new module's keyword arguments (its device and dtype unless given),
+    whether the weight is all zeros (then the new module is zero-initialised), and a name for errors."""
     if isinstance(lin, nn.modules.lazy.LazyModuleMixin) and lin.has_uninitialized_params():
         raise SpecError(f"module {name!r} is an uninitialised LazyLinear; run one forward pass before structure()")
     w = lin.weight
@@ -204,7 +206,11 @@ def _replacement(name: str, lin: nn.Linear, spec: Spec, copy_weights: bool, kwar
     kw.setdefault("device", w.device)
     kw.setdefault("dtype", w.dtype)
     zero = not w.is_meta and not bool(torch.any(w != 0))
-    what = f"module {name!r} (Linear {lin.in_features} -> {lin.out_features})"
+    return w, kw, zero, f"module {name!r} (Linear {lin.in_features} -> {lin.out_features})"
+
+
+def _replacement(name: str, lin: nn.Linear, spec: Spec, copy_weights: bool, kwargs: dict) -> nn.Module:
+    w, kw, zero, what = _source(name, lin, kwargs)
     try:
         if copy_weights and not zero:
             if w.is_meta:
@@ -228,15 +234,9 @@ def _replacement(name: str, lin: nn.Linear, spec: Spec, copy_weights: bool, kwar
 
 
 def _moe_replacement(name: str, lin: nn.Linear, spec: Spec, cfg: MoEConfig, kwargs: dict) -> nn.Module:
-    if isinstance(lin, nn.modules.lazy.LazyModuleMixin) and lin.has_uninitialized_params():
-        raise SpecError(f"module {name!r} is an uninitialised LazyLinear; run one forward pass before structure()")
-    w = lin.weight
-    kw = dict(kwargs)
-    kw.setdefault("device", w.device)
-    kw.setdefault("dtype", w.dtype)
-    if not w.is_meta and not bool(torch.any(w != 0)):
+    w, kw, zero, what = _source(name, lin, kwargs)
+    if zero:
         kw["zero_init"] = True
-    what = f"module {name!r} (Linear {lin.in_features} -> {lin.out_features})"
     common = dict(experts=cfg.experts, active=cfg.active, bias=lin.bias is not None, dispatch=cfg.dispatch)
     try:
         if cfg.kind == "btt":
