@@ -90,6 +90,11 @@ def test_three_workers_on_postgres_share_one_study(tmp_path):
         assert sum(1 for r in trained if int(r["level"]) == lv["index"]) <= lv["trials"]
 
 
+def _checkpoints(folder: str) -> list[str]:
+    """Saved checkpoints (``L<level>-t<trial>.pt``); a save in progress is a ``.pt.tmp*`` file."""
+    return sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+
+
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
     out = str(tmp_path / "kill")
     storage = "sqlite:///" + os.path.join(out, "study.db")
@@ -102,11 +107,11 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
         a = worker(args, log)
         deadline = time.time() + 90
         while time.time() < deadline and a.poll() is None:
-            if os.path.isdir(ckdir) and os.listdir(ckdir):
+            if os.path.isdir(ckdir) and _checkpoints(ckdir):  # a finished save, not one being written
                 break
             time.sleep(0.05)
         assert a.poll() is None, (tmp_path / "log").read_text()[-3000:]
-        victim = sorted(os.listdir(ckdir))[0]
+        victim = _checkpoints(ckdir)[0]
         a.send_signal(signal.SIGKILL)
         a.wait()
         before = {(r["level"], r["trial"]): r for r in outputs.read_trials_csv(os.path.join(out, "trials.csv"))
