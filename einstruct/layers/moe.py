@@ -156,6 +156,14 @@ class _Routed(nn.Module):
                 f"(..., {self.in_features}), got {tuple(x.shape)}"
             )
 
+    def _rows(self, x: torch.Tensor):
+        """Check ``x``, flatten its leading dims and route: (lead shape, rows n, x as (n, d_in), ids, gates)."""
+        self._check_input(x)
+        lead = x.shape[:-1]
+        n = math.prod(lead)
+        x2 = x.reshape(n, self.in_features)
+        return (lead, n, x2, *self._route(x2))
+
     def _route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert ids (n, k), gate weights (n, k)) for the rows of ``x2``; records the aux loss and stats."""
         logits = self.router(x2).float()
@@ -351,11 +359,7 @@ class BTTMoE(_Routed):
         return run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        lead = x.shape[:-1]
-        n = math.prod(lead)
-        x2 = x.reshape(n, self.in_features)
-        idx, gates = self._route(x2)
+        lead, n, x2, idx, gates = self._rows(x)
         pad_in = self.structure.d_in_padded - self.in_features
         xp = F.pad(x2, (0, pad_in)) if pad_in else x2
         cores = self.effective_cores()
@@ -490,11 +494,7 @@ class MoE(_Routed):
         self._reset_router()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        lead = x.shape[:-1]
-        n = math.prod(lead)
-        x2 = x.reshape(n, self.in_features)
-        idx, gates = self._route(x2)
+        lead, n, x2, idx, gates = self._rows(x)
         if n == 0:
             y = x2.new_zeros(0, self.out_features)
         elif self.dispatch == "dense":
