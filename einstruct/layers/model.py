@@ -209,6 +209,14 @@ def _source(name: str, lin: nn.Linear, kwargs: dict) -> tuple[torch.Tensor, dict
     return w, kw, zero, f"module {name!r} (Linear {lin.in_features} -> {lin.out_features})"
 
 
+def _like(new: nn.Module, lin: nn.Linear) -> nn.Module:
+    """``new`` in ``lin``'s training mode, frozen if ``lin``'s weight was."""
+    new.train(lin.training)
+    if not lin.weight.requires_grad:
+        new.requires_grad_(False)
+    return new
+
+
 def _replacement(name: str, lin: nn.Linear, spec: Spec, copy_weights: bool, kwargs: dict) -> nn.Module:
     w, kw, zero, what = _source(name, lin, kwargs)
     try:
@@ -227,14 +235,11 @@ def _replacement(name: str, lin: nn.Linear, spec: Spec, copy_weights: bool, kwar
                     new.bias.copy_(lin.bias)
     except SpecError as e:
         raise SpecError(f"cannot structure {what} with {spec.label or spec.einsum}: {e}") from e
-    new.train(lin.training)
-    if not w.requires_grad:
-        new.requires_grad_(False)
-    return new
+    return _like(new, lin)
 
 
 def _moe_replacement(name: str, lin: nn.Linear, spec: Spec, cfg: MoEConfig, kwargs: dict) -> nn.Module:
-    w, kw, zero, what = _source(name, lin, kwargs)
+    _, kw, zero, what = _source(name, lin, kwargs)
     if zero:
         kw["zero_init"] = True
     common = dict(experts=cfg.experts, active=cfg.active, bias=lin.bias is not None, dispatch=cfg.dispatch)
@@ -248,10 +253,7 @@ def _moe_replacement(name: str, lin: nn.Linear, spec: Spec, cfg: MoEConfig, kwar
                       **common, **kw)
     except SpecError as e:
         raise SpecError(f"cannot make {what} a {cfg.label}: {e}") from e
-    new.train(lin.training)
-    if not w.requires_grad:
-        new.requires_grad_(False)
-    return new
+    return _like(new, lin)
 
 
 # ---- summary ---------------------------------------------------------------------------------------
