@@ -171,3 +171,17 @@ def test_compiled_inference_runs_the_chain():
     compiled = torch.compile(layer, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_torch_func_vmap_and_grad_equal_the_eager_layer(name):
+    # Under torch.func the strided out= paths (writing into y, permute + bias in one pass) step aside.
+    layer = StructuredLinear(144, 36, FAST[name](), dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(3, 5, 144, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(layer)(x), x @ layer.to_dense().detach().T + layer.bias.detach())
+    per_example = torch.func.vmap(torch.func.grad(lambda xi: layer(xi).square().sum()))(x)
+    xg = x.clone().requires_grad_(True)
+    layer(xg).square().sum().backward()
+    torch.testing.assert_close(per_example, xg.grad)

@@ -120,6 +120,35 @@ class _Relayout(torch.autograd.Function):
         return grad.permute(ctx.inverse).contiguous(), None, None
 
 
+class _RelayoutBias(torch.autograd.Function):
+    """The chain's final permute into y's memory order with the bias added in the same pass.
+
+    ``y.view(shape) = x.permute(perm) + bias`` written into a fresh contiguous y: one read of x, one write
+    of y. (An in-place ``add_`` on a view of a relayout's output would make autograd rebuild the gradient
+    through ``as_strided`` in the backward: a zero fill and two more copies of y.)
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, bias, perm, inverse, shape):
+        if _batched(x):  # under vmap (no out= there): two passes
+            return (x.permute(perm) + bias.view(shape[1:])).contiguous()
+        y = x.new_empty(shape)
+        torch.add(x.permute(perm), bias.view(shape[1:]), out=y)
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.inverse = inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx = grad.permute(ctx.inverse).contiguous() if ctx.needs_input_grad[0] else None
+        gb = grad.flatten(1).sum(0) if ctx.needs_input_grad[1] else None
+        return gx, gb, None, None, None
+
+
 def _relayout(x: torch.Tensor, perm: tuple[int, ...] | None) -> torch.Tensor:
     if perm is None:
         return x
@@ -218,6 +247,11 @@ class _MatmulInto(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(0)
         return ga, gw, gb, None, None, None, None
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (vmap, grad): no ``out=`` matmuls there."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -581,7 +615,7 @@ class StructuredLinear(nn.Module):
         act = act.reshape(_fill(chain.in_shape, n))
         last = len(chain.steps) - 1
         into = self._into  # not under autocast (bmm out=) nor torch.compile (no strided out= there)
-        if n == 1 or _autocast_dtype(act) is not None or torch.compiler.is_compiling():
+        if n == 1 or _autocast_dtype(act) is not None or torch.compiler.is_compiling() or _batched(act):
             into = None
         for i, s in enumerate(chain.steps):
             if self._act_views[i] and n > 1:  # strided view read in place by bmm (n = 1: odd strides)
@@ -612,9 +646,13 @@ class StructuredLinear(nn.Module):
                 out = torch.matmul(a, w)
             act = out.view(_fill(s.out_shape, n))
         if chain.final_perm is not None:
+            if bias is not None and not torch.compiler.is_compiling():  # one pass, into y's memory order
+                perm = chain.final_perm
+                inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+                shape = tuple(act.shape[i] for i in perm)  # y's layout, rows first
+                y = _RelayoutBias.apply(act, bias.to(act.dtype), perm, inverse, shape)
+                return y.view(n, self.structure.d_out_padded)
             act = _relayout(act, chain.final_perm)
-            if bias is not None and n > 1:  # a fresh copy (n > 1): add the bias in place, no second y
-                return act.view(n, self.structure.d_out_padded).add_(bias.to(act.dtype))
         act = act.reshape(n, self.structure.d_out_padded)
         return act if bias is None else act + bias.to(act.dtype)
 
