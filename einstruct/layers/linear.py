@@ -71,6 +71,14 @@ _CACHE_BLOCK = 16384
 _ROWS_HINT = 256  # the batch is unknown when planning; assume at least this many rows
 # Tie-break between the three other matmul forms (act_kr, core_left).
 _FORM_ORDER = {(False, False): 0, (True, True): 1, (False, True): 2, (True, False): 3}
+# Matmul forms also differ in speed, in proportion to their multiply-adds (fwd + both grads; measured on
+# CPU, 2 threads, float32, over a grid of (M, K, P), and on whole layers): with both the activation and
+# the output transposed, (P, M) = core (P, K) @ act (K, M), a step runs 1.3-2.5x slower than the plain
+# form; with one of them transposed, up to 1.4x slower when M carries axes besides the input rows (its
+# leading dimension is then rows * batch), and about as fast when M is the input rows alone (the BTT
+# steps). Extra cost per multiply-add: _MAC_UNITS * _SLOW[form][M carries axes].
+_MAC_UNITS = 0.1
+_SLOW = {(False, False): (0, 0), (True, True): (0.3, 0.3), (False, True): (0, 0.1), (True, False): (0, 0.1)}
 
 
 @dataclass(frozen=True)
@@ -317,7 +325,9 @@ def plan_chain(st: Structure) -> ChainLayout:
                         form = _FORM_ORDER[(act_kr, core_left)]
                         for p in _orders(groups[3]):
                             out = b + (p + r if core_left else r + p)
-                            key = (c + (elems(arr) * _FORM if form else 0), pen + form)
+                            slow = _SLOW[(act_kr, core_left)][len(r) > 1]  # r holds ROWS: > 1 carries axes
+                            step_cost = elems(arr) * _FORM + round(_MAC_UNITS * slow * elems(arr) * elems(p))
+                            key = (c + (step_cost if form else 0), pen + form)
                             if out not in nxt or key < nxt[out][:2]:
                                 nxt[out] = (*key, hist + ((layout, arr, act_kr, core_left, b, r, k, p, out),))
         frontier = nxt
