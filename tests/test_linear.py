@@ -66,7 +66,21 @@ def einsum_reference(layer, x2d):
 
 
 def check_against_dense(layer, lead=(3, 5), atol=1e-10):
-    """to_dense = numpy reference; layer(x) = x W^T + b; grads of x, bias, cores match independent paths."""
+    """to_dense = numpy reference; layer(x) = x W^T + b; grads of x, bias, cores match independent paths.
+
+    Both training paths: torch's own ops (small batches) and the custom Functions (large batches).
+    """
+    saved = layer.builtin_rows
+    try:
+        for rows in (saved, 0):
+            layer.builtin_rows = rows
+            layer.zero_grad()
+            _check_against_dense(layer, lead, atol)
+    finally:
+        layer.builtin_rows = saved
+
+
+def _check_against_dense(layer, lead, atol):
     st = layer.structure
     d_in, d_out = layer.in_features, layer.out_features
     with torch.no_grad():
@@ -306,9 +320,11 @@ def test_float64_and_bfloat16_layers():
     assert err < 2e-2
 
 
-def test_autocast_bfloat16_on_cpu():
+@pytest.mark.parametrize("builtin", [True, False])
+def test_autocast_bfloat16_on_cpu(builtin):
     layer = StructuredLinear(256, 256, P.btt(rank=2), normalize=True)
     assert any(mixed_forms(layer))
+    layer.builtin_rows = 10 if builtin else 0  # torch's own ops, or the custom Functions
     with torch.no_grad():
         layer.bias.normal_()
     x = torch.randn(10, 256)

@@ -185,3 +185,39 @@ def test_torch_func_vmap_and_grad_equal_the_eager_layer(name):
     xg = x.clone().requires_grad_(True)
     layer(xg).square().sum().backward()
     torch.testing.assert_close(per_example, xg.grad)
+
+
+def graph_nodes(y) -> set[str]:
+    """Names of the autograd nodes behind ``y`` (custom Functions of einstruct start with '_')."""
+    seen, todo, names = set(), [y.grad_fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        todo.extend(g for g, _ in f.next_functions)
+    return names
+
+
+def test_builtin_rows_rule_and_both_training_paths_agree():
+    # Training batches that materialise fewer than 2^22 elements run on torch's own ops.
+    layer = StructuredLinear(1024, 1024, FAST["btt3"](), dtype=torch.float64)
+    assert layer.builtin_rows == ((1 << 22) - 1) // layer._row_elems
+    assert 0 < layer.builtin_rows < 1024
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(40, 1024, dtype=torch.float64)
+    c = torch.randn(40, 1024, dtype=torch.float64)
+    out = {}
+    for rows in (40, 39):  # 40 rows on torch's ops, then on the custom Functions
+        layer.builtin_rows = rows
+        layer.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        (y * c).sum().backward()
+        out[rows] = [y.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()]
+        assert any(n.startswith("_") for n in graph_nodes(y)) == (rows == 39)  # custom Functions ran
+        assert counted(lambda x=xg: layer(x)) == layer.flops(40)  # the same matmuls either way
+    for a, b in zip(out[40], out[39]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
