@@ -1,8 +1,9 @@
 """Structured layers side by side: time, GFLOP/s and saved memory against dense, bare matmuls and einsums.
 
 For every (d, batch) all contenders run in one process, their repeats interleaved in a shuffled order so
-that machine noise hits them alike; every figure is a median over repeats, and the columns are ratios
-measured in the same run:
+that machine noise hits them alike; a job shorter than 50 ms runs several times per timed sample (as
+timeit does); every figure is a median over repeats, and the columns are ratios measured in the same
+run (``x ein`` is the median of the ratios within each round):
 
 - ``ms``, ``GF/s``: StructuredLinear forward + backward (input needs a gradient: 3 x forward FLOPs).
 - ``/dense``: its GFLOP/s over nn.Linear's (d x d, same batch).
@@ -119,6 +120,10 @@ def saved_bytes(fn, module: nn.Module) -> int:
     return sum(seen.values())
 
 
+MIN_SAMPLE_S = 0.05  # a timed sample of a short job repeats it until it lasts about this long
+MAX_INNER = 200
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -161,18 +166,26 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
         if infer_on:
             jobs[(lab, "infer")] = infer(layer)
     times: dict = {k: [] for k in jobs}
+    inner = dict.fromkeys(jobs, 1)
     keys, rng = list(jobs), random.Random(0)
     for r in range(repeats + 1):  # the first round warms up (allocator, caches) and is dropped
         rng.shuffle(keys)
         for k in keys:
             _sync(device)
             t0 = time.perf_counter()
-            jobs[k]()
+            for _ in range(inner[k]):
+                jobs[k]()
             _sync(device)
+            dt = (time.perf_counter() - t0) / inner[k]
             if r:
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(dt)
+            else:  # short jobs run several times per sample, so each sample lasts about MIN_SAMPLE_S
+                inner[k] = max(1, min(MAX_INNER, math.ceil(MIN_SAMPLE_S / max(dt, 1e-9))))
         log(f"  d={d} batch={batch}: round {r}/{repeats}")
     t = {k: statistics.median(v) for k, v in times.items()}
+
+    def paired(a, b):  # median over rounds of the ratio within each round: drift between rounds cancels
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
     dense_flops = 3 * 2 * d * d * batch
     dense_rate = dense_flops / t[("dense", "train")]
     rows = []
@@ -190,7 +203,7 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
             "gflops": flops / t[(lab, "train")] / 1e9,
             "vs_dense": flops / t[(lab, "train")] / dense_rate,
             "vs_prim": t[(lab, "prim")] / t[(lab, "train")],
-            "vs_einsum": t[(lab, "ein")] / t[(lab, "train")],
+            "vs_einsum": paired((lab, "ein"), (lab, "train")),
             "saved_mb": mem / 2**20,
             "saved_vs_einsum": mem / mem_ein if mem_ein else math.nan,
             "infer_vs_dense": t[("dense", "infer")] / t[(lab, "infer")] if infer_on else math.nan,
@@ -225,7 +238,7 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 2048])
     ap.add_argument("--structures", nargs="+", default=list(STRUCTURES), metavar="NAME",
                     help=f"any of: {', '.join(STRUCTURES)}")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="d 1024 only, 3 repeats")
     ap.add_argument("--infer-max", type=int, default=64, help="largest batch with an inference column")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
