@@ -158,6 +158,7 @@ RANDOM_PARTS = st.tuples(st.one_of(EINSUM_TEXT, JUNK), st.dictionaries(st.sample
 @given(parts=st.one_of(RANDOM_PARTS, mutated_parts(), mutated_parts()))
 @example(parts=("i,io->o", {"i": "d_in", "o": Size(Fraction(0), "d_out", Fraction(1))}, 64, 64))
 @example(parts=("ab,abc->c", {"a": "d_in^1/2", "b": "d_in^1/2", "c": "d_out\n"}, 64, 64))
+@example(parts=("a,ab,a->b", {"a": 2, "b": 2}, 2, 2))  # last step (K, M)-transposed with the bias fused
 def test_random_specs_compile_or_raise_spec_error(parts):
     einsum, sizes, d_in, d_out = parts
     spec = spec_error_or(lambda: es.Spec(einsum, sizes=sizes))

@@ -691,10 +691,11 @@ class StructuredLinear(nn.Module):
             a = (act if s.act_perm is None else act.permute(s.act_perm)).reshape(_fill(s.act_shape, n * s.rows))
             w = cores[s.core]
             w = (w if s.core_perm is None else w.permute(s.core_perm)).reshape(s.core_shape)
-            if i == last and bias is not None and chain.fuse_bias:
-                out, bias = torch.addmm(bias.to(a.dtype), a, w), None
+            operands = _operands(a, w, s.act_kr, s.core_left)
+            if i == last and bias is not None and chain.fuse_bias:  # a 2-D (M, P) product: bias via addmm
+                out, bias = torch.addmm(bias.to(a.dtype), *operands), None
             else:
-                out = torch.matmul(*_operands(a, w, s.act_kr, s.core_left))
+                out = torch.matmul(*operands)
             act = out.view(_fill(s.out_shape, n))
         if chain.final_perm is not None:
             act = act.permute(chain.final_perm)
