@@ -588,9 +588,13 @@ class StructuredLinear(nn.Module):
         )
 
     def _check_forward_memory(self, rows: int, x: torch.Tensor, what: str = "the forward") -> None:
+        n_bytes = rows * self._row_elems * x.element_size()
+        limit = limits.device_memory(x.device)
+        if limit is None or n_bytes <= limit:  # the common case: no message built (this runs every call)
+            return
         limits.check_fits(
-            f"the intermediates of {what} of {self._describe()} for {rows} rows", rows * self._row_elems
-            * x.element_size(), x.device, "use a smaller batch (or accumulate gradients over several)",
+            f"the intermediates of {what} of {self._describe()} for {rows} rows", n_bytes, x.device,
+            "use a smaller batch (or accumulate gradients over several)",
         )
 
     # ---- parameters ----------------------------------------------------------------------
@@ -644,6 +648,8 @@ class StructuredLinear(nn.Module):
         for i, s in enumerate(chain.steps):
             if self._act_views[i] and n > 1:  # strided view read in place by bmm (n = 1: odd strides)
                 a = act.permute(s.act_perm).view(_fill(s.act_shape, n * s.rows))
+            elif len(s.core_shape) == 2 and s.act_perm is not None:  # plain mm: any grad layout will do
+                a = act.permute(s.act_perm).reshape(_fill(s.act_shape, n * s.rows))
             else:
                 a = _relayout(act, s.act_perm).reshape(_fill(s.act_shape, n * s.rows))
             if self._core_views[i]:  # a view of the parameter: nothing copied, nothing extra saved
