@@ -420,3 +420,13 @@ def test_plan_copies_btt_in_whole_runs_and_kron_within_examples():
     chain = plan_chain(es.compile(P.kron(), 1024, 1024))
     assert chain.cost == 2 * 1024 * 2 and chain.final_perm is None
     assert all(s.act_perm == (0, 2, 1) and not s.act_kr and not s.core_left for s in chain.steps)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_plain_plan_uses_only_the_plain_matmul_form_and_costs_no_less(name):
+    # The small-batch path's plan: (rows, K) @ (K, P) only, as torch.einsum; the full planner may only
+    # find a cheaper layout (it searches a superset).
+    st = es.compile(PRESETS[name](), 256, 256)
+    plain, full = plan_chain(st, plain=True), plan_chain(st)
+    assert all(not s.act_kr and not s.core_left for s in plain.steps)
+    assert full.cost <= plain.cost

@@ -12,9 +12,9 @@ forms, so consecutive steps reuse each other's layout where they can.
 Paths (all deterministic; DESIGN.md: ``flops(batch)`` reports the path that runs):
 
 - Grad mode on (training), at most ``layer.builtin_rows`` rows (a forward materialising fewer than 2^22
-  elements): the planned chain on torch's own ops (permute, reshape, matmul) and autograd; the Python
-  cost of custom autograd Functions outweighs the copies they save there. Set ``layer.builtin_rows = 0``
-  to turn it off.
+  elements): a chain planned with plain matmul forms only, on torch's own ops (permute, reshape, matmul)
+  and autograd; the Python cost of custom autograd Functions outweighs the copies they save there.
+  Set ``layer.builtin_rows = 0`` to turn it off.
 - Grad mode on (training), more rows: the planned chain with autograd. Where an activation's permute + reshape
   is a strided view BLAS can read in place (checked once at construction), it is not copied (n > 1
   rows); where y's memory order is a strided view of the last matmul's output, that matmul writes into
@@ -288,8 +288,12 @@ def _orders(axes: tuple) -> list[tuple]:
     return list(itertools.permutations(axes)) if len(axes) <= _MAX_PERMUTED else [axes]
 
 
-def plan_chain(st: Structure) -> ChainLayout:
-    """Lay out the compiled chain: memory order of each intermediate and matmul forms of least cost."""
+def plan_chain(st: Structure, plain: bool = False) -> ChainLayout:
+    """Lay out the compiled chain: memory order of each intermediate and matmul forms of least cost.
+
+    ``plain=True`` allows only the plain form (rows, K) @ (K, P), as torch.einsum lays out its bmm.
+    """
+    transposes = (False,) if plain else (False, True)
     sizes = st.sizes
 
     def big(axes) -> tuple:
@@ -322,10 +326,10 @@ def plan_chain(st: Structure) -> ChainLayout:
         for layout, (cost, pen, hist) in frontier.items():
             b, k, r0 = (tuple(a for a in layout if a in g) for g in groups[:3])
             for r in _orders(r0):
-                for act_kr in (False, True):
+                for act_kr in transposes:
                     arr = b + (k + r if act_kr else r + k)
                     c = cost + copy_cost(layout, arr)
-                    for core_left in (False, True):
+                    for core_left in transposes:
                         form = _FORM_ORDER[(act_kr, core_left)]
                         for p in _orders(groups[3]):
                             out = b + (p + r if core_left else r + p)
@@ -562,6 +566,7 @@ class StructuredLinear(nn.Module):
             self.register_parameter("bias", None)
         self._names = tuple(c.name for c in self.structure.cores)
         self._chain = plan_chain(self.structure)
+        self._small_chain = plan_chain(self.structure, plain=True)  # builtin path (see builtin_rows)
         self._act_views = _act_views(self._chain)
         self._core_views = _core_views(self._chain, {c.name: c.shape for c in self.structure.cores})
         self._into = _final_into(self._chain)
@@ -687,10 +692,11 @@ class StructuredLinear(nn.Module):
         return act if bias is None else act + bias.to(act.dtype)
 
     def _run_builtin(self, act: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The planned chain with torch's own autograd ops only (no custom Functions): for small batches,
-        where the per-call cost of a Python ``autograd.Function`` outweighs the copies it saves."""
+        """The chain with torch's own autograd ops only (no custom Functions), in plain matmul forms: for
+        small batches, where the per-call cost of a Python ``autograd.Function`` outweighs the copies it
+        saves, and where transposed forms measured slower than einsum's layouts."""
         cores = self.effective_cores()
-        chain = self._chain
+        chain = self._small_chain
         act = act.reshape(_fill(chain.in_shape, n))
         last = len(chain.steps) - 1
         for i, s in enumerate(chain.steps):
