@@ -71,11 +71,16 @@ def device_memory(device) -> int | None:
     return _cache[key]
 
 
-def check_fits(what: str, n_bytes: int, device, fix: str) -> None:
-    """Raise SpecError if ``n_bytes`` for ``what`` exceed the memory of ``device``."""
+def check_fits(what, n_bytes: int, device, fix: str) -> None:
+    """Raise SpecError if ``n_bytes`` for ``what`` exceed the memory of ``device``.
+
+    ``what`` is a string or a callable giving it, so a check that runs on every forward builds no
+    message unless it fails.
+    """
     limit = device_memory(device)
     if limit is not None and n_bytes > limit:
         where = getattr(device, "type", None) or device or "cpu"
+        what = what() if callable(what) else what
         raise SpecError(
             f"{what} need {human_bytes(n_bytes)}, more than the {human_bytes(limit)} of memory on {where}; {fix}"
         )

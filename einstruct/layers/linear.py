@@ -161,11 +161,14 @@ class _RelayoutBias(torch.autograd.Function):
         return gx, gb, None, None, None
 
 
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+
 def _relayout(x: torch.Tensor, perm: tuple[int, ...] | None) -> torch.Tensor:
     if perm is None:
         return x
-    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
-    return _Relayout.apply(x, perm, inverse)
+    return _Relayout.apply(x, perm, _inverse(perm))
 
 
 class _MixedMatmul(torch.autograd.Function):
@@ -428,7 +431,7 @@ def _final_into(chain: ChainLayout) -> tuple | None:
     if chain.final_perm is None:
         return None
     s = chain.steps[-1]
-    inverse = tuple(sorted(range(len(chain.final_perm)), key=chain.final_perm.__getitem__))
+    inverse = _inverse(chain.final_perm)
     final_shape = tuple(s.out_shape[i] for i in chain.final_perm)  # y's layout: rows first
     lead, (x, z) = s.core_shape[:-2], s.core_shape[-2:]
     p = x if s.core_left else z
@@ -570,6 +573,7 @@ class StructuredLinear(nn.Module):
         self._act_views = _act_views(self._chain)
         self._core_views = _core_views(self._chain, {c.name: c.shape for c in self.structure.cores})
         self._into = _final_into(self._chain)
+        self._final_inverse = None if self._chain.final_perm is None else _inverse(self._chain.final_perm)
         self.dense_rows = default_dense_rows(self.structure, self.in_features, self.out_features)
         self._cache: dict[str, tuple] = {}  # inference-only copies of the weights, keyed by parameter versions
         self._row_elems = _row_elements(self._chain, self.structure)
@@ -593,12 +597,9 @@ class StructuredLinear(nn.Module):
         )
 
     def _check_forward_memory(self, rows: int, x: torch.Tensor, what: str = "the forward") -> None:
-        n_bytes = rows * self._row_elems * x.element_size()
-        limit = limits.device_memory(x.device)
-        if limit is None or n_bytes <= limit:  # the common case: no message built (this runs every call)
-            return
         limits.check_fits(
-            f"the intermediates of {what} of {self._describe()} for {rows} rows", n_bytes, x.device,
+            lambda: f"the intermediates of {what} of {self._describe()} for {rows} rows",
+            rows * self._row_elems * x.element_size(), x.device,
             "use a smaller batch (or accumulate gradients over several)",
         )
 
@@ -683,9 +684,8 @@ class StructuredLinear(nn.Module):
         if chain.final_perm is not None:
             if bias is not None and not torch.compiler.is_compiling():  # one pass, into y's memory order
                 perm = chain.final_perm
-                inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
                 shape = tuple(act.shape[i] for i in perm)  # y's layout, rows first
-                y = _RelayoutBias.apply(act, bias.to(act.dtype), perm, inverse, shape)
+                y = _RelayoutBias.apply(act, bias.to(act.dtype), perm, self._final_inverse, shape)
                 return y.view(n, self.structure.d_out_padded)
             act = _relayout(act, chain.final_perm)
         act = act.reshape(n, self.structure.d_out_padded)
@@ -703,11 +703,10 @@ class StructuredLinear(nn.Module):
             a = (act if s.act_perm is None else act.permute(s.act_perm)).reshape(_fill(s.act_shape, n * s.rows))
             w = cores[s.core]
             w = (w if s.core_perm is None else w.permute(s.core_perm)).reshape(s.core_shape)
-            operands = _operands(a, w, s.act_kr, s.core_left)
             if i == last and bias is not None and chain.fuse_bias:  # a 2-D (M, P) product: bias via addmm
-                out, bias = torch.addmm(bias.to(a.dtype), *operands), None
-            else:
-                out = torch.matmul(*operands)
+                out, bias = torch.addmm(bias.to(a.dtype), a, w), None
+            else:  # plain form only (plan_chain(plain=True)): (M, K) @ (K, P)
+                out = torch.matmul(a, w)
             act = out.view(_fill(s.out_shape, n))
         if chain.final_perm is not None:
             act = act.permute(chain.final_perm)
