@@ -14,6 +14,7 @@ from .theta import theta
 _LAZY = {
     "check_rank": ".rank",
     "StructuredLinear": ".layers.linear",
+    "inference_cache": ".layers.inference",
     "from_dense": ".layers.projection",
     "structure": ".layers.model",
     "summary": ".layers.model",

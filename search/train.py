@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import einstruct as es
+
 from . import distributed
 from .errors import SearchError
 from .tasks.base import Task, check_positive
@@ -203,7 +205,7 @@ def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals,
                 break
         if done in marks:
             model.eval()
-            with autocast:
+            with autocast, es.inference_cache(model):  # weights are fixed while evaluating
                 ev = float(task.eval_loss(model, dev))
             model.train()
             curve.append((done * per_step, ev))

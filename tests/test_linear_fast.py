@@ -1,5 +1,7 @@
 """StructuredLinear's fast paths: strided views, the graph-free chain, the cached dense matrix, exact FLOPs."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,13 +46,15 @@ def test_every_path_equals_the_dense_matrix_float64(name, d_in, d_out):
         x = torch.randn(rows, d_in, dtype=torch.float64)
         ref = reference(layer, x)
         with torch.no_grad():
-            y_auto = layer(x)  # dense or graph-free chain, by the rule
-            layer.dense_rows, saved = 0, layer.dense_rows
-            y_chain = layer(x)  # graph-free chain on cached step cores
-            layer.dense_rows = saved
+            y_live = layer(x)  # graph-free chain on the live cores
+            with es.inference_cache(layer):
+                y_auto = layer(x)  # dense or graph-free chain, by the rule
+                layer.dense_rows, saved = 0, layer.dense_rows
+                y_chain = layer(x)  # graph-free chain on cached step cores
+                layer.dense_rows = saved
         with torch.inference_mode():
             y_inf = layer(x)
-        for y in (y_auto, y_chain, y_inf):
+        for y in (y_live, y_auto, y_chain, y_inf):
             torch.testing.assert_close(y, ref, atol=1e-11, rtol=0)
     # Graph path (strided views where the plan allows): forward and every gradient, at 1 and 15 rows.
     for lead in ((1,), (3, 5)):
@@ -95,24 +99,33 @@ def test_flops_reports_the_path_that_runs(name):
     st = layer.structure
     assert layer.dense_rows == 16
     dense_row = 2 * 256 * 256
-    with torch.no_grad():  # the first call after a weight change materialises: st.flops per input column
+    cache = es.inference_cache(layer)
+    with torch.no_grad(), cache:  # the first call in the scope materialises: st.flops per input column
         assert counted(lambda: layer(torch.randn(2, 256))) == st.flops * 256 + dense_row * 2
     for rows in (1, 16, 17, 64):
         x = torch.randn(rows, 256)
-        with torch.no_grad():
+        with torch.no_grad(), es.inference_cache(layer):
+            layer(x)  # built on first use
             expected = dense_row * rows if rows <= 16 else st.flops * rows
             assert layer.flops(rows) == counted(lambda x=x: layer(x)) == expected
+        with torch.no_grad():  # outside a scope: the chain on the live cores
+            assert layer.flops(rows) == counted(lambda x=x: layer(x)) == st.flops * rows
         # Grad mode on: always the factored chain, whatever the batch.
         assert layer.flops(rows) == counted(lambda x=x: layer(x)) == st.flops * rows
     layer.dense_rows = 0  # the user can turn the dense path off
-    with torch.no_grad():
+    with torch.no_grad(), es.inference_cache(layer):
         assert layer.flops(4) == counted(lambda: layer(torch.randn(4, 256))) == st.flops * 4
 
 
 @pytest.mark.parametrize("dense_rows", [16, 0])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_inference_caches_follow_optimizer_steps_and_loads(dense_rows, normalize):
+def test_inference_caches_follow_versioned_changes_inside_a_scope(dense_rows, normalize):
+    # Inside es.inference_cache the caches are also keyed by versions: ordinary in-place changes (a
+    # foreach/for-loop optimizer step, load_state_dict, .to()) are seen even there (best effort; fused
+    # steps and .data edits are not, which is why nothing is cached outside a scope).
+    scope = contextlib.ExitStack()
     layer = StructuredLinear(256, 256, P.btt(rank=2), normalize=normalize)
+    scope.enter_context(es.inference_cache(layer))
     layer.dense_rows = dense_rows
     x, target = torch.randn(8, 256), torch.randn(8, 256)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
@@ -134,8 +147,10 @@ def test_inference_caches_follow_optimizer_steps_and_loads(dense_rows, normalize
     # load_state_dict copies in place: the cache follows; state_dict carries no cache.
     other = StructuredLinear(256, 256, P.btt(rank=2), normalize=normalize)
     other.dense_rows = dense_rows
+    scope.enter_context(es.inference_cache(other))
     with torch.no_grad():
         other(x)  # fill its cache with its own weights first
+        assert other._cache
     sd = layer.state_dict()
     expected = {"bias", *layer.core_names} | ({f"gains.{n}" for n in layer.core_names} if normalize else set())
     assert set(sd) == expected
@@ -146,6 +161,8 @@ def test_inference_caches_follow_optimizer_steps_and_loads(dense_rows, normalize
     other.double()
     with torch.no_grad():
         torch.testing.assert_close(other(x.double()), reference(other, x.double()), atol=1e-10, rtol=0)
+    scope.close()
+    assert layer._cache == other._cache == {}
 
 
 def test_dense_path_needs_no_grad_mode_and_keeps_shapes():

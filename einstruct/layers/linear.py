@@ -22,15 +22,20 @@ Paths (all deterministic; DESIGN.md: ``flops(batch)`` reports the path that runs
   a core whose permute is such a view is used as a view of its parameter. Otherwise the copies of
   ``_Relayout``. Autograd keeps each step's activation operand (a view of x for a viewed first step).
 - Grad mode off (``torch.no_grad`` / ``torch.inference_mode``): the same chain without autograd, on the
-  effective cores laid out per step once and cached; or, for ``batch <= layer.dense_rows`` rows, the
-  materialised (out, in) matrix, cached, through ``F.linear``. ``dense_rows`` is 0 unless the structure
-  has fewer FLOPs than dense and the weight has at most 2^18 elements; then min(16, 2^22 // (in * out))
-  (measured on CPU: below that the dense matmul costs less than the chain's fixed per-call cost).
-  Set ``layer.dense_rows = 0`` to turn it off. The rule depends on grad mode and batch only (frozen
-  weights under grad mode still run the chain). The caches are keyed by each core's and gain's
-  ``data_ptr()`` and ``_version`` (metadata: no device sync), so optimizer steps, ``load_state_dict``,
-  ``.to()`` and in-place edits invalidate them; they are plain attributes, never in ``state_dict``. The
-  first call after a weight change materialises (``structure.flops * d_in_padded`` FLOPs, once).
+  effective cores laid out per step from the live parameters at every call (no copy where a core's layout
+  is already right). Nothing is cached implicitly, so every way a weight can change (optimizer steps,
+  fused ones included, ``.data`` edits, ``load_state_dict``, ``.to()``) is seen by construction.
+- Inside ``with es.inference_cache(model):`` (``einstruct.layers.inference``), no-grad forwards reuse the
+  per-step cores and, for ``batch <= layer.dense_rows`` rows, the materialised (out, in) matrix through
+  ``F.linear``, each built on first use in the scope and dropped when it ends: the scope's promise is
+  that weights do not change inside it. ``dense_rows`` is 0 unless the structure has fewer FLOPs than
+  dense and the weight has at most 2^18 elements; then min(16, 2^22 // (in * out)) (measured on CPU:
+  below that the dense matmul costs less than the chain's fixed per-call cost). Set
+  ``layer.dense_rows = 0`` to turn it off. Inside the scope the caches are also keyed by each core's
+  ``data_ptr()`` and ``_version``, which catches ordinary in-place updates, but not fused optimizer steps
+  or ``.data`` edits: do not train inside the scope. Caches are built with autocast off (exact, in the
+  parameters' dtype) and are plain attributes, never in ``state_dict``.
+- Under autocast every path runs its matmuls in the autocast dtype (outputs as ``nn.Linear``'s).
 
 Contract details chosen here (DESIGN.md, THEORY 4-5):
 
@@ -575,7 +580,8 @@ class StructuredLinear(nn.Module):
         self._into = _final_into(self._chain)
         self._final_inverse = None if self._chain.final_perm is None else _inverse(self._chain.final_perm)
         self.dense_rows = default_dense_rows(self.structure, self.in_features, self.out_features)
-        self._cache: dict[str, tuple] = {}  # inference-only copies of the weights, keyed by parameter versions
+        self._cache: dict[str, tuple] = {}  # inference-only copies of the weights, only inside inference_cache()
+        self._cache_depth = 0  # nesting depth of es.inference_cache scopes over this layer
         self._row_elems = _row_elements(self._chain, self.structure)
         self.builtin_rows = (_BUILTIN_MAX_ELEMS - 1) // self._row_elems
         logger.debug("%s: planned layout cost %d per example", self.spec.einsum, self._chain.cost)
@@ -641,7 +647,8 @@ class StructuredLinear(nn.Module):
     def _run(self, act: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
         """(n, d_in_padded) -> (n, d_out_padded) through the planned chain, plus ``bias`` if given."""
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._run_plain(act, n, bias, self._cached("chain", self._step_cores))
+            ws = self._cached("chain", self._step_cores) if self._cache_depth else self._step_cores()
+            return self._run_plain(act, n, bias, ws)
         if n <= self.builtin_rows and not torch.compiler.is_compiling():
             return self._run_builtin(act, n, bias)
         cores = self.effective_cores()
@@ -714,8 +721,15 @@ class StructuredLinear(nn.Module):
         return act if bias is None else act + bias.to(act.dtype)
 
     def _run_plain(self, act: torch.Tensor, n: int, bias: torch.Tensor | None, ws: tuple) -> torch.Tensor:
-        """The chain without autograd (grad mode off), on cores already laid out per step (``ws``)."""
+        """The chain without autograd (grad mode off), on cores already laid out per step (``ws``).
+
+        Under autocast the activation and the cores are cast to the autocast dtype first, so every matmul
+        (and the ``out=`` one into y) sees one dtype, as autocast would give them.
+        """
         chain = self._chain
+        dt = _autocast_dtype(act)
+        if dt is not None:
+            act, ws = act.to(dt), tuple(w.to(dt) for w in ws)
         act = act.reshape(_fill(chain.in_shape, n))
         last = len(chain.steps) - 1
         for i, (s, w) in enumerate(zip(chain.steps, ws)):
@@ -754,11 +768,13 @@ class StructuredLinear(nn.Module):
         return key  # .to(), load_state_dict and optimizer steps change these; reading them never syncs
 
     def _cached(self, what: str, build):
+        """``build()``, kept for the rest of the enclosing ``es.inference_cache`` scope (autocast off)."""
         key = self._cache_key()
         hit = self._cache.get(what)
         if hit is not None and hit[0] == key:
             return hit[1]
-        value = build()
+        with torch.autocast(self._device_type(), enabled=False):
+            value = build()
         self._cache[what] = (key, value)
         return value
 
@@ -774,9 +790,22 @@ class StructuredLinear(nn.Module):
     def _dense_weight(self) -> torch.Tensor:
         return self.to_dense()
 
-    def uses_dense(self, batch: int) -> bool:
-        """Whether ``batch`` rows run on the cached dense matrix now (grad mode off, batch <= dense_rows)."""
-        return batch <= self.dense_rows and not torch.is_grad_enabled()
+    def _device_type(self) -> str:
+        return getattr(self, self._names[0]).device.type
+
+    def drop_caches(self) -> None:
+        """Forget the inference caches (``es.inference_cache`` does this when its scope ends)."""
+        self._cache.clear()
+
+    def uses_dense(self, batch: int, *, training: bool | None = None, cached: bool | None = None) -> bool:
+        """Whether ``batch`` rows run on the materialised dense matrix: grad mode off (``training=False``),
+        inside an ``es.inference_cache`` scope (``cached=True``) and ``batch <= dense_rows``. The defaults
+        read the current grad mode and scope."""
+        if training is None:
+            training = torch.is_grad_enabled()
+        if cached is None:
+            cached = self._cache_depth > 0
+        return batch <= self.dense_rows and cached and not training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -786,7 +815,7 @@ class StructuredLinear(nn.Module):
             )
         lead = x.shape[:-1]
         n = math.prod(lead)
-        if self.uses_dense(n) and not torch.compiler.is_compiling():
+        if self._cache_depth and self.uses_dense(n) and not torch.compiler.is_compiling():
             return F.linear(x, self._cached("dense", self._dense_weight), self.bias)
         if not torch.compiler.is_compiling():  # plain integer arithmetic on shapes: no tensor reads
             self._check_forward_memory(n, x)
@@ -804,8 +833,27 @@ class StructuredLinear(nn.Module):
             y = self._run(x2, n, self.bias)
         return y if flat else y.reshape(*lead, self.out_features)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out_features, in_features) matrix the layer applies, computed from the cores on every read.
+
+        A read-only copy for client code that reads ``.weight`` (shape checks, tied-embedding helpers):
+        it costs a forward of ``in_features`` rows (``structure.flops * in_features`` FLOPs and an
+        (out, in) tensor); differentiable under grad mode. Writing to it changes nothing in the layer.
+        """
+        return self.to_dense()
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise AttributeError(
+            f"{self._describe()}.weight is computed from the cores ({', '.join(self.core_names)}) and cannot be "
+            "set; load a dense matrix with es.from_dense(W, spec) or set the cores"
+        )
+
     def to_dense(self) -> torch.Tensor:
-        """The (out_features, in_features) matrix the layer applies (weight norm included, bias not)."""
+        """The (out_features, in_features) matrix the layer applies (weight norm included, bias not).
+
+        Exact in the parameters' dtype: autocast is turned off while it is built."""
         ref = getattr(self, self.core_names[0])
         d_in = self.structure.d_in_padded
         limits.check_fits(
@@ -814,19 +862,22 @@ class StructuredLinear(nn.Module):
             "to_dense() materialises the full matrix: use it on smaller layers",
         )
         eye = torch.eye(d_in, device=ref.device, dtype=ref.dtype)
-        cols = self._run(eye, d_in)  # row i is W e_i
+        with torch.autocast(ref.device.type, enabled=False):
+            cols = self._run(eye, d_in)  # row i is W e_i
         return cols[: self.in_features, : self.out_features].transpose(0, 1).contiguous()
 
     # ---- reporting -----------------------------------------------------------------------
-    def flops(self, batch: int) -> int:
-        """FLOPs (2 x MACs) of the forward path that runs now for ``batch`` rows.
+    def flops(self, batch: int, *, training: bool | None = None, cached: bool | None = None) -> int:
+        """FLOPs (2 x MACs) of the forward path for ``batch`` rows: by default the one that runs now.
 
-        The factored chain (``structure.flops`` per row), or, when :meth:`uses_dense` (grad mode off and
-        ``batch <= dense_rows``), the materialised matrix: ``2 * in_features * out_features`` per row.
+        The factored chain (``structure.flops`` per row), or, when :meth:`uses_dense` (grad mode off,
+        inside ``es.inference_cache`` and ``batch <= dense_rows``), the materialised matrix:
+        ``2 * in_features * out_features`` per row. ``training=`` and ``cached=`` ask about another mode
+        than the current one (``flops(b, training=True)`` is the training forward wherever it is called).
         """
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
             raise SpecError(f"flops(batch) needs a non-negative integer number of rows, got {batch!r}")
-        if self.uses_dense(batch):
+        if self.uses_dense(batch, training=training, cached=cached):
             return 2 * self.in_features * self.out_features * batch
         return self.structure.flops * batch
 

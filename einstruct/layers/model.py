@@ -261,7 +261,13 @@ def _moe_replacement(name: str, lin: nn.Linear, spec: Spec, cfg: MoEConfig, kwar
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One linear-like layer: weight parameters (cores or the matrix; no bias, no gains), forward FLOPs per example."""
+    """One linear-like layer: weight parameters (cores or the matrix; no bias, no gains) and forward FLOPs per
+    example on its two paths, whatever the grad mode the summary is made in.
+
+    ``flops``: the training forward (and every no-grad batch outside ``es.inference_cache``);
+    ``inference_flops``: a no-grad batch of at most ``dense_rows`` rows inside ``es.inference_cache`` (the
+    materialised matrix where the layer has one, else the same as ``flops``).
+    """
 
     name: str
     kind: str
@@ -269,6 +275,7 @@ class LayerRow:
     out_features: int
     params: int
     flops: int
+    inference_flops: int
 
 
 @dataclass(frozen=True)
@@ -287,6 +294,10 @@ class ModelSummary:
     def flops(self) -> int:
         return sum(r.flops for r in self.rows)
 
+    @property
+    def inference_flops(self) -> int:
+        return sum(r.inference_flops for r in self.rows)
+
     def row(self, name: str) -> LayerRow:
         for r in self.rows:
             if r.name == name:
@@ -295,21 +306,25 @@ class ModelSummary:
 
     def __str__(self) -> str:
         base = {r.name: r for r in self.baseline.rows} if self.baseline is not None else None
-        head = ["layer", "kind", "in", "out", "params", "flops/ex"] + (["params x", "flops x"] if base else [])
+        head = ["layer", "kind", "in", "out", "params", "flops/ex", "inference*"] + (
+            ["params x", "flops x"] if base else [])
         body = []
         for r in self.rows:
-            line = [r.name, r.kind, str(r.in_features), str(r.out_features), f"{r.params:,}", f"{r.flops:,}"]
+            line = [r.name, r.kind, str(r.in_features), str(r.out_features), f"{r.params:,}", f"{r.flops:,}",
+                    f"{r.inference_flops:,}"]
             if base is not None:
                 b = base.get(r.name)
                 line += [_ratio(r.params, b.params), _ratio(r.flops, b.flops)] if b else ["-", "-"]
             body.append(line)
-        total = ["total", "", "", "", f"{self.params:,}", f"{self.flops:,}"]
+        total = ["total", "", "", "", f"{self.params:,}", f"{self.flops:,}", f"{self.inference_flops:,}"]
         if base is not None:
             total += [_ratio(self.params, self.baseline.params), _ratio(self.flops, self.baseline.flops)]
         widths = [max(len(row[i]) for row in [head, *body, total]) for i in range(len(head))]
         fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         rule = "-" * len(fmt(head))
         lines = [fmt(head), rule, *map(fmt, body), rule, fmt(total)]
+        lines.append("flops/ex: forward FLOPs per example in training (and in inference outside es.inference_cache); "
+                     "inference*: a no-grad batch of at most dense_rows rows inside es.inference_cache")
         lines.append(f"model parameters (all, biases and norms included): {self.model_params:,}")
         if self.baseline is not None:
             lines[-1] += f" ({_ratio(self.model_params, self.baseline.model_params)} of baseline)"
@@ -338,14 +353,16 @@ def summary(model: nn.Module, baseline: ModelSummary | None = None) -> ModelSumm
             inside.update(id(c) for c in m.modules() if c is not m)
             kind = (f"btt_moe(E={m.num_experts},k={m.active},{m.dispatch})" if isinstance(m, BTTMoE)
                     else f"moe(E={m.num_experts},k={m.active},{m.dispatch})")
-            rows.append(LayerRow(name, kind, m.in_features, m.out_features, m.params, int(m.flops(1))))
+            rows.append(LayerRow(name, kind, m.in_features, m.out_features, m.params, int(m.flops(1)),
+                                 int(m.flops(1))))
         elif isinstance(m, StructuredLinear):
             st = m.structure
             kind = st.spec.label or st.spec.einsum
-            rows.append(LayerRow(name, kind, m.in_features, m.out_features, st.params, int(m.flops(1))))
+            rows.append(LayerRow(name, kind, m.in_features, m.out_features, st.params,
+                                 m.flops(1, training=True), m.flops(1, training=False, cached=True)))
         elif isinstance(m, nn.Linear):
             rows.append(LayerRow(name, "dense", m.in_features, m.out_features, m.in_features * m.out_features,
-                                 2 * m.in_features * m.out_features))
+                                 2 * m.in_features * m.out_features, 2 * m.in_features * m.out_features))
     total = sum(p.numel() for p in model.parameters())
     return ModelSummary(rows=tuple(rows), model_params=total, baseline=baseline)
 

@@ -437,7 +437,9 @@ def _linear(d_in: int, d_out: int, spec, zero: bool, factory: dict, **kwargs) ->
         if zero:
             nn.init.zeros_(lin.weight)
         return lin
-    return StructuredLinear(d_in, d_out, spec, bias=False, zero_init=zero, **kwargs, **factory)
+    lin = StructuredLinear(d_in, d_out, spec, bias=False, zero_init=zero, **kwargs, **factory)
+    lin.dense_rows = 0  # an expert's row count depends on the routing: one path, whatever it gets
+    return lin
 
 
 def _linear_flops(m: nn.Module, rows: int) -> int:
