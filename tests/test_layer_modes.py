@@ -110,7 +110,7 @@ def test_inference_cache_takes_a_model_and_nests():
             assert model[0]._cache  # the outer scope still holds it
             torch.testing.assert_close(model(x), ref)
     assert model[0]._cache == {} and model[2]._cache == {}
-    with pytest.raises(es.SpecError, match="nn.Module"):
+    with pytest.raises(es.SpecError, match=r"nn\.Module"):
         with es.inference_cache("not a model"):
             pass
 
