@@ -182,3 +182,21 @@ def test_moe_flops_equal_the_counter_in_every_mode(spec, dispatch):
                         assert layer.flops(512) == n
                 else:
                     assert layer.flops(512) == counted(lambda: layer(x))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+@pytest.mark.parametrize("kind", ["btt_moe", "moe_btt", "moe_dense"])
+def test_moe_layers_run_under_bf16_autocast_in_both_grad_modes(kind, dispatch, grad):
+    make = {"btt_moe": lambda: es.BTTMoE(64, 64, experts=4, active=2, dispatch=dispatch),
+            "moe_btt": lambda: es.MoE(64, 64, experts=4, active=2, spec="btt", dispatch=dispatch),
+            "moe_dense": lambda: es.MoE(64, 64, experts=4, active=2, dispatch=dispatch)}
+    layer = make[kind]()
+    x = torch.randn(33, 64)
+    with torch.no_grad():
+        ref = layer(x)
+    with torch.set_grad_enabled(grad), es.inference_cache(layer), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert counted(lambda: layer(x)) == layer.flops(33)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).norm() / ref.norm() < 2e-2
