@@ -72,13 +72,9 @@ class _MLP(nn.Module):
             self.hidden = StructuredLinear(width, width, spec, bias=False, device=device)
         self.out = nn.Linear(width, 1, device=device)
         if device is None or torch.device(device).type != "meta":
-            with torch.no_grad():
-                for lin in (self.inp, self.hidden) if spec is None else (self.inp,):
-                    d_out, d_in = lin.weight.shape
-                    lin.weight.normal_(0.0, math.sqrt(min(d_in, d_out)) / d_in)  # muP spectral init
-                self.inp.bias.zero_()
-                self.out.weight.zero_()
-                self.out.bias.zero_()
+            from .mup import mup_init
+
+            mup_init(self)  # spectral init of the dense layers, zero biases, the output layer at zero
 
     def features(self, x):
         return torch.relu(self.hidden(torch.relu(self.inp(x))))

@@ -1,4 +1,6 @@
-"""structure(): which nn.Linear modules each select mode replaces, and how; summary(): costs per layer."""
+"""structure(): which nn.Linear modules each select mode replaces, and how; summary(): costs per layer.
+
+Conv1D, weight ties, warnings and the default selection: test_dropin.py."""
 
 import re
 
@@ -142,7 +144,8 @@ def test_multihead_attention_projections_stay_dense():
             self.mha = nn.MultiheadAttention(64, 4, batch_first=True)
             self.proj = nn.Linear(64, 64)
 
-    model = es.structure(Attn(), BTT, "all")
+    with pytest.warns(UserWarning, match=r"'mha' \(nn\.MultiheadAttention"):  # matched, but left dense
+        model = es.structure(Attn(), BTT, "all")
     assert isinstance(model.proj, StructuredLinear)
     assert isinstance(model.mha.out_proj, nn.Linear)
 

@@ -68,14 +68,18 @@ def test_adam_core_rates_are_dense_rate_times_closed_form_kappa(key):
     torch.manual_seed(0)
     model = Net(D, spec)
     r = rates(es.param_groups(model, LR, base=meta_base(), weight_decay=0.1, input_lr_mult=0.1))
+    # weight decay is divided by the muP multiplier (scale_weight_decay=True): lr x wd = LR x 0.1 everywhere
     for core, k in kappa.items():
-        assert r[f"hidden.{core}"] == (pytest.approx(LR * D0 / D * k, rel=1e-12), 0.1)
+        mult = D0 / D * k
+        assert r[f"hidden.{core}"] == (pytest.approx(LR * mult, rel=1e-12), pytest.approx(0.1 / mult, rel=1e-12))
     assert r["inp.weight"] == (pytest.approx(LR * 0.1), 0.1)  # input layer: fan-in fixed, times input_lr_mult
-    assert r["head.weight"] == (pytest.approx(LR * D0 / D), 0.1)  # output layer: base_fan_in / fan_in
+    assert r["head.weight"] == (pytest.approx(LR * D0 / D), pytest.approx(0.1 * D / D0))  # base_fan_in / fan_in
     for name in ("inp.bias", "hidden.bias", "head.bias", "norm.weight", "norm.bias", "custom.scale"):
         assert r[name] == (pytest.approx(LR), 0.0)
     assert r["custom.mix"] == (pytest.approx(LR), 0.1)
     assert set(r) == {n for n, _ in model.named_parameters()}
+    plain = rates(es.param_groups(model, LR, base=meta_base(), weight_decay=0.1, scale_weight_decay=False))
+    assert {wd for _, wd in plain.values()} == {0.0, 0.1}
 
 
 def test_dense_hidden_layer_gets_base_fan_in_over_fan_in():
@@ -153,8 +157,8 @@ def test_groups_are_merged_and_accepted_by_torch_optimizers():
     groups = es.param_groups(model, LR, base=meta_base(), weight_decay=0.1)
     keys = [(g["lr"], g.get("weight_decay")) for g in groups]
     assert len(keys) == len(set(keys))
-    # inp (1), cores (kappa 8 at 64/256 -> 2), head (1/4) decayed; then the no-decay group at lr
-    assert sorted(keys) == sorted([(LR, 0.1), (LR * 2, 0.1), (LR / 4, 0.1), (LR, 0.0)])
+    # inp (1), cores (kappa 8 at 64/256 -> 2), head (1/4) decayed with wd / multiplier; the no-decay group at lr
+    assert sorted(keys) == sorted([(LR, 0.1), (LR * 2, 0.05), (LR / 4, 0.4), (LR, 0.0)])
     x = torch.randn(8, 16)
     for opt in (torch.optim.AdamW(groups), torch.optim.SGD(es.param_groups(model, LR, optimizer="sgd"))):
         loss = model(x).square().mean()
@@ -205,8 +209,12 @@ def test_user_mistakes_raise_spec_error():
     wrong.hidden = nn.Embedding(D0, D0, device="meta")
     with pytest.raises(es.SpecError, match="'hidden' is a StructuredLinear in the model but a Embedding in base"):
         es.param_groups(model, LR, base=wrong)
-    with pytest.raises(es.SpecError, match="input_lr_mult needs base"):
-        es.param_groups(model, LR, input_lr_mult=0.1)
+    with pytest.raises(es.SpecError, match="module 'hidden' of the model is not in delta"):
+        es.param_groups(model, LR, base=meta_base(), delta=Other(), input_lr_mult=0.1)
+    with pytest.raises(es.SpecError, match=r"delta must be an nn\.Module"):
+        es.param_groups(model, LR, delta="wide")
+    with pytest.raises(es.SpecError, match="scale_weight_decay must be True or False"):
+        es.param_groups(model, LR, scale_weight_decay="yes")
     with pytest.raises(es.SpecError, match="optimizer 'lion'"):
         es.param_groups(model, LR, optimizer="lion")
     for bad in (0, -1.0, float("nan"), "3e-3"):

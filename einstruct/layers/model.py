@@ -1,19 +1,40 @@
-"""Whole-model tools: structure() swaps nn.Linear modules for StructuredLinear; summary() tabulates them.
+"""Whole-model tools: structure() swaps linear layers for StructuredLinear; summary() tabulates them.
 
-    model = es.structure(model, es.presets.btt(rank=1), select="all_but_last")
+    model = es.structure(model, es.presets.btt(rank=1))          # every linear layer but the output head
     before = es.summary(dense_model); print(es.summary(model, baseline=before))
 
-``select`` picks the nn.Linear modules to replace, in module registration order:
+structure() replaces ``nn.Linear`` modules and GPT-2 style ``Conv1D`` modules (Hugging Face transformers'
+``transformers.pytorch_utils.Conv1D``, or any module of that class name with an int ``nf`` and a weight of
+shape (nx, nf), applied as ``x @ weight + bias``: its weight is stored transposed).
 
-- ``"all"``, ``"all_but_last"`` (keep the last nn.Linear, usually the output head), ``"intermediate"``
-  (keep the first and the last);
+``select`` picks among the model's *matmul layers*, in module registration order: every nn.Linear and
+Conv1D, plus the modules that compute a matmul from a weight of their own in a way structure() cannot
+replace (nn.MultiheadAttention with its packed ``in_proj_weight``, recurrent layers, and unknown modules
+with a 2-D ``*weight*`` parameter). Embeddings, norms and already structured layers are not matmul
+layers. ``select`` is:
+
+- ``"all_but_last"`` (the default: keep the last matmul layer, the output head, dense, as THEORY 4's muP
+  setup does), ``"all"``, ``"intermediate"`` (keep the first and the last);
 - a glob pattern on the qualified module name (``"blocks.*.mlp.*"``, :func:`fnmatch.fnmatchcase`) or a
   compiled regex (``re.compile(r"blocks\\.\\d+\\.attn\\..*")``, must match the whole name);
-- a callable ``(name, module) -> bool | Spec | str | None``: True uses ``spec``, a Spec (or a preset
-  name) gives that layer its own structure, False or None keeps the layer dense.
+- a callable ``(name, module) -> bool | Spec | str | None``, called for each nn.Linear and Conv1D module
+  (a Conv1D has ``nx``/``nf``, not ``in_features``/``out_features``): True uses ``spec``, a Spec (or a
+  preset name) gives that layer its own structure, False or None keeps the layer dense.
 
-nn.Linear modules owned by nn.MultiheadAttention are never replaced (it reads their weights directly),
-and neither are the routers of MoE layers or anything inside a BTTMoE.
+What the selection matches but structure() leaves dense is named in one ``UserWarning``:
+
+- modules it cannot replace (above); the nn.Linear modules inside nn.MultiheadAttention are never
+  replaced (it reads their weights directly), and neither are the routers of MoE layers or anything
+  inside a BTTMoE (those are kept dense on purpose, without a warning);
+- layers whose weight (or bias) is tied to another module's parameter, such as a language-model head
+  sharing the token embedding (Hugging Face ``tie_word_embeddings=True``): replacing one would silently
+  untie it. ``tied="untie"`` replaces them anyway: the new layer gets its own structured weights and the
+  other module keeps the old parameter, so the two train apart from then on.
+
+Layers that the selection keeps dense on purpose (the head under ``"all_but_last"``, names a pattern does
+not match, a callable's False) are not warned about; only when a mode keeps every matmul layer of the
+model (a model with a single linear layer) does structure() warn that it replaced nothing. A model that is
+itself an nn.Linear or Conv1D is replaced under every mode.
 
 ``moe=`` (an :class:`einstruct.MoEConfig`, a dict of its fields, or the number of experts) replaces each
 selected layer with an MoE layer instead: a :class:`einstruct.BTTMoE` (``kind='btt'``, the default; spec
@@ -29,6 +50,8 @@ import fnmatch
 import inspect
 import logging
 import re
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
@@ -45,6 +68,7 @@ from .moe import MOE_LAYERS, BTTMoE, MoE, MoEConfig, is_btt_expert_spec
 log = logging.getLogger(__name__)
 
 MODES = ("all", "all_but_last", "intermediate")
+TIED = ("skip", "untie")
 Select = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], object]]
 _SELECT_HELP = (
     "select must be 'all', 'all_but_last', 'intermediate', a glob pattern on module names such as "
@@ -52,19 +76,26 @@ _SELECT_HELP = (
 )
 
 
-def structure(model: nn.Module, spec, select: Select = "all", *, copy_weights: bool = False, moe=None,
-              **layer_kwargs):
-    """Replace the selected nn.Linear modules of ``model`` with StructuredLinear, in place; returns the model.
+def structure(model: nn.Module, spec, select: Select = "all_but_last", *, copy_weights: bool = False,
+              tied: str = "skip", moe=None, **layer_kwargs):
+    """Replace the selected nn.Linear and Conv1D modules of ``model`` with StructuredLinear, in place;
+    returns the model (see the module docstring for ``select``, ``tied`` and the warnings).
 
-    New layers keep the device, dtype, bias presence, training mode and requires_grad of the layers they
-    replace. Weights are not copied unless ``copy_weights=True`` (then the closest structured matrix,
-    :func:`einstruct.from_dense`). A layer whose weight is all zeros is replaced with ``zero_init=True``.
-    Every replacement is built before any is swapped in, so an error leaves the model unchanged.
-    ``layer_kwargs`` go to StructuredLinear (or to the MoE layer with ``moe=``). If ``model`` itself is a
-    selected nn.Linear, the new layer is returned instead.
+    The default ``select="all_but_last"`` keeps the output head dense (THEORY 4: muP treats the head as
+    a dense readout with its own rule; a structured head is a choice to make on purpose, with
+    ``select="all"``). New layers keep the device, dtype, bias presence, training mode and requires_grad
+    of the layers they replace. Weights are not copied unless ``copy_weights=True`` (then the closest
+    structured matrix, :func:`einstruct.from_dense`, of the layer's (out, in) matrix: a Conv1D's weight
+    is transposed first). A layer whose weight is all zeros is replaced with ``zero_init=True``. Every
+    replacement is built before any is swapped in, so an error leaves the model unchanged.
+    ``layer_kwargs`` go to StructuredLinear (or to the MoE layer with ``moe=``). If ``model`` itself is
+    an nn.Linear or Conv1D, the new layer is returned instead.
     """
     if not isinstance(model, nn.Module):
         raise SpecError(f"structure() needs an nn.Module, got {type(model).__name__}")
+    if tied not in TIED:
+        raise SpecError(f"tied must be 'skip' (leave weight-tied layers dense, with a warning) or 'untie' "
+                        f"(replace them, breaking the tie); got {tied!r}")
     cfg = None if moe is None else MoEConfig.of(moe)
     _check_layer_kwargs(layer_kwargs, cfg)
     if cfg is not None and copy_weights:
@@ -78,21 +109,61 @@ def structure(model: nn.Module, spec, select: Select = "all", *, copy_weights: b
         default = presets.dense() if spec is None else _as_spec(spec, "spec")
     else:
         default = None if spec is None else _as_spec(spec, "spec")
-    chosen = _select(_linears(model), default, select)
+    layers = matmul_layers(model)
+    chosen, unsupported, kept_all = _select(layers, default, select, model)
+    ties = _ties(model)
+    tied_left = []
+    if tied == "skip":
+        tied_left = [(n, ties[id(m)]) for n, m, _ in chosen if id(m) in ties]
+        chosen = [(n, m, sp) for n, m, sp in chosen if id(m) not in ties]
     built: dict[int, nn.Module] = {}
     for name, lin, sp in chosen:
         if cfg is None:
             built[id(lin)] = _replacement(name or "<root>", lin, sp, copy_weights, layer_kwargs)
         else:
             built[id(lin)] = _moe_replacement(name or "<root>", lin, sp, cfg, layer_kwargs)
+    _warn(select, unsupported, tied_left, kept_all, layers)
+    if tied == "untie":
+        broken = [f"{n!r} (shared with {', '.join(map(repr, ties[id(m)]))})" for n, m, _ in chosen if id(m) in ties]
+        if broken:
+            log.info("structure(): tied='untie' broke the weight ties of %s", ", ".join(broken))
     if id(model) in built:
         return built[id(model)]
     for parent in model.modules():
         for key, child in list(parent._modules.items()):
             if child is not None and id(child) in built:
                 parent._modules[key] = built[id(child)]
-    log.info("structure(): replaced %d nn.Linear modules", len(built))
+    log.info("structure(): replaced %d linear layers", len(built))
     return model
+
+
+def _warn(select, unsupported, tied_left, kept_all, layers) -> None:
+    if unsupported:
+        listed = "; ".join(f"{n or '<root>'!r} ({why})" for n, why in unsupported)
+        warnings.warn(
+            f"structure(): select={_select_name(select)} matched {len(unsupported)} module(s) that structure() "
+            f"cannot replace, left dense: {listed}. To structure them, write them with nn.Linear layers (for "
+            "attention: separate q, k, v and output nn.Linear projections); to silence this, select names "
+            "that leave them out", UserWarning, stacklevel=3)
+    if tied_left:
+        listed = "; ".join(f"{n or '<root>'!r} (shared with {', '.join(map(repr, others))})" for n, others in tied_left)
+        warnings.warn(
+            f"structure(): left {len(tied_left)} weight-tied layer(s) dense, since replacing them would silently "
+            f"untie their parameters: {listed}. Pass tied='untie' to structure them anyway (each gets its own "
+            "weights and the tie is broken), or leave them out of select to silence this",
+            UserWarning, stacklevel=3)
+    if kept_all:
+        names = ", ".join(repr(n) for n, _, _ in layers)
+        warnings.warn(
+            f"structure(): select={select!r} keeps {names} dense and the model has no other dense matmul layer "
+            "(layers structured before do not count), so nothing was structured; use select='all' to structure "
+            "them", UserWarning, stacklevel=3)
+
+
+def _select_name(select) -> str:
+    if isinstance(select, re.Pattern):
+        return f"re.compile({select.pattern!r})"
+    return repr(select) if isinstance(select, str) else type(select).__name__
 
 
 _BTT_ONLY = ("moe= with kind 'btt' makes each layer a BTT-MoE, whose experts are rank-1 BTTs, so spec must be None, "
@@ -139,48 +210,147 @@ def _as_spec(value, what: str) -> Spec:
     )
 
 
-def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear modules in registration order, minus those owned by nn.MultiheadAttention, MoE routers
-    and anything inside a BTTMoE."""
-    skip = set()
+# ---- which modules are linear layers ---------------------------------------------------------------
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """A GPT-2 style Conv1D: transformers' class (when transformers is loaded), or any module named Conv1D
+    with an int ``nf`` and a 2-D weight of shape (nx, nf), applied as ``x @ weight + bias``."""
+    loaded = sys.modules.get("transformers.pytorch_utils")  # only ever imported by the model's own code
+    cls = getattr(loaded, "Conv1D", None)
+    if not (isinstance(cls, type) and isinstance(m, cls)) and type(m).__name__ != "Conv1D":
+        return False
+    w = m._parameters.get("weight")
+    nf = getattr(m, "nf", None)
+    return (isinstance(nf, int) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == nf
+            and not isinstance(w, nn.parameter.UninitializedParameter))
+
+
+def is_linear(m: nn.Module) -> bool:
+    """A dense layer structure() can replace: an nn.Linear or a Conv1D (see :func:`is_conv1d`)."""
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def fans(m: nn.Module) -> tuple[int, int]:
+    """(fan_in, fan_out) of an nn.Linear, Conv1D, StructuredLinear or MoE layer."""
+    if is_conv1d(m):
+        nx, nf = m._parameters["weight"].shape
+        return int(nx), int(nf)
+    return int(m.in_features), int(m.out_features)
+
+
+def dense_weight(m: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix of an nn.Linear or Conv1D (a Conv1D stores its transpose)."""
+    return m.weight.t() if is_conv1d(m) else m.weight
+
+
+def _cannot(m: nn.Module) -> str | None:
+    """Why ``m`` computes a matmul from a weight of its own that structure() cannot replace; None if it does not."""
+    kind = type(m).__name__
+    if isinstance(m, nn.MultiheadAttention):
+        return ("nn.MultiheadAttention: its forward reads the packed in_proj_weight (or q/k/v_proj_weight) and "
+                "out_proj.weight itself")
+    if isinstance(m, nn.RNNBase):
+        return f"nn.{kind}: its weight_ih/weight_hh matrices are read by the fused recurrent kernel"
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag, StructuredLinear, *MOE_LAYERS)):
+        return None
+    if "Embedding" in kind or "Norm" in kind:  # lookups and gains, not matmuls
+        return None
+    for pname, p in m._parameters.items():
+        if (isinstance(p, torch.Tensor) and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() == 2
+                and "weight" in pname.lower()):
+            return f"{kind}, a module type structure() does not know, with a 2-D parameter {pname!r}"
+    return None
+
+
+def matmul_layers(model: nn.Module) -> list[tuple[str, nn.Module, str | None]]:
+    """The model's matmul layers in registration order: ``(name, module, None)`` for each nn.Linear and
+    Conv1D that structure() can replace, ``(name, module, why)`` for each module that computes a matmul
+    from a weight of its own in a way structure() cannot replace.
+
+    Left out: embeddings, norms, StructuredLinear and MoE layers, the insides of nn.MultiheadAttention and
+    BTTMoE, and MoE routers.
+    """
+    skip: set[int] = set()
+    out = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            skip.update(id(c) for c in m.modules() if c is not m)
-            log.debug("structure(): keeping the projections of nn.MultiheadAttention %r dense", name)
-        elif isinstance(m, BTTMoE):
+        if id(m) in skip:
+            continue
+        if isinstance(m, (nn.MultiheadAttention, BTTMoE, StructuredLinear)):
             skip.update(id(c) for c in m.modules() if c is not m)
         elif isinstance(m, MoE):
             skip.add(id(m.router))
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in skip]
+        if isinstance(m, (BTTMoE, MoE, StructuredLinear)):
+            continue
+        if is_linear(m):
+            out.append((name, m, None))
+        else:
+            why = _cannot(m)
+            if why is not None:
+                out.append((name, m, why))
+    return out
 
 
-def _select(linears, default: Spec | None, select) -> list[tuple[str, nn.Linear, Spec]]:
-    names = [n for n, _ in linears]
+def _ties(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> names of the other modules that hold its weight or bias, for every module whose
+    direct weight or bias is a parameter of another module too."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name or "<root>", m))
+    out: dict[int, list[str]] = {}
+    for m in model.modules():
+        if not is_linear(m):
+            continue
+        others = []
+        for key in ("weight", "bias"):
+            p = m._parameters.get(key)
+            if p is not None:
+                others += [n for n, o in owners.get(id(p), ()) if o is not m and n not in others]
+        if others:
+            out[id(m)] = others
+    return out
+
+
+def _select(layers, default: Spec | None, select, root: nn.Module):
+    """(the chosen replaceable layers as (name, module, spec), the matched layers that cannot be replaced as
+    (name, why), whether a mode kept every layer of a model that has some)."""
+    names = [n for n, _, _ in layers]
 
     def need_default(name: str) -> Spec:
         if default is None:
             raise SpecError(f"module {name!r} was selected but spec is None; give a spec, or return one from select")
         return default
 
+    def split(hits):
+        ok = [(n, m, need_default(n)) for n, m, why in hits if why is None]
+        return ok, [(n, why) for n, _, why in hits if why is not None]
+
     if isinstance(select, str) and select in MODES:
-        keep = {"all": linears, "all_but_last": linears[:-1], "intermediate": linears[1:-1]}[select]
-        return [(n, m, need_default(n)) for n, m in keep]
+        if len(layers) == 1 and layers[0][1] is root:  # a bare layer has no head to keep
+            return (*split(layers), False)
+        hits = {"all": layers, "all_but_last": layers[:-1], "intermediate": layers[1:-1]}[select]
+        kept_all = not hits and any(why is None for _, _, why in layers)
+        return (*split(hits), kept_all)
     if isinstance(select, (str, re.Pattern)):
         if isinstance(select, str):
-            hits = [(n, m) for n, m in linears if fnmatch.fnmatchcase(n, select)]
+            hits = [x for x in layers if fnmatch.fnmatchcase(x[0], select)]
         else:
-            hits = [(n, m) for n, m in linears if select.fullmatch(n)]
+            hits = [x for x in layers if select.fullmatch(x[0])]
         if not hits:
             shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
             pat = select if isinstance(select, str) else select.pattern
             raise SpecError(
-                f"select {pat!r} matches no nn.Linear module (names are {shown or 'none'}); "
+                f"select {pat!r} matches no nn.Linear or Conv1D module (names are {shown or 'none'}); "
                 f"fix the pattern, or use one of {', '.join(MODES)}"
             )
-        return [(n, m, need_default(n)) for n, m in hits]
+        return (*split(hits), False)
     if callable(select):
         out = []
-        for n, m in linears:
+        for n, m, why in layers:
+            if why is not None:
+                continue
             got = select(n, m)
             if got is None or got is False:
                 continue
@@ -192,24 +362,26 @@ def _select(linears, default: Spec | None, select) -> list[tuple[str, nn.Linear,
                 raise SpecError(
                     f"select({n!r}, module) returned {type(got).__name__}; return True/False, None or a Spec"
                 )
-        return out
+        return out, [], False
     raise SpecError(f"{_SELECT_HELP}; got {type(select).__name__}")
 
 
-def _source(name: str, lin: nn.Linear, kwargs: dict) -> tuple[torch.Tensor, dict, bool, str]:
-    """The replaced layer's weight, the new module's keyword arguments (its device and dtype unless given),
-    whether the weight is all zeros (then the new module is zero-initialised), and a name for errors."""
+def _source(name: str, lin: nn.Module, kwargs: dict) -> tuple[torch.Tensor, dict, bool, str]:
+    """The replaced layer's (out, in) weight, the new module's keyword arguments (its device and dtype unless
+    given), whether the weight is all zeros (then the new module is zero-initialised), and a name for errors."""
     if isinstance(lin, nn.modules.lazy.LazyModuleMixin) and lin.has_uninitialized_params():
         raise SpecError(f"module {name!r} is an uninitialised LazyLinear; run one forward pass before structure()")
-    w = lin.weight
+    w = dense_weight(lin)
     kw = dict(kwargs)
     kw.setdefault("device", w.device)
     kw.setdefault("dtype", w.dtype)
     zero = not w.is_meta and not bool(torch.any(w != 0))
-    return w, kw, zero, f"module {name!r} (Linear {lin.in_features} -> {lin.out_features})"
+    d_in, d_out = fans(lin)
+    kind = "Conv1D" if is_conv1d(lin) else "Linear"
+    return w, kw, zero, f"module {name!r} ({kind} {d_in} -> {d_out})"
 
 
-def _like(new: nn.Module, lin: nn.Linear) -> nn.Module:
+def _like(new: nn.Module, lin: nn.Module) -> nn.Module:
     """``new`` in ``lin``'s training mode, frozen if ``lin``'s weight was."""
     new.train(lin.training)
     if not lin.weight.requires_grad:
@@ -217,40 +389,43 @@ def _like(new: nn.Module, lin: nn.Linear) -> nn.Module:
     return new
 
 
-def _replacement(name: str, lin: nn.Linear, spec: Spec, copy_weights: bool, kwargs: dict) -> nn.Module:
+def _replacement(name: str, lin: nn.Module, spec: Spec, copy_weights: bool, kwargs: dict) -> nn.Module:
     w, kw, zero, what = _source(name, lin, kwargs)
+    d_in, d_out = fans(lin)
+    bias = getattr(lin, "bias", None)
     try:
         if copy_weights and not zero:
             if w.is_meta:
                 raise SpecError("copy_weights=True needs real weights, but they are on the meta device")
             from .projection import from_dense
 
-            new = from_dense(w, spec, bias=lin.bias, **kw)
+            new = from_dense(w, spec, bias=bias, **kw)
         else:
             if zero:
                 kw["zero_init"] = True
-            new = StructuredLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None, **kw)
-            if copy_weights and lin.bias is not None:
+            new = StructuredLinear(d_in, d_out, spec, bias=bias is not None, **kw)
+            if copy_weights and bias is not None:
                 with torch.no_grad():
-                    new.bias.copy_(lin.bias)
+                    new.bias.copy_(bias)
     except SpecError as e:
         raise SpecError(f"cannot structure {what} with {spec.label or spec.einsum}: {e}") from e
     return _like(new, lin)
 
 
-def _moe_replacement(name: str, lin: nn.Linear, spec: Spec, cfg: MoEConfig, kwargs: dict) -> nn.Module:
+def _moe_replacement(name: str, lin: nn.Module, spec: Spec, cfg: MoEConfig, kwargs: dict) -> nn.Module:
     _, kw, zero, what = _source(name, lin, kwargs)
     if zero:
         kw["zero_init"] = True
-    common = dict(experts=cfg.experts, active=cfg.active, bias=lin.bias is not None, dispatch=cfg.dispatch)
+    d_in, d_out = fans(lin)
+    common = dict(experts=cfg.experts, active=cfg.active, bias=getattr(lin, "bias", None) is not None,
+                  dispatch=cfg.dispatch)
     try:
         if cfg.kind == "btt":
             if not is_btt_expert_spec(spec):
                 raise SpecError(_BTT_ONLY.format(got=_spec_name(spec)))
-            new = BTTMoE(lin.in_features, lin.out_features, **common, **kw)
+            new = BTTMoE(d_in, d_out, **common, **kw)
         else:
-            new = MoE(lin.in_features, lin.out_features, hidden=cfg.hidden_ratio * lin.in_features, spec=spec,
-                      **common, **kw)
+            new = MoE(d_in, d_out, hidden=cfg.hidden_ratio * d_in, spec=spec, **common, **kw)
     except SpecError as e:
         raise SpecError(f"cannot make {what} a {cfg.label}: {e}") from e
     return _like(new, lin)
