@@ -14,14 +14,16 @@ from __future__ import annotations
 from torch import nn
 
 import einstruct as es
+from einstruct.layers.model import fans, is_linear
 
 
 def linear_forward_flops(module: nn.Module, rows: int) -> int:
-    """Forward FLOPs of one nn.Linear or StructuredLinear applied to ``rows`` rows."""
-    if isinstance(module, nn.Linear):
-        return 2 * rows * module.in_features * module.out_features
+    """Forward FLOPs of one nn.Linear (or GPT-2 Conv1D) or StructuredLinear applied to ``rows`` rows."""
+    if is_linear(module):
+        d_in, d_out = fans(module)
+        return 2 * rows * d_in * d_out
     if isinstance(module, es.StructuredLinear):
-        return int(module.flops(rows))
+        return int(module.flops(rows, training=True))
     raise TypeError(f"not a linear layer: {type(module).__name__}")
 
 
@@ -45,6 +47,6 @@ def model_train_flops(model: nn.Module, rows: int, data_fed: frozenset[str] = fr
         if isinstance(m, (es.BTTMoE, es.MoE)):
             inside.update(id(c) for c in m.modules() if c is not m)
             total += m.train_flops(rows, input_needs_grad=name not in data_fed)
-        elif isinstance(m, (nn.Linear, es.StructuredLinear)):
+        elif is_linear(m) or isinstance(m, es.StructuredLinear):
             total += linear_train_flops(m, rows, input_needs_grad=name not in data_fed)
     return total

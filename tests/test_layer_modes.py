@@ -200,3 +200,19 @@ def test_moe_layers_run_under_bf16_autocast_in_both_grad_modes(kind, dispatch, g
         assert counted(lambda: layer(x)) == layer.flops(33)
     assert y.dtype == torch.bfloat16
     assert (y.float() - ref).norm() / ref.norm() < 2e-2
+
+
+def test_summary_and_training_flops_count_gpt2_conv1d():
+    from search.flops import model_train_flops
+
+    from .test_dropin import Conv1D
+
+    model = torch.nn.Sequential(Conv1D(48, 32), torch.nn.GELU(), StructuredLinear(48, 16, P.kron()))
+    s = es.summary(model)
+    assert (s.row("0").in_features, s.row("0").out_features, s.row("0").flops) == (32, 48, 2 * 32 * 48)
+    x = torch.randn(7, 32)
+    with FlopCounterMode(display=False) as fc:
+        model(x).sum().backward()  # the Conv1D is fed by data: no input gradient for it
+    assert model_train_flops(model, 7, data_fed=frozenset({"0"})) == fc.get_total_flops()
+    with torch.no_grad():
+        assert model_train_flops(model, 7, data_fed=frozenset({"0"})) == fc.get_total_flops()

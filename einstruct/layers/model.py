@@ -535,9 +535,9 @@ def summary(model: nn.Module, baseline: ModelSummary | None = None) -> ModelSumm
             kind = st.spec.label or st.spec.einsum
             rows.append(LayerRow(name, kind, m.in_features, m.out_features, st.params,
                                  m.flops(1, training=True), m.flops(1, training=False, cached=True)))
-        elif isinstance(m, nn.Linear):
-            rows.append(LayerRow(name, "dense", m.in_features, m.out_features, m.in_features * m.out_features,
-                                 2 * m.in_features * m.out_features, 2 * m.in_features * m.out_features))
+        elif is_linear(m):  # nn.Linear or GPT-2's Conv1D
+            d_in, d_out = fans(m)
+            rows.append(LayerRow(name, "dense", d_in, d_out, d_in * d_out, 2 * d_in * d_out, 2 * d_in * d_out))
     total = sum(p.numel() for p in model.parameters())
     return ModelSummary(rows=tuple(rows), model_params=total, baseline=baseline)
 
