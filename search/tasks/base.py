@@ -103,16 +103,18 @@ class Task:
                 es.structure(model, spec, select=self.select)
         return model
 
-    def base_model(self, moe: es.MoEConfig | None = None) -> nn.Module:
-        """The dense architecture (with the same standard-MoE FFNs, if any) at the base width on the meta
-        device, for muP rates."""
+    def base_model(self, moe: es.MoEConfig | None = None, width: int | None = None) -> nn.Module:
+        """The dense architecture (with the same standard-MoE FFNs, if any) at the base width (or ``width``)
+        on the meta device, for muP rates."""
+        width = self.base_width if width is None else width
         if moe is not None:
-            return self.make_model(self.base_width, device="meta", moe=moe)
-        return self.make_model(self.base_width, device="meta")
+            return self.make_model(width, device="meta", moe=moe)
+        return self.make_model(width, device="meta")
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        return es.param_groups(
-            model, lr, base=self.base_model(getattr(model, "moe_config", None)),
+        moe = getattr(model, "moe_config", None)
+        return es.param_groups(  # delta: the architecture at another width tells which fan-ins grow (mup's way)
+            model, lr, base=self.base_model(moe), delta=self.base_model(moe, width=2 * self.base_width),
             weight_decay=self.hyper.weight_decay, input_lr_mult=self.hyper.input_lr_mult,
         )
 

@@ -136,3 +136,21 @@ def test_cifar_pixels_are_shuffled_by_a_fixed_permutation(cifar_dir):
     assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.train_x, c.train_x)
     # the same pixels in another order
     assert torch.equal(a.train_x.sort(dim=1).values, c.train_x.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("width", [64, 128])
+@pytest.mark.parametrize("spec", [None, es.presets.btt(rank=1)], ids=["dense", "btt"])
+def test_cifar_input_rate_goes_to_the_input_layer_only(cifar_dir, spec, width):
+    # At the base width every layer once looked like an input layer and trained at 0.1x (issue 14, 6).
+    task = tasks.get("cifar", data=cifar_dir, batch=32, eval_size=48)
+    assert task.base_width == 64 and task.hyper.input_lr_mult == 0.1
+    model = task.build(spec, width)
+    lr = 1e-3
+    rates = {id(p): g["lr"] / lr for g in task.param_groups(model, lr) for p in g["params"]}
+    first = next(m for m in model.modules() if isinstance(m, (torch.nn.Linear, es.StructuredLinear)))
+    first_ids = {id(p) for p in first.parameters() if p.dim() >= 2}
+    for name, p in model.named_parameters():
+        if id(p) in first_ids:
+            assert rates[id(p)] <= 0.1 + 1e-12, name  # the layer fed by pixels (times kappa for cores)
+        elif p.dim() >= 2:
+            assert rates[id(p)] > 0.1 * 64 / width + 1e-12 or "head" in name, (name, rates[id(p)])
