@@ -1,7 +1,5 @@
 """`python -m einstruct`: see einstruct.cli."""
 
-import sys
+from .cli import main, run_command
 
-from .cli import main
-
-sys.exit(main())
+run_command(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import presets
@@ -20,6 +21,44 @@ EXAMPLES = """examples:
   python -m einstruct show theta --theta .5,0,.5,0,.5,.5,0 --d 1024 --json
   python -m einstruct list
 """
+
+
+PIPE_CLOSED = 141  # 128 + SIGPIPE: the status a shell reports for `yes | head -1`
+
+
+def closed_pipe() -> int:
+    """The reader of stdout went away (`python -m einstruct list | head -1`): not an error, so no message.
+
+    Points stdout at the null device, so that the flush at exit cannot fail a second time, and returns
+    PIPE_CLOSED, the status of a process ended by SIGPIPE: a script under `set -o pipefail` sees what it
+    sees for `cat` or `yes`, and a command whose output was cut short does not claim success. (SIGPIPE is
+    not reset to its default instead: that would also kill a search writing to a closed database socket.)
+    """
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError, AttributeError):
+        pass
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(fd, sys.stdout.fileno())
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured, or None): nothing to redirect
+        pass
+    return PIPE_CLOSED
+
+
+def run_command(main) -> None:
+    """``sys.exit(main())`` for a command line's ``__main__``, with a closed stdout ending it quietly: the output
+    is flushed here, where a BrokenPipeError can be caught, rather than at interpreter exit."""
+    try:
+        code = main()
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        code = closed_pipe()
+    sys.exit(code)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,9 +149,9 @@ def _json(st) -> dict:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "list":
-            for name, fn in presets.PRESETS.items():
-                print(f"{name:12s} {fn().einsum}")
+        if args.command == "list":  # each preset's einsum with its bond axes (a bond of size 1 is dropped)
+            for name, einsum, sizes in presets.listing():
+                print(f"{name:12s} {einsum:18s} {sizes}")
             return 0
         pick = lambda *vals: next(v for v in vals if v is not None)
         d_in = pick(args.d_in, args.d, 1024)
@@ -139,6 +178,8 @@ def main(argv=None) -> int:
             raise
         print(f"einstruct: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader closed the pipe (`... | head -1`): not a bug
+        return closed_pipe()
     except Exception as e:  # a bug, not bad input: still one line, unless --debug
         if args.debug:
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .errors import SpecError
 from .sizes import parse_size
 from .spec import Spec
@@ -70,6 +72,30 @@ PRESETS = {
 }
 
 
+SHOWN_RANK = 2  # any bond > 1 keeps its axis; the einsum's text is the same for every such rank
+
+
+def declared(name: str) -> Spec:
+    """A preset's Spec with every axis it declares, for display: the default bond (rank 1) is an axis of size 1,
+    which a Spec drops (so that low_rank() is 'i,i,o->o' and tt() is Kronecker); a rank of 2 keeps it. The
+    Spec's sizes are the preset's own, apart from that rank."""
+    fn = PRESETS[name]
+    return fn(rank=SHOWN_RANK) if "rank" in inspect.signature(fn).parameters else fn()
+
+
+def listing() -> list[tuple[str, str, str]]:
+    """(name, einsum with its bond axes, sizes and defaults) per preset, as `python -m einstruct list` shows it."""
+    rows = []
+    for name, fn in PRESETS.items():
+        spec, params = declared(name), inspect.signature(fn).parameters
+        sizes = ", ".join(f"{a}={'rank' if a == 'r' and 'rank' in params else s}" for a, s in spec.size_items)
+        defaults = ", ".join(f"{k}={p.default}" for k, p in params.items())
+        if "rank" in params and params["rank"].default == 1:
+            defaults += ", where r has size 1 and is dropped"
+        rows.append((name, spec.einsum, sizes + (f" (default {defaults})" if defaults else "")))
+    return rows
+
+
 def get(name: str, **kwargs) -> Spec:
     """A preset by name with its arguments (defaults: rank 1, 4 blocks)."""
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
@@ -79,7 +105,5 @@ def get(name: str, **kwargs) -> Spec:
     try:
         return PRESETS[key](**kwargs)
     except TypeError:
-        import inspect
-
         args = ", ".join(inspect.signature(PRESETS[key]).parameters) or "no arguments"
         raise SpecError(f"preset {key!r} takes {args}; got {', '.join(kwargs)}") from None

@@ -26,7 +26,7 @@ import einstruct as es
 
 from . import outputs, train
 from . import space as space_mod
-from .budget import Level, plan_levels
+from .budget import Level, check_plan, plan_levels
 from .errors import SearchError
 from .ledger import Ledger
 from .recovery import Heartbeat, Recovery, TrialLost, checkpoint_path, recover, retry_of
@@ -219,6 +219,8 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
             raise SearchError(f"cannot create the study folder {folder!r}: {e.strerror or e}; give a writable "
                               "folder with --out") from None
     task.prepare(int(cfg["seed"]))
+    feasible = check_plan(task, search_space, refs, float(cfg["budget"]), int(cfg["min_steps"]), int(cfg["levels"]),
+                          float(cfg["ratio"]), top)  # SearchError when no level can train any candidate
     est = {}
     if estimate or dry_run:
         est = probe(task, task.widths, cfg["device"])
@@ -226,7 +228,7 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
         est["seconds"] = float(cfg["budget"]) / est["flops_per_second"] + trials * est["seconds_per_trial"]
     result = SearchStudy(name, folder, cfg, levels, estimate=est)
     rep.plan({"study": name, "folder": folder, "settings": cfg, "levels": levels, "estimate": est,
-              "references": [r.label for r in refs], "dry_run": dry_run})
+              "references": [r.label for r in refs], "dry_run": dry_run, "feasibility": feasible})
     if dry_run:
         return result
 

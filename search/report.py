@@ -19,6 +19,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+from einstruct.cli import closed_pipe, run_command
+
 from . import frontier as fr
 from .errors import SearchError
 from .outputs import write_atomic
@@ -612,9 +614,12 @@ def main(argv=None) -> int:
         print(f"search.report: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, "
               "and please report it)", file=sys.stderr)
         return 1
-    print(f"report: {path}")
+    try:
+        print(f"report: {path}")
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): not a bug, end quietly
+        return closed_pipe()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -15,6 +15,9 @@ import logging
 import os
 import sys
 
+from einstruct.cli import closed_pipe, run_command
+
+from .budget import round_up
 from .errors import SearchError
 
 
@@ -75,6 +78,8 @@ class TqdmReporter:
         for lv in info["levels"]:
             print(f"{lv.index:5d} {lv.allowance:16.3e} {lv.trials:7d} {lv.planned_flops:12.3e}")
         print(f"references at every level: {', '.join(info['references'])}")
+        for line in feasibility_warnings(info.get("feasibility")):
+            print(line, file=sys.stderr)
         secs = est["seconds"]
         print(f"throughput probe: {est['flops_per_second']:.3g} FLOP/s, {est['seconds_per_trial']:.2f} s overhead "
               f"per trial -> estimated wall time {_human(secs)}")
@@ -114,6 +119,36 @@ class TqdmReporter:
     def close(self):
         if self.total is not None:
             self.total.close()
+
+
+def _levels(shorts) -> str:
+    names = [str(s.level) for s in shorts]
+    return f"level {names[0]}" if len(names) == 1 else f"levels {', '.join(names[:-1])} and {names[-1]}"
+
+
+def feasibility_warnings(f) -> list[str]:
+    """One line per problem of a plan (a budget.Feasibility): levels that can train no candidate, and feasible
+    levels where no reference structure gets --min-steps steps; each names the budget that would fix it."""
+    out = []
+    if f is None:
+        return out
+    low, n = f.cheapest, f.min_steps
+    if f.infeasible:
+        allow = ", ".join(f"{s.allowance:.3g}" for s in f.infeasible)
+        fix = round_up(f.infeasible[0].budget)  # the lowest level needs the largest budget
+        out.append(f"warning: {_levels(f.infeasible)} ({allow} FLOPs per trial) cannot train any candidate: the "
+                   f"cheapest, {low.label} at width {low.width}, needs {n} steps x {low.flops_per_step:.3g} = "
+                   f"{low.need(n):.3g} training FLOPs, so every trial there is rejected; --budget {fix:.3g} or more "
+                   f"makes {'it' if len(f.infeasible) == 1 else 'them'} feasible")
+    if f.no_references:
+        ref, fix = f.cheapest_reference, round_up(f.no_references[0].budget)
+        allow = ", ".join(f"{s.allowance:.3g}" for s in f.no_references)
+        under = ", ".join(f"{s.allowance / n:.3g}" for s in f.no_references)
+        out.append(f"warning: at {_levels(f.no_references)} ({allow} FLOPs per trial) no reference structure gets "
+                   f"{n} steps (the cheapest, {ref.label} at width {ref.width}, needs {ref.need(n):.3g}) and only "
+                   f"candidates under {under} training FLOPs per step can train: expect many rejected trials; "
+                   f"--budget {fix:.3g} or more lets the references train")
+    return out
 
 
 def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
@@ -213,6 +248,9 @@ def main(argv=None) -> int:
 
         print(f"search.run: error: {redact(str(e), args.storage)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): not a bug, end quietly
+        _stop(children)
+        return closed_pipe()
     except OSError as e:  # a folder or file the study needs: a setup problem, not a bug
         _stop(children)
         if args.debug:
@@ -243,12 +281,34 @@ def main(argv=None) -> int:
         from . import outputs
 
         outputs.write_trials_csv(os.path.join(result.folder, "trials.csv"), result.rows())  # every worker's trials
+    code = 0
+    try:
+        _summary(result)
+    except BrokenPipeError:  # the reader went away: the report is still written, below
+        code = closed_pipe()
+    try:  # the study is stored already: a failing report must not lose it
+        from .report import write_report
+
+        path = write_report(result.folder, result.name)
+    except Exception as e:
+        why = (str(e).splitlines() or [""])[0]
+        print(f"warning: no report ({type(e).__name__}: {why}); retry with python -m search.report --study "
+              f"{result.name} --out {result.folder}", file=sys.stderr)
+        return code
+    try:
+        print(f"\nreport: {path}")
+    except BrokenPipeError:
+        code = closed_pipe()
+    return code
+
+
+def _summary(result) -> None:
+    """What a finished search prints: the budget spent, each level's best trial, the winner's einstruct table."""
     import einstruct as es
 
     from .space import Candidate
 
-    spent = result.spent
-    print(f"\nspent {spent:.4g} of {result.settings['budget']:.4g} training FLOPs; "
+    print(f"\nspent {result.spent:.4g} of {result.settings['budget']:.4g} training FLOPs; "
           f"trials in {result.folder}/trials.csv")
     for lv in result.levels:
         b = result.best(lv.index)
@@ -261,16 +321,7 @@ def main(argv=None) -> int:
         spec = cand.structure_spec()
         print(f"\nbest structure at the top level, as a {b['width']}x{b['width']} layer:\n")
         print(es.compile(spec, int(b["width"])).table())
-    try:  # the study is stored already: a failing report must not lose it
-        from .report import write_report
-
-        print(f"\nreport: {write_report(result.folder, result.name)}")
-    except Exception as e:
-        why = (str(e).splitlines() or [""])[0]
-        print(f"warning: no report ({type(e).__name__}: {why}); retry with python -m search.report --study "
-              f"{result.name} --out {result.folder}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -49,3 +49,20 @@ def test_bad_input_gives_one_line_and_exit_2(argv, needle):
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_list_shows_each_presets_einsum_with_its_bond_axes(capsys):
+    """`einstruct list` once showed low rank as i,i,o->o and TT as Kronecker: the default rank 1 is a bond of
+    size 1, which a Spec drops. Each line now shows the einsum the preset declares, bond axes included."""
+    import inspect
+
+    assert main(["list"]) == 0
+    listed = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert list(listed) == list(es.presets.PRESETS)
+    for name, fn in es.presets.PRESETS.items():
+        with_bond = {"rank": 4} if "rank" in inspect.signature(fn).parameters else {}
+        assert listed[name] == fn(**with_bond).einsum, name
+        assert listed[name] == fn(**({"rank": "d^1/4"} if with_bond else {})).einsum, name  # a symbolic bond too
+    assert len(set(listed.values())) == len(listed), listed  # no two presets print the same einsum
+    assert listed["low_rank"] == "i,ir,ro->o" and listed["tt"] == "ab,acr,bdr->cd" != listed["kron"]
+    assert es.presets.low_rank().einsum == "i,i,o->o"  # what they compile to is unchanged: rank 1 drops r
