@@ -147,7 +147,7 @@ def feasibility_warnings(f) -> list[str]:
         out.append(f"warning: at {_levels(f.no_references)} ({allow} FLOPs per trial) no reference structure gets "
                    f"{n} steps (the cheapest, {ref.label} at width {ref.width}, needs {ref.need(n):.3g}) and only "
                    f"candidates under {under} training FLOPs per step can train: expect many rejected trials; "
-                   f"--budget {fix:.3g} or more lets the references train")
+                   f"--budget {fix:.3g} or more lets the references train there")
     return out
 
 
