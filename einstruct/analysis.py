@@ -1,8 +1,10 @@
 """Asymptotic analysis of a symbolic spec: omega, psi, nu (THEORY 3) and theta validity (THEORY 2).
 
-Every size is written as d^t (square case d_in = d_out = d; integer sizes have t = 0). MACs and
-parameter counts become polynomials in d compared by their leading terms, which also picks the
-asymptotically cheapest chain; psi is the minimum x-y cut with capacity t per axis.
+Every size is written as d^t (square case d_in = d_out = d; integer sizes have t = 0). As d grows, a
+chain's MACs are dominated by its largest step, so the leading exponent of the asymptotically cheapest
+chain is the least possible largest step exponent (:func:`einstruct.plan.bottleneck_chain`); the
+parameters' leading exponent is the largest core's. psi is the minimum x-y cut with capacity t per axis.
+Exponents are scaled to integers on their common denominator, so every comparison is exact.
 """
 
 from __future__ import annotations
@@ -14,70 +16,40 @@ from functools import lru_cache
 
 from . import network, plan
 
-_MAX_SCALE = 10**12
-
-
-class Poly:
-    """A polynomial in d with rational exponents and positive coefficients, ordered as d -> infinity."""
-
-    __slots__ = ("terms",)
-
-    def __init__(self, terms: dict | None = None):
-        self.terms = {e: c for e, c in (terms or {}).items() if c}
-
-    @classmethod
-    def monomial(cls, coef: Fraction, exp: Fraction) -> Poly:
-        return cls({exp: coef})
-
-    def __add__(self, other: Poly) -> Poly:
-        t = dict(self.terms)
-        for e, c in other.terms.items():
-            t[e] = t.get(e, 0) + c
-        return Poly(t)
-
-    def key(self) -> tuple:
-        return tuple(sorted(self.terms.items(), reverse=True))
-
-    def __lt__(self, other: Poly) -> bool:
-        return self.key() < other.key()
-
-    @property
-    def degree(self) -> Fraction:
-        return max(self.terms) if self.terms else Fraction(0)
-
 
 @dataclass(frozen=True)
 class Taxonomy:
     omega: Fraction
     psi: Fraction
     nu: Fraction
-    order: tuple[int, ...]  # asymptotically cheapest chain (positions in spec.cores)
+    order: tuple[int, ...]  # a chain attaining the leading MACs exponent (positions in spec.cores)
+    notes: tuple[str, ...] = ()  # why the numbers are undefined or only bounds, if they are
 
 
 @lru_cache(maxsize=1024)
 def taxonomy(spec) -> Taxonomy:
-    sizes = spec.sizes
+    exps = {a: s.exponent() for a, s in spec.sizes.items()}
+    scale = math.lcm(*(e.denominator for e in exps.values()))
+    weight = {a: int(e * scale) for a, e in exps.items()}
     core_axes = [c.axes for c in spec.cores]
-
-    def mono(axes) -> Poly:
-        coef, exp = Fraction(1), Fraction(0)
-        for a in axes:
-            s = sizes[a]
-            coef *= s.coef
-            exp += s.exponent()
-        return Poly.monomial(coef, exp)
-
-    macs, order = plan.best_chain(spec.x, spec.y, core_axes, mono, Poly())
-    params = Poly()
-    for axes in core_axes:
-        params = params + mono(axes)
-    # Integer capacities on a common denominator keep the max-flow exact; exponents with huge denominators
-    # (e.g. theta entries like 5e-324) would overflow a float, so the scale is capped and psi is then summed
-    # exactly over the cut that was found (the minimum to within 1e-12).
-    scale = min(math.lcm(*(s.exponent().denominator for s in sizes.values())), _MAX_SCALE)
-    _, cut = network.min_cut(spec, lambda a: math.floor(sizes[a].exponent() * scale))
-    psi = sum((sizes[a].exponent() for a in cut), Fraction(0))
-    return Taxonomy(omega=macs.degree - params.degree, psi=psi, nu=macs.degree - 1, order=order)
+    chain = plan.bottleneck_chain(spec.x, spec.y, core_axes, weight)
+    macs = Fraction(chain.cost, scale)
+    params = max(Fraction(sum(weight[a] for a in axes), scale) for axes in core_axes)
+    cut, _ = network.min_cut(spec, lambda a: weight[a])
+    notes = []
+    if all(e == 0 for e in exps.values()):
+        notes.append(
+            "no axis size depends on d (all sizes are integers), so the taxonomy is undefined: omega, psi and "
+            "nu are exponents of d, and the values shown (omega=0, psi=0, nu=-1) mean nothing; give the sizes "
+            "that should grow with the layer in d (e.g. 'd_in^1/2') to get them"
+        )
+    elif not chain.exact:
+        notes.append(
+            f"the search for the asymptotically cheapest chain stopped after {chain.states} subsets of the "
+            f"{len(core_axes)} cores; nu and omega come from the best chain found, an upper bound"
+        )
+    return Taxonomy(omega=macs - params, psi=Fraction(cut, scale), nu=macs - 1, order=chain.order,
+                    notes=tuple(notes))
 
 
 def theta_warnings(theta) -> tuple[str, ...]:

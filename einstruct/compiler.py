@@ -151,7 +151,14 @@ def _compile(spec: Spec, d_in: int, d_out: int, pad_tolerance: float) -> Structu
     prod = lambda axes: math.prod(sizes[a] for a in axes)
     for c in cores:
         _check_elements(f"core {c.name} ('{c.axes}')", prod(c.axes), spec, d_in, d_out)
-    macs, order = plan.best_chain(spec.x, spec.y, core_axes, prod, 0)
+    chain = plan.cheapest_chain(spec.x, spec.y, core_axes, sizes)
+    macs, order = chain.cost, chain.order
+    if not chain.exact:
+        warnings.append(
+            f"the chain order comes from a heuristic: the exact search over orders of the {len(cores)} cores "
+            f"stopped after {chain.states} subsets, so a cheaper order may exist (greedy cheapest next step, "
+            "improved by moving single cores; see einstruct.plan)"
+        )
     k = len(cores)
     out_cores = []
     applied: frozenset[int] = frozenset()
@@ -181,9 +188,11 @@ def _compile(spec: Spec, d_in: int, d_out: int, pad_tolerance: float) -> Structu
             )
         )
     sub = spec if len(cores) == len(spec.cores) else _subspec(spec, cores)
-    _, cut = network.min_cut(sub, lambda a: math.log(sizes[a]))
-    rank = min(math.prod(sizes[a] for a in cut), d_in, d_out)
+    # Exact: sizes multiply along a cut, so the max-flow runs on integer products (network docstring).
+    cut_size, _ = network.min_cut(sub, lambda a: sizes[a], product=True)
+    rank = min(cut_size, d_in, d_out)
     tax = analysis.taxonomy(spec)
+    warnings.extend(tax.notes)
     return Structure(
         spec=spec,
         d_in=d_in,

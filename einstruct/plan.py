@@ -1,14 +1,38 @@
 """The contraction plan: the cheapest chain in which the activation meets one core per step (THEORY 4).
 
-Cores are never merged with each other. The cost of a step depends only on which cores were applied
-before it, so the cheapest order is found by dynamic programming over subsets of cores, ties broken by
-the order of the cores in the spec (the lexicographically smallest sequence of spec indices).
+Cores are never merged with each other. Once the cores in a set S have been applied, the activation
+holds act(S) = (x's axes, or an axis of a core in S) and (y's axes, or an axis of a core not in S), and
+applying core i costs the product of the sizes of act(S) and i's axes. The cheapest order, ties broken
+by the order of the cores in the spec (the lexicographically smallest sequence of spec positions), is a
+shortest path through the subsets of cores: a dynamic program over subsets, layer by layer.
+
+:func:`cheapest_chain` keeps that program exact but prunes it (branch and bound):
+
+- a seed chain: the greedy one (cheapest next step, ties to the earlier core), improved by moving one
+  core at a time while that makes the chain cheaper;
+- a lower bound for the cost still to come: the sum over the remaining cores i of L_i, the least cost
+  i's step can have in any chain (i's axes times a minimum cut between x and (y, i) over the other
+  axes, :func:`step_bounds`). A subset whose cost so far plus that bound exceeds the seed's cost (or
+  equals it with a sequence after the seed's in spec order) is dropped; so is a subset reached again by a
+  prefix that is not cheaper (or as cheap and later in spec order).
+
+For a tensor train or a butterfly L_i is the cost of i's step in the best chain, so only the subsets on
+optimal chains survive: a 16-core tensor train of equal sizes keeps 16 subsets, one of random sizes up
+to about 12,000 (measured). The program has at most 2^k subsets, so every spec of up to 16 cores
+(``MAX_STATES`` = 2^16) is searched exactly. Above that the search stops once it has kept
+``MAX_STATES`` subsets and returns the seed with ``exact=False`` (the compiler says so in
+``st.warnings``). The problem is a left-deep join ordering with outer (cross) products allowed, and
+join orderings of this kind are NP-hard in general, so no exact method is fast for every spec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from . import network
+
+MAX_STATES = 1 << 16  # subsets the exact search may keep: every spec of up to 16 cores fits
 
 
 @dataclass(frozen=True)
@@ -27,6 +51,16 @@ class Step:
     produced: str
     batch: str
     carried: str
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain order and its cost; ``exact`` is False when the search stopped at its node budget."""
+
+    cost: int
+    order: tuple[int, ...]
+    exact: bool
+    states: int  # subsets the search kept
 
 
 def activation(x: str, y: str, core_axes: list[str], applied: frozenset[int]) -> str:
@@ -60,29 +94,234 @@ def step_axes(step: Step, core_axes: list[str]) -> set[str]:
     return set(step.before) | set(core_axes[step.core])
 
 
-def best_chain(x: str, y: str, core_axes: list[str], cost: Callable[[set[str]], object], zero) -> tuple:
-    """Cheapest order of the cores as (total cost, tuple of core positions).
+class _Net:
+    """Bit masks of a chain problem: axes as bits, ``weight`` per axis combined by product or by sum."""
 
-    ``cost`` maps the set of axes in a step to a comparable, addable cost; ``zero`` is its identity.
+    def __init__(self, x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, int], product: bool):
+        names: list[str] = []
+        for s in [x, y, *core_axes]:
+            for a in s:
+                if a not in names:
+                    names.append(a)
+        bit = {a: 1 << j for j, a in enumerate(names)}
+        self.k = len(core_axes)
+        self.x = sum(bit[a] for a in set(x))
+        self.y = sum(bit[a] for a in set(y))
+        self.core = [sum(bit[a] for a in set(c)) for c in core_axes]
+        self.product = product
+        # Tables per 8 bits: the combined weight of every byte pattern, so measuring a mask is a few lookups.
+        w = [weight[a] for a in names]
+        self.tables = []
+        for lo in range(0, len(names), 8):
+            chunk = w[lo:lo + 8]
+            table = [1 if product else 0] * (1 << len(chunk))
+            for v in range(1, len(table)):
+                low = (v & -v).bit_length() - 1
+                rest = table[v & (v - 1)]
+                table[v] = rest * chunk[low] if product else rest + chunk[low]
+            self.tables.append(table)
+
+    def measure(self, mask: int) -> int:
+        tables = self.tables
+        j = 0
+        if self.product:
+            out = 1
+            while mask:
+                out *= tables[j][mask & 255]
+                mask >>= 8
+                j += 1
+        else:
+            out = 0
+            while mask:
+                out += tables[j][mask & 255]
+                mask >>= 8
+                j += 1
+        return out
+
+    def act(self, applied: int) -> int:
+        """Axis mask of the activation after the cores in the bit set ``applied``."""
+        done = rest = 0
+        for i, m in enumerate(self.core):
+            if applied >> i & 1:
+                done |= m
+            else:
+                rest |= m
+        return (self.x | done) & (self.y | rest)
+
+    def steps(self, order: Sequence[int]) -> list[int]:
+        """The cost of every step of a chain."""
+        suffix = [0] * (len(order) + 1)
+        for t in range(len(order) - 1, -1, -1):
+            suffix[t] = suffix[t + 1] | self.core[order[t]]
+        done = 0
+        out = []
+        for t, i in enumerate(order):
+            act = (self.x | done) & (self.y | suffix[t])
+            out.append(self.measure(act | self.core[i]))
+            done |= self.core[i]
+        return out
+
+
+def step_bounds(x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, int], *,
+                product: bool) -> list[int]:
+    """For each core, the least cost its step can have in any chain (exact; see the module docstring).
+
+    The activation core i meets is act(S) for some S without i, and act(S) with i's axes removed is a
+    set of axes separating x from y and i; so the step costs at least i's own axes times that min cut.
+    """
+    out = []
+    for i, c in enumerate(core_axes):
+        own = set(c)
+        if product:
+            value, _ = network.cut(x, y, core_axes, lambda a, own=own: 1 if a in own else weight[a],
+                                   product=True, sink_cores=(i,))
+            for a in own:
+                value *= weight[a]
+        else:
+            value, _ = network.cut(x, y, core_axes, lambda a, own=own: 0 if a in own else weight[a],
+                                   sink_cores=(i,))
+            value += sum(weight[a] for a in own)
+        out.append(value)
+    return out
+
+
+def _greedy(net: _Net) -> tuple[int, ...]:
+    """Cheapest next step each time, ties to the earlier core."""
+    done, applied, order = 0, 0, []
+    for _ in range(net.k):
+        rest = 0
+        for i, m in enumerate(net.core):
+            if not applied >> i & 1:
+                rest |= m
+        act = (net.x | done) & (net.y | rest)
+        best = None
+        for i in range(net.k):
+            if not applied >> i & 1:
+                c = net.measure(act | net.core[i])
+                if best is None or c < best[0]:
+                    best = (c, i)
+        order.append(best[1])
+        applied |= 1 << best[1]
+        done |= net.core[best[1]]
+    return tuple(order)
+
+
+def _improve(net: _Net, order: tuple[int, ...], key) -> tuple[int, ...]:
+    """Move single cores to other positions while that lowers ``key(steps, order)`` (at most 4k passes)."""
+    best = key(net.steps(order), order)
+    better = True
+    for _ in range(4 * len(order)):
+        if not better:
+            break
+        better = False
+        for p in range(len(order)):
+            for q in range(len(order)):
+                if p == q:
+                    continue
+                cand = list(order)
+                cand.insert(q, cand.pop(p))
+                cand = tuple(cand)
+                k = key(net.steps(cand), cand)
+                if k < best:
+                    best, order, better = k, cand, True
+    return order
+
+
+def _frontier(net: _Net, layer: dict, keep, room: int) -> dict | None:
+    """One layer of the search: every subset one core larger than those in ``layer`` that ``keep`` admits.
+
+    ``layer`` maps a bit set of applied cores to (cost so far, sequence, axes of its cores, bound);
+    ``keep(g, cost, seq, i, bound)`` returns the new (cost, bound) or None to drop the child.
+    Among the sequences reaching a subset the least (cost, sequence) is kept. None when more than
+    ``room`` subsets would be kept.
+    """
+    out: dict = {}
+    for applied, (g, seq, done, h) in layer.items():
+        rest = 0
+        for i, m in enumerate(net.core):
+            if not applied >> i & 1:
+                rest |= m
+        act = (net.x | done) & (net.y | rest)
+        for i in range(net.k):
+            if applied >> i & 1:
+                continue
+            s2 = seq + (i,)
+            kept = keep(g, net.measure(act | net.core[i]), s2, i, h)
+            if kept is None:
+                continue
+            t = applied | 1 << i
+            old = out.get(t)
+            if old is None:
+                if len(out) >= room:
+                    return None
+                out[t] = (kept[0], s2, done | net.core[i], kept[1])
+            elif (kept[0], s2) < (old[0], old[1]):
+                out[t] = (kept[0], s2, done | net.core[i], kept[1])
+    return out
+
+
+def cheapest_chain(x: str, y: str, core_axes: Sequence[str], sizes: Mapping[str, int], *,
+                   max_states: int | None = None) -> Chain:
+    """The cheapest chain order (total MACs per example), ties to spec order; exact unless ``exact=False``.
+
+    ``max_states`` defaults to ``MAX_STATES``.
     """
     k = len(core_axes)
-    best: dict[frozenset, tuple] = {frozenset(): (zero, ())}
-    for size in range(1, k + 1):
-        layer: dict[frozenset, tuple] = {}
-        for applied, (c0, seq) in best.items():
-            if len(applied) != size - 1:
-                continue
-            for i in range(k):
-                if i in applied:
-                    continue
-                st = make_step(x, y, core_axes, applied, i)
-                cand = (c0 + cost(step_axes(st, core_axes)), seq + (i,))
-                key = applied | {i}
-                if key not in layer or _less(cand, layer[key]):
-                    layer[key] = cand
-        best.update(layer)
-    return best[frozenset(range(k))]
+    max_states = MAX_STATES if max_states is None else max_states
+    net = _Net(x, y, core_axes, sizes, product=True)
+    seed = _improve(net, _greedy(net), lambda steps, order: (sum(steps), order))
+    ub, ub_order = sum(net.steps(seed)), seed
+    if k == 1:
+        return Chain(ub, ub_order, True, 0)
+    bound = step_bounds(x, y, core_axes, sizes, product=True)
+
+    def keep(g, c, seq, i, h):
+        g2, h2 = g + c, h - bound[i]
+        f = g2 + h2  # every completion costs at least this: it must beat the seed or tie it earlier in spec order
+        if f > ub or (f == ub and seq > ub_order[:len(seq)]):
+            return None
+        return g2, h2
+
+    layer = {0: (0, (), 0, sum(bound))}
+    states = 0
+    for _ in range(k):
+        layer = _frontier(net, layer, keep, max_states - states)
+        if layer is None:
+            return Chain(ub, ub_order, False, max_states)
+        states += len(layer)
+    ((g, seq, _, _),) = layer.values()  # the seed's own path is never dropped, so one subset is left: all cores
+    return Chain(g, seq, True, states)
 
 
-def _less(a: tuple, b: tuple) -> bool:
-    return (a[0] < b[0]) or (not (b[0] < a[0]) and a[1] < b[1])
+def bottleneck_chain(x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, int], *,
+                     max_states: int | None = None) -> Chain:
+    """The least possible largest step of a chain, with additive ``weight`` (exponents of d).
+
+    As d grows, a chain's MACs are dominated by its largest step, so this is the leading exponent of
+    the asymptotically cheapest chain (THEORY 3's nu and omega). ``cost`` is that largest step and
+    ``order`` a chain attaining it; exact unless ``exact=False``. Every step of core i is at least its
+    bound (:func:`step_bounds`), so a seed attaining the largest bound is optimal without a search.
+    """
+    k = len(core_axes)
+    max_states = MAX_STATES if max_states is None else max_states
+    net = _Net(x, y, core_axes, weight, product=False)
+    seed = _improve(net, _greedy(net), lambda steps, order: (max(steps), sum(steps), order))
+    best = max(net.steps(seed))
+    if k == 1 or best == max(step_bounds(x, y, core_axes, weight, product=False)):
+        return Chain(best, seed, True, 0)
+
+    def keep(g, c, seq, i, h):
+        g2 = max(g, c)
+        return (g2, 0) if g2 < best else None  # only a chain whose every step is below the seed's can beat it
+
+    layer = {0: (0, (), 0, 0)}
+    states = 0
+    for _ in range(k):
+        layer = _frontier(net, layer, keep, max_states - states)
+        if layer is None:
+            return Chain(best, seed, False, max_states)
+        states += len(layer)
+        if not layer:
+            return Chain(best, seed, True, states)
+    ((g, seq, _, _),) = layer.values()
+    return Chain(g, seq, True, states)

@@ -16,7 +16,8 @@ from fractions import Fraction
 from .errors import SpecError
 from .sizes import Size, parse_size
 
-MAX_CORES = 12
+MAX_CORES = 24
+_MAX_EINSUM_CHARS = 4000  # x, 24 cores and y of up to 52 single-letter axes, with room for core names
 _RESERVED = {"bias", "gains", "weight", "training", "forward", "plan", "structure", "spec"}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -131,8 +132,11 @@ def _parse_einsum(einsum, names):
     if not isinstance(einsum, str):
         raise SpecError(f"the einsum must be a string such as 'ga,gafr,fgre->fe', got {type(einsum).__name__}")
     text = einsum.replace(" ", "")
-    if len(text) > 400:
-        raise SpecError(f"the einsum is {len(text)} characters long; a structure has at most {MAX_CORES} cores")
+    if len(text) > _MAX_EINSUM_CHARS:
+        raise SpecError(
+            f"the einsum is {len(text)} characters long, more than {_MAX_EINSUM_CHARS}; a structure has at most "
+            f"{MAX_CORES} cores of single-letter axes, so shorten the core names or use fewer cores"
+        )
     if text.count("->") != 1:
         raise SpecError(
             f"{einsum!r} needs exactly one '->' between the operands and the output, e.g. 'ga,gaf,fge->fe'"

@@ -158,3 +158,29 @@ def test_table_shows_sizes_roles_and_costs():
     for needle in ("bond", "input", "output", "contracted", "kappa", "init_std", f"{st.macs:,}", f"{st.params:,}",
                    "omega=0", "psi=1", "nu=0.5", "rank       1024"):
         assert needle in text
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [es.presets.low_rank(rank=4), es.presets.kron(), es.presets.tt(rank=2), es.presets.btt(rank=3),
+     es.presets.monarch(blocks=4), es.theta(0.2, 0.5, 0.3, 0.5, 0.2, 0.3, 0),
+     es.Spec("ga,L:fgre,R:gafr->fe", g="d_in^1/2", a="d_in^1/2", f="d_out^1/2", e="d_out^1/2", r=2)],
+    ids=lambda s: s.label or s.einsum,
+)
+@pytest.mark.parametrize("d_in, d_out", [(256, 256), (1024, 4096), (4096, 1024)])
+def test_plan_is_the_cheapest_of_all_orders_ties_to_spec_order(spec, d_in, d_out):
+    import itertools
+
+    from einstruct import plan
+
+    st = es.compile(spec, d_in, d_out)
+    axes = [c.axes for c in spec.cores]
+    best = None
+    for order in itertools.permutations(range(len(axes))):
+        applied, macs = frozenset(), 0
+        for i in order:
+            step = plan.make_step(spec.x, spec.y, axes, applied, i)
+            macs += math.prod(st.sizes[a] for a in plan.step_axes(step, axes))
+            applied |= {i}
+        best = min(best or (macs, order), (macs, order))
+    assert (st.macs, st.order) == best
