@@ -13,6 +13,8 @@ run (``x ein`` is the median of the ratios within each round):
 - ``MB``, ``/ein``: bytes autograd keeps for the backward (saved tensors, parameters excluded, each
   storage once) and their ratio to the einsum layer's.
 - ``inf x``: inference (forward under no_grad) speed over nn.Linear's; only for batches <= --infer-max.
+- ``cache x``: inference inside ``es.inference_cache`` (weights laid out once, the dense matrix for
+  batches <= dense_rows) over inference outside it (the cores read live at every call): what the scope buys.
 
     python -m benchmarks.layers                       # d 1024 4096 8192, batch 16 2048, all structures
     python -m benchmarks.layers --quick               # d 1024, batch 16 2048, 3 repeats
@@ -22,6 +24,8 @@ run (``x ein`` is the median of the ratios within each round):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
 import math
 import random
@@ -149,6 +153,7 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
                 m(x)
         return f
 
+    scopes = contextlib.ExitStack()  # the cached contenders are copies held in a scope for the whole cell
     jobs = {("dense", "train"): train_step(dense)}
     infer_on = batch <= infer_max
     if infer_on:
@@ -165,6 +170,9 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
         jobs[(lab, "prim")] = Primitives(layer, batch, device)
         if infer_on:
             jobs[(lab, "infer")] = infer(layer)
+            cached = copy.deepcopy(layer)
+            scopes.enter_context(es.inference_cache(cached))
+            jobs[(lab, "infer_cached")] = infer(cached)
     times: dict = {k: [] for k in jobs}
     inner = dict.fromkeys(jobs, 1)
     keys, rng = list(jobs), random.Random(0)
@@ -182,6 +190,7 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
             else:  # short jobs run several times per sample, so each sample lasts about MIN_SAMPLE_S
                 inner[k] = max(1, min(MAX_INNER, math.ceil(MIN_SAMPLE_S / max(dt, 1e-9))))
         log(f"  d={d} batch={batch}: round {r}/{repeats}")
+    scopes.close()
     t = {k: statistics.median(v) for k, v in times.items()}
 
     def paired(a, b):  # median over rounds of the ratio within each round: drift between rounds cancels
@@ -207,6 +216,7 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
             "saved_mb": mem / 2**20,
             "saved_vs_einsum": mem / mem_ein if mem_ein else math.nan,
             "infer_vs_dense": t[("dense", "infer")] / t[(lab, "infer")] if infer_on else math.nan,
+            "cached_vs_live": paired((lab, "infer"), (lab, "infer_cached")) if infer_on else math.nan,
             "dense_gflops": dense_rate / 1e9,
         })
     return rows
@@ -215,11 +225,12 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
 COLUMNS = [
     ("d", "{:d}"), ("batch", "{:d}"), ("structure", "{}"), ("flops_vs_dense", "{:.3f}"), ("ms", "{:.2f}"),
     ("gflops", "{:.1f}"), ("vs_dense", "{:.2f}"), ("vs_prim", "{:.2f}"), ("vs_einsum", "{:.2f}"),
-    ("saved_mb", "{:.1f}"), ("saved_vs_einsum", "{:.2f}"), ("infer_vs_dense", "{:.2f}"), ("dense_gflops", "{:.1f}"),
+    ("saved_mb", "{:.1f}"), ("saved_vs_einsum", "{:.2f}"), ("infer_vs_dense", "{:.2f}"),
+    ("cached_vs_live", "{:.2f}"), ("dense_gflops", "{:.1f}"),
 ]
 HEADERS = {
     "flops_vs_dense": "FLOPs/dense", "gflops": "GF/s", "vs_dense": "/dense", "vs_prim": "/prim",
-    "vs_einsum": "x ein", "saved_mb": "MB", "saved_vs_einsum": "MB/ein", "infer_vs_dense": "inf x",
+    "vs_einsum": "x ein", "saved_mb": "MB", "saved_vs_einsum": "MB/ein", "infer_vs_dense": "inf x", "cached_vs_live": "cache x",
     "dense_gflops": "dense GF/s",
 }
 

@@ -647,7 +647,7 @@ class StructuredLinear(nn.Module):
     def _run(self, act: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
         """(n, d_in_padded) -> (n, d_out_padded) through the planned chain, plus ``bias`` if given."""
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            ws = self._cached("chain", self._step_cores) if self._cache_depth else self._step_cores()
+            ws = self._cached("chain", self._step_cores) if self._cache_depth else self._step_cores(copy=False)
             return self._run_plain(act, n, bias, ws)
         if n <= self.builtin_rows and not torch.compiler.is_compiling():
             return self._run_builtin(act, n, bias)
@@ -778,14 +778,18 @@ class StructuredLinear(nn.Module):
         self._cache[what] = (key, value)
         return value
 
-    def _step_cores(self) -> tuple[torch.Tensor, ...]:
-        """The effective cores as each step multiplies them (permuted, contiguous), without a graph."""
+    def _step_cores(self, copy: bool = True) -> tuple[torch.Tensor, ...]:
+        """The effective cores as each step multiplies them, without a graph: contiguous copies (to keep), or
+        with ``copy=False`` strided views of the parameters where BLAS reads them in place (used once)."""
         cores = self.effective_cores()
-        return tuple(
-            (cores[s.core] if s.core_perm is None else cores[s.core].permute(s.core_perm)).reshape(s.core_shape)
-            .contiguous()
-            for s in self._chain.steps
-        )
+        out = []
+        for s, view in zip(self._chain.steps, self._core_views):
+            w = cores[s.core] if s.core_perm is None else cores[s.core].permute(s.core_perm)
+            if view and not copy:
+                out.append(w.view(s.core_shape))
+            else:
+                out.append(w.reshape(s.core_shape).contiguous())
+        return tuple(out)
 
     def _dense_weight(self) -> torch.Tensor:
         return self.to_dense()
