@@ -230,7 +230,8 @@ COLUMNS = [
 ]
 HEADERS = {
     "flops_vs_dense": "FLOPs/dense", "gflops": "GF/s", "vs_dense": "/dense", "vs_prim": "/prim",
-    "vs_einsum": "x ein", "saved_mb": "MB", "saved_vs_einsum": "MB/ein", "infer_vs_dense": "inf x", "cached_vs_live": "cache x",
+    "vs_einsum": "x ein", "saved_mb": "MB", "saved_vs_einsum": "MB/ein", "infer_vs_dense": "inf x",
+    "cached_vs_live": "cache x",
     "dense_gflops": "dense GF/s",
 }
 
