@@ -282,15 +282,8 @@ def cheapest_chain(x: str, y: str, core_axes: Sequence[str], sizes: Mapping[str,
             return None
         return g2, h2
 
-    layer = {0: (0, (), 0, sum(bound))}
-    states = 0
-    for _ in range(k):
-        layer = _frontier(net, layer, keep, max_states - states)
-        if layer is None:
-            return Chain(ub, ub_order, False, max_states)
-        states += len(layer)
-    ((g, seq, _, _),) = layer.values()  # the seed's own path is never dropped, so one subset is left: all cores
-    return Chain(g, seq, True, states)
+    # the seed's own path is never dropped, so the search ends with one subset left: all cores
+    return _search(net, {0: (0, (), 0, sum(bound))}, keep, k, max_states, Chain(ub, ub_order, False, max_states))
 
 
 def bottleneck_chain(x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, int], *,
@@ -314,14 +307,19 @@ def bottleneck_chain(x: str, y: str, core_axes: Sequence[str], weight: Mapping[s
         g2 = max(g, c)
         return (g2, 0) if g2 < best else None  # only a chain whose every step is below the seed's can beat it
 
-    layer = {0: (0, (), 0, 0)}
+    return _search(net, {0: (0, (), 0, 0)}, keep, k, max_states, Chain(best, seed, False, max_states))
+
+
+def _search(net: _Net, layer: dict, keep, k: int, max_states: int, seed: Chain) -> Chain:
+    """Grow ``layer`` one core at a time (:func:`_frontier`); ``seed`` (marked inexact) if the room runs out,
+    ``seed`` as exact if every subset was pruned (nothing beats it), else the one full chain left."""
     states = 0
     for _ in range(k):
         layer = _frontier(net, layer, keep, max_states - states)
         if layer is None:
-            return Chain(best, seed, False, max_states)
+            return seed
         states += len(layer)
         if not layer:
-            return Chain(best, seed, True, states)
+            return Chain(seed.cost, seed.order, True, states)
     ((g, seq, _, _),) = layer.values()
     return Chain(g, seq, True, states)

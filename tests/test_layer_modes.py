@@ -9,19 +9,11 @@ import einstruct as es
 from einstruct.layers.linear import StructuredLinear
 
 from .test_linear import PRESETS, einsum_reference
+from .test_linear_fast import _seed, counted  # noqa: F401 (_seed: the autouse seed fixture)
 
 P = es.presets
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def counted(fn) -> int:
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops()
 
 
 def truth(layer, x):
