@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 
+from . import secrets
 from .errors import SearchError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -28,40 +29,14 @@ def default_url(folder: str) -> str:
     return "sqlite:///" + os.path.join(folder, "study.db")
 
 
-_URL_SECRET = re.compile(r"(://[^\s'\"/:@]*:)[^\s'\"]*@")  # scheme://user:PASSWORD@ up to the last @ of the word
-_BARE_SECRET = re.compile(r"(?<![^\s'\"(=,])([A-Za-z0-9._%+-]+:)(?!//)[^\s'\"]*@")  # user:PASSWORD@host
-_KEY_SECRET = re.compile(r"(?i)\b(password|passwd|pwd)=[^\s&;'\"]*")  # ?password=... and key=value DSNs
-
-
 def redact(text, url: str | None = None) -> str:
-    """``text`` (a URL or a message quoting one) with every password replaced by ***.
-
-    Covers ``scheme://user:pass@host`` (a password may itself hold '@' or '/'), ``user:pass@host`` without a
-    scheme and ``password=...`` parameters; given the ``url`` the text came from, any other occurrence of
-    its password (raw or percent-decoded) is replaced too. Used for everything that is printed or written.
-    """
-    if text is None:
-        return ""
-    out = _KEY_SECRET.sub(r"\1=***", _BARE_SECRET.sub(r"\1***@", _URL_SECRET.sub(r"\1***@", str(text))))
-    secret = password_of(url)
-    if secret:
-        from urllib.parse import unquote
-
-        # a raw '@' or ':' in a password makes drivers split it differently: hide its pieces too
-        pieces = {secret, unquote(secret), *re.split(r"[@:/]", secret), *re.split(r"[@:/]", unquote(secret))}
-        for s in sorted(pieces, key=len, reverse=True):
-            if len(s) >= 3:
-                out = out.replace(s, "***")
-    return out
+    """``text`` (a URL, or a message quoting one) with every secret of ``url`` replaced by ***; see search.secrets."""
+    return secrets.redact(text, url)
 
 
 def password_of(url) -> str:
-    """The password in a storage URL ('' if none): what :func:`redact` must never let through."""
-    if not isinstance(url, str) or "@" not in url:
-        return ""
-    head = r"^[A-Za-z][A-Za-z0-9+.-]*://" if "://" in url else "^"
-    m = re.match(head + r"[^\s/:@]*:([^\s]*)@", url)
-    return m.group(1) if m else ""
+    """The password in a storage URL as written in it ('' if none); see search.secrets."""
+    return secrets.password_of(url)
 
 
 def check_url(url) -> str:
