@@ -2,31 +2,45 @@
 
 Optuna has no way to say "start this trial only if the budget can still pay for it" across processes:
 two workers that both read "1e9 FLOPs left" would both start a 1e9 trial. The ledger closes that gap
-with two tables in the study's own database (the same SQLite file or PostgreSQL database as Optuna's):
+with tables in the study's own database (the same SQLite file or PostgreSQL database as Optuna's):
 
     einstruct_budget       one row per search: its budget; the row every reservation locks first
-    einstruct_reservation  one row per trained trial: level, amount (FLOPs held or charged), bound, status
+    einstruct_study        one row per search: the settings that define it (JSON), the source of truth
+    einstruct_reservation  one row per trained trial: level, amount, bound, spare, status, owner, point
+    einstruct_worker       one row per worker process (run_search call): host, pid, heartbeat count, ordinal
+    einstruct_claim        one-time jobs (a level's references, a dead trial's recovery): who holds them
 
 A reservation is one transaction that starts by *writing* the search's budget row (an UPDATE), which
 serialises reservers: PostgreSQL holds the row lock until commit, SQLite takes its single write lock
-(WAL mode, busy timeout). Inside the lock the transaction sums the amounts of all reservations, counts
-the live ones at the trial's level, and inserts its row only if ``sum + allowance <= budget`` and the
-level still has a free slot. So whatever the number of workers or machines, the amounts never add up to
-more than the budget and no level gets more trials than planned.
+(WAL mode, busy timeout). Inside the lock the transaction sums what all reservations hold or were charged
+(``amount + spare``), counts the trials at the trial's level, and inserts its row only if the sum plus the
+new amount fits the budget and the level still has a free slot. So whatever the number of workers or
+machines, the total never exceeds the budget and no level gets more trials than planned.
 
-Amounts move only downwards after that: a trial that finishes is settled to the FLOPs it actually spent
-(<= what it reserved). While it runs, a trial records a *bound*: the FLOPs it may have spent by its next
-checkpoint (it raises the bound before spending, never after). A trial whose worker died (its heartbeat
-went stale) is charged that bound, and its row is marked ``lost`` so its slot goes to the retry, which
-reserves only what is left after the checkpoint it resumes from. The ledger is the budget's source of
-truth; trials.csv mirrors it (train_flops per trial) and never shows less than the ledger charges.
+A row's life, each step a compare-and-set on its status (a worker only ever moves its own row on from
+``running``; a worker that finds its row moved on by someone else stops and discards what it has):
+
+    running --settle--> done       the trial finished; amount = the FLOPs it spent (<= what it reserved)
+    running --lose----> lost       its worker died: amount = its bound (the FLOPs it may have spent, raised
+                                   before spending), spare = the rest of its reservation, held for the retry
+    lost ---retry-----> retried    the retry took over: the spare and the level slot move to the retry's row
+    lost ---end_chain-> dead       no retry will come (retries used up, or the retry did not fit): spare freed
+    running --lose----> dead       (the same, when no retry is wanted)
+
+A trial's slot at its level is held by every row but a ``retried`` one, so a dead trial and its retries
+count once. ``point`` (a digest of the candidate) lets one reservation per point and level exist among
+the running and done rows: two workers proposing the same point at the same moment train it once. The
+ledger is the budget's source of truth; trials.csv takes every trial's train_flops from it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import sqlalchemy as sa
+
+from .errors import SearchError
 
 _META = sa.MetaData()
 BUDGET = sa.Table(
@@ -35,71 +49,196 @@ BUDGET = sa.Table(
     sa.Column("budget", sa.Float, nullable=False),
     sa.Column("version", sa.BigInteger, nullable=False, default=0),
 )
+STUDY = sa.Table(
+    "einstruct_study", _META,
+    sa.Column("search", sa.String(200), primary_key=True),
+    sa.Column("settings", sa.Text, nullable=False),  # JSON: the settings that must match on every resume
+)
 RESERVATION = sa.Table(
     "einstruct_reservation", _META,
     sa.Column("trial_id", sa.BigInteger, primary_key=True),  # Optuna's trial id: unique in the storage
     sa.Column("search", sa.String(200), nullable=False, index=True),
     sa.Column("level", sa.Integer, nullable=False),
-    sa.Column("amount", sa.BigInteger, nullable=False),  # FLOPs held (running) or charged (done, lost)
+    sa.Column("amount", sa.BigInteger, nullable=False),  # FLOPs held (running) or charged (the rest)
     sa.Column("bound", sa.BigInteger, nullable=False),  # FLOPs it may have spent so far (running)
-    sa.Column("status", sa.String(8), nullable=False),  # running, done, lost
+    sa.Column("status", sa.String(8), nullable=False),  # running, done, lost, retried, dead
+    sa.Column("number", sa.Integer, nullable=True),  # the trial's number in its level study
+    sa.Column("owner", sa.String(64), nullable=True),  # the worker token that holds it
+    sa.Column("spare", sa.BigInteger, nullable=True),  # lost: the part of its reservation held for the retry
+    sa.Column("retry_of", sa.BigInteger, nullable=True),  # the trial id this one continues
+    sa.Column("point", sa.String(64), nullable=True),  # digest of the candidate
 )
-CLAIM = sa.Table(  # one-time jobs (enqueueing a level's references): the first insert wins
+CLAIM = sa.Table(
     "einstruct_claim", _META,
     sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=True),  # the worker token doing the job (NULL: before owners)
 )
+WORKER = sa.Table(
+    "einstruct_worker", _META,
+    sa.Column("token", sa.String(64), primary_key=True),
+    sa.Column("search", sa.String(200), nullable=False, index=True),
+    sa.Column("ordinal", sa.Integer, nullable=False),  # distinct among live workers: offsets sampler seeds
+    sa.Column("host", sa.String(200), nullable=False),  # machine and process-namespace identity
+    sa.Column("hostname", sa.String(200), nullable=False),  # for messages
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started", sa.String(40), nullable=False),  # the process's start time, against pid reuse
+    sa.Column("heartbeat", sa.Integer, nullable=False),  # seconds between beats; 0: no beats
+    sa.Column("beats", sa.BigInteger, nullable=False),
+    sa.Column("asking", sa.Integer, nullable=False),  # 1 while it creates a trial and records itself its owner
+    sa.Column("ended", sa.Integer, nullable=False),  # 1 once its run_search returned or raised
+)
+_ADDED = {"einstruct_reservation": ("number", "owner", "spare", "retry_of", "point"), "einstruct_claim": ("owner",)}
+HOLDS_SLOT = ("running", "done", "lost", "dead")  # a retried row's slot belongs to its retry
+
+
+def _holds_slot(r) -> bool:  # a lost row from before owners were recorded gave its slot to its retry at once
+    return r.status in HOLDS_SLOT and not (r.status == "lost" and r.owner is None)
 
 
 def create_tables(engine) -> None:
-    """The ledger's tables, if missing (safe to call from several processes at once)."""
-    for attempt in range(5):
+    """The ledger's tables, if missing, and columns added since (safe to call from several processes at once)."""
+    for attempt in range(6):
         try:
             _META.create_all(engine, checkfirst=True)
+            _add_columns(engine)
             return
         except sa.exc.DBAPIError:  # a concurrent create won: look again
-            if attempt == 4:
+            if attempt == 5:
                 raise
             time.sleep(0.2 * (attempt + 1))
 
 
-class Ledger:
-    """Reservations for one search in one database (``engine`` is the Optuna RDB storage's engine)."""
+def _add_columns(engine) -> None:
+    insp = sa.inspect(engine)
+    quote = engine.dialect.identifier_preparer.quote
+    for table, names in _ADDED.items():
+        have = {c["name"] for c in insp.get_columns(table)}
+        for name in names:
+            if name not in have:
+                col = _META.tables[table].c[name]
+                with engine.begin() as c:
+                    c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {quote(name)} "
+                                      f"{col.type.compile(engine.dialect)}"))
 
-    def __init__(self, engine, search: str, budget: float):
-        self.engine, self.search, self.budget = engine, search, float(budget)
+
+def stored(engine, search: str) -> dict:
+    """What a database holds of a search, read without creating anything: settings (or None), budget (or None),
+    and whether any of Optuna's level studies ``<search>.L<i>`` exists."""
+    insp = sa.inspect(engine)
+    tables = set(insp.get_table_names())
+    out = {"settings": None, "budget": None, "studies": False}
+    with engine.connect() as c:
+        if "einstruct_study" in tables:
+            text = c.execute(sa.select(STUDY.c.settings).where(STUDY.c.search == search)).scalar()
+            out["settings"] = json.loads(text) if text else None
+        if "einstruct_budget" in tables:
+            out["budget"] = c.execute(sa.select(BUDGET.c.budget).where(BUDGET.c.search == search)).scalar()
+        if "studies" in tables:
+            studies = sa.table("studies", sa.column("study_name"))
+            out["studies"] = c.execute(sa.select(sa.func.count()).select_from(studies).where(
+                studies.c.study_name.like(search.replace("_", r"\_") + ".L%", escape="\\"))).scalar() > 0
+    return out
+
+
+class Ledger:
+    """Reservations for one search in one database (``engine`` is the Optuna RDB storage's engine).
+
+    ``budget`` (and ``settings``, the study's defining settings) are stored with the search the first time, in
+    one transaction; afterwards the stored budget is the one enforced, and a different ``budget`` is refused.
+    """
+
+    def __init__(self, engine, search: str, budget: float | None = None, settings: dict | None = None):
+        self.engine, self.search = engine, search
         for attempt in range(5):  # several workers may create the tables at the same moment
             try:
                 create_tables(engine)
-                with engine.begin() as c:
-                    if c.execute(sa.select(BUDGET.c.search).where(BUDGET.c.search == search)).first() is None:
-                        c.execute(BUDGET.insert().values(search=search, budget=self.budget, version=0))
+                with engine.begin() as c:  # the budget and the settings in one transaction: a study has both
+                    row = c.execute(sa.select(BUDGET.c.budget).where(BUDGET.c.search == search)).first()
+                    if row is None:
+                        if budget is None:
+                            raise SearchError(f"study {search!r} has no budget in its storage; give --budget")
+                        c.execute(BUDGET.insert().values(search=search, budget=float(budget), version=0))
+                        stored_budget = float(budget)
+                    else:
+                        stored_budget = float(row.budget)
+                    if settings is not None and c.execute(sa.select(STUDY.c.search).where(
+                            STUDY.c.search == search)).first() is None:
+                        c.execute(STUDY.insert().values(search=search, settings=json.dumps(settings, sort_keys=True)))
                 break
             except sa.exc.DBAPIError:  # a concurrent create or insert won: look again
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+        if budget is not None and abs(stored_budget - float(budget)) > 1e-9 * max(abs(stored_budget), 1.0):
+            raise SearchError(f"study {search!r} already exists with budget={stored_budget!r} (in its storage), not "
+                              f"{float(budget)!r}; run it with the same settings to resume, or pick a new --study name")
+        self.budget = stored_budget
 
     def _lock(self, c) -> None:
         c.execute(BUDGET.update().where(BUDGET.c.search == self.search).values(version=BUDGET.c.version + 1))
 
-    def reserve(self, trial_id: int, level: int, amount: int, slots: int | None, bound: int) -> str:
-        """Hold ``amount`` FLOPs for a trial; '' when granted, else why not ('budget: ...' or 'level: ...').
+    # ---- settings ----------------------------------------------------------------------------------
 
-        ``slots`` caps the live reservations at ``level`` (None for a retry, which takes a lost trial's slot).
+    def settings(self) -> dict | None:
+        with self.engine.connect() as c:
+            text = c.execute(sa.select(STUDY.c.settings).where(STUDY.c.search == self.search)).scalar()
+        return json.loads(text) if text else None
+
+    def store_settings(self, settings: dict) -> dict:
+        """Store the search's settings unless some are stored already; returns the stored ones."""
+        try:
+            with self.engine.begin() as c:
+                if c.execute(sa.select(STUDY.c.search).where(STUDY.c.search == self.search)).first() is None:
+                    c.execute(STUDY.insert().values(search=self.search, settings=json.dumps(settings, sort_keys=True)))
+        except sa.exc.IntegrityError:  # another worker stored them first
+            pass
+        return self.settings()
+
+    # ---- reservations ------------------------------------------------------------------------------
+
+    def reserve(self, trial_id: int, level: int, amount: int, slots: int | None, bound: int, *, number=None,
+                owner=None, point=None, retry_of=None) -> str:
+        """Hold ``amount`` FLOPs for a trial; '' when granted, else why not:
+
+        'budget: ...', 'level: ...' (its ``slots`` are taken), 'same: N' (trial number N holds this ``point``),
+        'retried: ...' (``retry_of`` is not a lost trial waiting for its retry: another retry took it over)
+        or 'taken: ...' (the trial holds a reservation already). A retry (``retry_of`` = the lost trial's id)
+        takes over the lost trial's slot and its spare; if it does not fit, the lost trial's chain ends.
         """
         amount, bound = int(amount), int(bound)
         with self.engine.begin() as c:
             self._lock(c)
-            rows = c.execute(sa.select(RESERVATION.c.level, RESERVATION.c.amount, RESERVATION.c.status)
-                             .where(RESERVATION.c.search == self.search)).all()
-            held = sum(r.amount for r in rows)
+            rows = c.execute(sa.select(RESERVATION).where(RESERVATION.c.search == self.search)).all()
+            if any(r.trial_id == trial_id for r in rows):
+                return "taken: this trial holds a reservation already"
+            pred = None
+            if retry_of is not None:
+                pred = next((r for r in rows if r.trial_id == retry_of), None)
+                if pred is None or pred.status != "lost":
+                    what = f"trial {pred.number} is {pred.status}" if pred is not None else "its trial has no row"
+                    return f"retried: {what}"
+            if point is not None:
+                twin = next((r for r in rows if r.level == level and r.point == point
+                             and r.status in ("running", "done")), None)
+                if twin is not None:
+                    return f"same: {twin.number}"
+            held = sum(r.amount + (r.spare or 0) for r in rows) - ((pred.spare or 0) if pred is not None else 0)
             if held + amount > self.budget:
+                if pred is not None:
+                    self._set(c, pred.trial_id, status="dead", spare=0)
                 return f"budget: {amount:.3g} FLOPs do not fit the {self.budget - held:.3g} left"
-            if slots is not None and sum(1 for r in rows if r.level == level and r.status != "lost") >= slots:
+            if slots is not None and sum(1 for r in rows if r.level == level and _holds_slot(r)) >= slots:
                 return f"level: level {level} already has its {slots} trials"
-            c.execute(RESERVATION.insert().values(trial_id=trial_id, search=self.search, level=level, amount=amount,
-                                                  bound=min(bound, amount), status="running"))
+            if pred is not None:
+                self._set(c, pred.trial_id, status="retried", spare=0)
+            c.execute(RESERVATION.insert().values(
+                trial_id=trial_id, search=self.search, level=level, amount=amount, bound=min(bound, amount),
+                status="running", number=number, owner=owner, spare=0, retry_of=retry_of, point=point))
         return ""
+
+    @staticmethod
+    def _set(c, trial_id, **values):
+        c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id).values(**values))
 
     def adopt(self, finished) -> None:
         """Enter trials trained before this ledger existed, ``(trial_id, level, flops)``, as settled."""
@@ -110,19 +249,10 @@ class Ledger:
             self._lock(c)
             known = {r.trial_id for r in c.execute(sa.select(RESERVATION.c.trial_id)
                                                   .where(RESERVATION.c.search == self.search))}
-            new = [dict(trial_id=t, search=self.search, level=lv, amount=int(f), bound=int(f), status="done")
+            new = [dict(trial_id=t, search=self.search, level=lv, amount=int(f), bound=int(f), status="done", spare=0)
                    for t, lv, f in finished if t not in known]
             if new:
                 c.execute(RESERVATION.insert(), new)
-
-    def claim(self, key: str) -> bool:
-        """True for exactly one caller of a key, over all workers."""
-        try:
-            with self.engine.begin() as c:
-                c.execute(CLAIM.insert().values(key=key))
-            return True
-        except sa.exc.IntegrityError:
-            return False
 
     def raise_bound(self, trial_id: int, bound: int) -> bool:
         """Record, before spending them, the FLOPs this trial may have spent by its next checkpoint (<= amount).
@@ -134,44 +264,118 @@ class Ledger:
                              .where(RESERVATION.c.status == "running").values(bound=int(bound)))
             return done.rowcount > 0
 
-    def settle(self, trial_id: int, spent: int) -> None:
-        """The trial finished having spent ``spent`` FLOPs (<= its reservation): the rest goes back."""
-        with self.engine.begin() as c:
-            c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
-                      .values(amount=int(spent), bound=int(spent), status="done"))
+    def settle(self, trial_id: int, spent: int) -> str:
+        """The trial finished having spent ``spent`` FLOPs (<= its reservation): the rest goes back.
 
-    def lose(self, trial_id: int) -> int:
-        """The trial's worker died: charge its bound, free its slot; returns the FLOPs charged."""
+        Only a running row is settled. Returns the row's status afterwards: 'done' (settled, now or before),
+        or 'lost', 'retried', 'dead' when another worker took the trial for dead first: then the charge stays
+        what that worker recorded and the caller must discard its result. '' if the trial has no row.
+        """
+        with self.engine.begin() as c:
+            moved = c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
+                              .where(RESERVATION.c.status == "running")
+                              .values(amount=int(spent), bound=int(spent), status="done", spare=0))
+            if moved.rowcount:
+                return "done"
+            row = c.execute(sa.select(RESERVATION.c.status).where(RESERVATION.c.trial_id == trial_id)).first()
+        return row.status if row is not None else ""
+
+    def lose(self, trial_id: int, retry: bool = True) -> int:
+        """The trial's worker died: charge its bound; with ``retry`` hold the rest of its reservation (and its slot)
+        for the retry (status lost), else free it (dead). Returns the FLOPs charged (also when already lost)."""
         with self.engine.begin() as c:
             self._lock(c)
-            row = c.execute(sa.select(RESERVATION.c.bound, RESERVATION.c.status)
-                            .where(RESERVATION.c.trial_id == trial_id)).first()
+            row = c.execute(sa.select(RESERVATION).where(RESERVATION.c.trial_id == trial_id)).first()
             if row is None:
                 return 0
             if row.status != "running":
-                return 0
-            c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
-                      .values(amount=row.bound, status="lost"))
+                return int(row.amount)
+            self._set(c, trial_id, amount=row.bound, spare=(row.amount - row.bound) if retry else 0,
+                      status="lost" if retry else "dead")
             return int(row.bound)
 
+    def end_chain(self, trial_id: int) -> None:
+        """A lost trial whose retry will not come: free what it held for it (its charge and slot stay)."""
+        with self.engine.begin() as c:
+            self._lock(c)
+            c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
+                      .where(RESERVATION.c.status == "lost").values(status="dead", spare=0))
+
     def charges(self) -> dict[int, int]:
-        """Trial id -> FLOPs for the trials not settled by their own worker (running, or lost)."""
+        """Trial id -> FLOPs charged, for every trial of this search with a reservation (a running one: its bound,
+        what it may have spent so far)."""
         with self.engine.connect() as c:
             return {r.trial_id: int(r.bound if r.status == "running" else r.amount) for r in c.execute(
-                sa.select(RESERVATION).where(RESERVATION.c.search == self.search, RESERVATION.c.status != "done"))}
+                sa.select(RESERVATION).where(RESERVATION.c.search == self.search))}
 
     def spent(self) -> int:
-        """FLOPs held or charged by all reservations of this search."""
+        """FLOPs held or charged by all reservations of this search (what the budget check counts)."""
         with self.engine.connect() as c:
-            return int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(RESERVATION.c.amount), 0))
-                                 .where(RESERVATION.c.search == self.search)).scalar())
+            return int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(
+                RESERVATION.c.amount + sa.func.coalesce(RESERVATION.c.spare, 0)), 0))
+                .where(RESERVATION.c.search == self.search)).scalar())
 
     def used_slots(self, level: int) -> int:
         with self.engine.connect() as c:
+            legacy_lost = sa.and_(RESERVATION.c.status == "lost", RESERVATION.c.owner.is_(None))
             return int(c.execute(sa.select(sa.func.count()).select_from(RESERVATION)
                                  .where(RESERVATION.c.search == self.search, RESERVATION.c.level == level,
-                                        RESERVATION.c.status != "lost")).scalar())
+                                        RESERVATION.c.status.in_(HOLDS_SLOT), sa.not_(legacy_lost))).scalar())
+
+    def rows(self) -> list:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(RESERVATION).where(RESERVATION.c.search == self.search)).all()
 
     def row(self, trial_id: int):
         with self.engine.connect() as c:
             return c.execute(sa.select(RESERVATION).where(RESERVATION.c.trial_id == trial_id)).first()
+
+    # ---- claims: one-time jobs, taken over when their owner died -----------------------------------
+
+    def claim(self, key: str, owner: str | None = None, dead=None) -> bool:
+        """True for exactly one caller of a key at a time: the first, or (given ``dead(owner) -> bool``) one that
+        takes the key over from a dead owner. A key claimed before owners were recorded counts as a dead owner's."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(CLAIM.insert().values(key=key, owner=owner))
+            return True
+        except sa.exc.IntegrityError:
+            pass
+        if dead is None:
+            return False
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(CLAIM.c.owner).where(CLAIM.c.key == key)).first()
+        if row is None:
+            return False
+        if owner is not None and row.owner == owner:
+            return True
+        if not dead(row.owner):  # judged outside any transaction: it may read the worker table
+            return False
+        with self.engine.begin() as c:
+            same = CLAIM.c.owner.is_(None) if row.owner is None else CLAIM.c.owner == row.owner
+            return c.execute(CLAIM.update().where(CLAIM.c.key == key, same).values(owner=owner)).rowcount > 0
+
+    # ---- workers ----------------------------------------------------------------------------------
+
+    def register(self, token: str, busy, **values) -> int:
+        """Enter a worker; returns its ordinal: the smallest not held by a worker that ``busy(row)`` calls live."""
+        with self.engine.begin() as c:
+            self._lock(c)
+            rows = c.execute(sa.select(WORKER).where(WORKER.c.search == self.search)).all()
+            held = {r.ordinal for r in rows if not r.ended and busy(r)}
+            ordinal = next(i for i in range(len(held) + 1) if i not in held)
+            c.execute(WORKER.insert().values(token=token, search=self.search, ordinal=ordinal, beats=0, asking=0,
+                                             ended=0, **values))
+        return ordinal
+
+    def workers(self) -> dict:
+        with self.engine.connect() as c:
+            return {r.token: r for r in c.execute(sa.select(WORKER).where(WORKER.c.search == self.search))}
+
+    def beat(self, token: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(WORKER.update().where(WORKER.c.token == token).values(beats=WORKER.c.beats + 1))
+
+    def set_worker(self, token: str, **values) -> None:
+        with self.engine.begin() as c:
+            c.execute(WORKER.update().where(WORKER.c.token == token).values(**values))

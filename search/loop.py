@@ -4,12 +4,19 @@ the level's FLOP allowance; invalid or unaffordable ones are rejected at zero co
 Each level is its own Optuna study (``<study>.L<i>``) in one storage, because losses at different
 compute are not comparable for a sampler. Reference structures are enqueued first at every level.
 Re-running with the same study name resumes: finished trials stay, the budget counts what was spent.
+The settings that define a study (KEYED) are stored in its database when it is created and read from
+there afterwards; study.json is a copy for people and tools.
 
 Any number of workers (processes, machines) may run the same study against one storage: the budget is
-held by an atomic reservation per trial (search.ledger), a trial whose worker died is found by its stale
-heartbeat, charged what it may have spent and retried from its checkpoint (search.recovery). A worker
-that runs out of new trials waits for the other workers' trials to end, so that it can retry any of them
-that die; it returns when no trial of the study is running.
+held by an atomic reservation per trial (search.ledger), a trial whose worker died is found (its process
+gone, or its heartbeat stopped), charged what it may have spent and retried from its checkpoint, and a
+trial that finished before its worker died is kept (search.recovery). A worker that runs out of new
+trials waits for the other workers' trials to end, so that it can retry any of them that die; it
+returns when no trial of the study is running.
+
+The order of a trained trial's writes is what makes a kill anywhere safe: reserve (ledger) -> train,
+raising the ledger's bound before each stretch -> record the result in the trial -> settle (ledger,
+only if the reservation is still this trial's) -> tell Optuna -> remove the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ from dataclasses import dataclass, field
 
 import einstruct as es
 
-from . import outputs, train
+from . import faults, outputs, train
+from . import ledger as ledger_mod
 from . import space as space_mod
 from .budget import Level, check_plan, plan_levels
 from .errors import SearchError
 from .ledger import Ledger
-from .recovery import Heartbeat, Recovery, TrialLost, checkpoint_path, recover, retry_of
+from .recovery import OWNER, Recoverer, TrialLost, Worker, checkpoint_path, clean_folder, retry_of, set_attrs, tell
 from .storage import check_storage, check_study_name, default_url, open_storage, redact, study_dir
 from .tasks import get as get_task
 
@@ -105,40 +113,118 @@ def make_sampler(name: str, seed: int):
         return makers[name]()
 
 
-def settings_for(name: str, folder: str, given: dict) -> dict:
-    """Defaults < stored settings < given ones; a given setting that contradicts the stored study is an error."""
+def settings_for(name: str, folder: str, given: dict, stored: dict | None = None) -> dict:
+    """Defaults < stored settings < given ones; a given setting that contradicts the stored study is an error.
+
+    ``stored``: the settings kept in the study's database, which are the study's once it exists; without
+    them (a study from before they were stored there, or a new one), the folder's study.json.
+    """
     unknown = set(given) - set(DEFAULTS) - {"storage"}
     if unknown:
         raise SearchError(f"unknown setting(s) {', '.join(sorted(unknown))}; settings are {', '.join(DEFAULTS)}")
     path = os.path.join(folder, "study.json")
-    stored = {}
-    if os.path.exists(path):
-        import json
-
-        try:
-            with open(path) as f:
-                stored = json.load(f).get("settings", {})
-            if not isinstance(stored, dict):
-                raise ValueError("its settings are not a JSON object")
-        except (OSError, ValueError, AttributeError) as e:
-            raise SearchError(f"{path} cannot be read as this study's settings ({e}); restore it, or delete it to "
-                              "start the study's settings afresh") from None
-        for k in KEYED:
-            if k in given and given[k] is not None and k in stored and _differs(given[k], stored[k]):
-                raise SearchError(
-                    f"study {name!r} already exists with {k}={stored[k]!r}, not {given[k]!r}; run it with the same "
-                    "settings to resume, or pick a new --study name"
-                )
+    if stored is None and os.path.exists(path):
+        stored = _study_json(path)
+    stored = stored or {}
+    for k in KEYED:
+        if k in given and given[k] is not None and k in stored and _differs(given[k], stored[k]):
+            raise SearchError(
+                f"study {name!r} already exists with {k}={stored[k]!r}, not {given[k]!r}; run it with the same "
+                "settings to resume (leave the option out to take the study's), or pick a new --study name"
+            )
     out = dict(DEFAULTS)
     out.update({k: v for k, v in stored.items() if k in DEFAULTS})
     out.update({k: v for k, v in given.items() if v is not None and k in DEFAULTS})
     return out
 
 
+def _study_json(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            stored = json.load(f).get("settings", {})
+        if not isinstance(stored, dict):
+            raise ValueError("its settings are not a JSON object")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SearchError(f"{path} cannot be read as this study's settings ({e}); restore it, or delete it to "
+                          "start the study's settings afresh") from None
+    return stored
+
+
 def _differs(a, b) -> bool:
+    import json
+
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return not math.isclose(float(a), float(b), rel_tol=1e-9)
-    return a != b
+    try:  # as stored: a tuple and the list it becomes in JSON are the same setting
+        return json.loads(json.dumps(a, sort_keys=True)) != json.loads(json.dumps(b, sort_keys=True))
+    except (TypeError, ValueError):
+        return a != b
+
+
+def _sqlite_file(url: str) -> str | None:
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    return None if not path or path.startswith(":memory:") else path
+
+
+def _stored_study(url: str, name: str):
+    """(what the storage holds of study ``name``, the opened storage or None), creating no file: a missing or
+    empty SQLite file is not opened (opening it would make it a new, empty study)."""
+    nothing = {"settings": None, "budget": None, "studies": False}
+    path = _sqlite_file(url)
+    if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
+        return {**nothing, "file": path, "empty": os.path.exists(path)}, None
+    store = open_storage(url)
+    return {**ledger_mod.stored(store.engine, name), "file": path, "empty": False}, store
+
+
+def _known(stored: dict) -> bool:
+    return stored["settings"] is not None or stored["budget"] is not None or stored["studies"]
+
+
+def _check_records(name: str, folder: str, url: str, stored: dict) -> None:
+    """Refuse to start afresh in a folder that records a study its storage does not hold (a lost or emptied
+    study.db): starting would overwrite trials.csv, the only record left."""
+    if _known(stored):
+        return
+    meta = os.path.join(folder, "study.json")
+    csv_path = os.path.join(folder, "trials.csv")
+    n, spent = 0, None
+    if os.path.exists(csv_path):
+        try:
+            n = len(outputs.read_trials_csv(csv_path))
+        except (OSError, ValueError, UnicodeDecodeError):
+            n = 1
+    if os.path.exists(meta):
+        import json
+
+        _study_json(meta)  # an unreadable study.json is its own error
+        with open(meta) as f:
+            spent = json.load(f).get("spent")
+    if not n and not os.path.exists(meta):
+        return
+    what = f"{n} trials in trials.csv" + (f", {spent:.4g} training FLOPs spent per study.json"
+                                          if isinstance(spent, (int, float)) else "")
+    if stored.get("file"):
+        db = stored["file"]
+        state = "is empty (0 bytes)" if stored.get("empty") else ("is missing" if not os.path.exists(db)
+                                                                  else "holds no such study")
+        raise SearchError(f"{db} {state}, but {folder} records study {name!r} ({what}): restore study.db from a backup "
+                          f"(with its study.db-wal file, if any) and run again, or move {folder} away to start a new "
+                          "study; nothing was changed")
+    raise SearchError(f"storage {redact(url, url)} holds no study {name!r}, but {folder} records one ({what}): give "
+                      f"the --storage that holds it, or move {folder} away to start a new study; nothing was changed")
+
+
+def _point(cand) -> str:
+    """A digest of the candidate (family, arguments, width): one training per point and level."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(cand.columns(), sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
 def reference_width(task, spec, widths, allowance: float, min_steps: int, target_steps: int) -> int:
@@ -188,8 +274,10 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
                **given) -> SearchStudy:
     """Run (or resume, or join) a budgeted structure search; returns the SearchStudy. See search.run.
 
-    ``worker`` tells workers of one study apart: it offsets the sampler's seed, so that workers do not
-    propose the same points (training seeds stay ``seed``). ``estimate=False`` skips the throughput probe.
+    ``worker`` is kept for callers that number their processes; workers tell themselves apart through the
+    study's worker table (each live worker gets its own ordinal, which offsets its sampler's seed, so that
+    workers started in any way do not propose the same points; training seeds stay ``seed``).
+    ``estimate=False`` skips the throughput probe.
     """
     import optuna
 
@@ -197,10 +285,24 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
     folder = study_dir(name, out)
     asked = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
     plan_levels(asked["budget"], asked["levels"], asked["ratio"], asked["top_trials"])  # a bad value before a clash
-    cfg = settings_for(name, folder, given)
+    url = storage or default_url(folder)
+    if storage is not None:
+        check_storage(storage)  # before anything is read or trained: a bad URL fails in seconds
+    known, store = _stored_study(url, name)
+    _check_records(name, folder, url, known)
+    cfg = settings_for(name, folder, given, known["settings"])
+    if known["settings"] is None and known["budget"] is not None and not os.path.exists(os.path.join(folder,
+                                                                                                    "study.json")):
+        raise SearchError(f"study {name!r} exists in its storage from before settings were kept there, and its "
+                          f"study.json is missing from {folder}: restore study.json from a backup to resume it")
     rep = reporter or Reporter()
     if cfg["sampler"] not in SAMPLERS:
         raise SearchError(f"unknown sampler {cfg['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
+    heartbeat = int(cfg["heartbeat"]) if cfg["heartbeat"] else 0
+    if not heartbeat and _sqlite_file(url) is None:
+        raise SearchError("--heartbeat 0 (off) needs the embedded SQLite storage: without heartbeats a worker on "
+                          "another machine that dies is never found, and its trial would hold its budget forever; "
+                          "give --heartbeat 1 or more with --storage")
     task_kwargs = dict(cfg["task_settings"] or {})
     if cfg["data"] is not None:
         task_kwargs["data"] = cfg["data"]
@@ -210,8 +312,6 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
     top = max(int(cfg["top_trials"]), len(refs) + 1)
     levels = plan_levels(float(cfg["budget"]), int(cfg["levels"]), float(cfg["ratio"]), top)
     train.resolve_device(cfg["device"])
-    if storage is not None:
-        check_storage(storage)  # before any data is read or anything trained: a bad URL fails in seconds
     if not dry_run:
         try:  # likewise an unusable output folder
             os.makedirs(folder, exist_ok=True)
@@ -233,69 +333,108 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
         return result
 
     os.makedirs(folder, exist_ok=True)
-    url = storage or default_url(folder)
-    heartbeat = int(cfg["heartbeat"]) if cfg["heartbeat"] else None
-    recovery = Recovery()
-    store = open_storage(url, heartbeat=heartbeat, on_stale=recovery)
-    ledger = result.ledger = recovery.ledger = Ledger(store.engine, name, float(cfg["budget"]))
+    store = store or open_storage(url)
+    keyed = {k: cfg[k] for k in KEYED}
+    ledger = result.ledger = Ledger(store.engine, name, float(cfg["budget"]), keyed)  # refuses another stored budget
+    saved = ledger.store_settings(keyed)  # the first worker's settings are the study's
+    for k in KEYED:
+        if k in saved and _differs(saved[k], keyed[k]):
+            raise SearchError(f"study {name!r} already exists with {k}={saved[k]!r}, not {keyed[k]!r}; run it with the "
+                              "same settings to resume (leave the option out to take the study's), or pick a new "
+                              "--study name")
+    me = Worker(ledger, heartbeat)
+    try:
+        _work(result, ctx := _Context(task, cfg, folder, ledger, rep, store, heartbeat, me, Recoverer(ledger, me)),
+              url, storage, search_space, refs, levels, optuna)
+    finally:
+        me.end()
+    del ctx
+    return result
+
+
+def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None:
+    cfg, folder, ledger, rep, store, me, recover = (ctx.cfg, ctx.folder, ctx.ledger, ctx.rep, ctx.storage, ctx.worker,
+                                                    ctx.recover)
+    name, task = result.name, ctx.task
     meta = {"settings": cfg, "storage": redact(url) if storage else "default (study.db in this folder)",
             "levels": [{"index": lv.index, "allowance": lv.allowance, "trials": lv.trials} for lv in levels],
             "version": es.__version__}
     outputs.write_json(os.path.join(folder, "study.json"), meta)
+    clean_folder(folder, [], ledger)  # temporary files left by killed processes
     csv_path = os.path.join(folder, "trials.csv")
     seed = int(cfg["seed"])
-    grace = 3 * heartbeat if heartbeat else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ctx = _Context(task, cfg, folder, ledger, rep, store, heartbeat)
 
     def one(st, lv, explore) -> None:
-        with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ask() + Heartbeat does the same
+        with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ours are the worker's
             warnings.simplefilter("ignore", UserWarning)
-            trial = st.ask()
-        with Heartbeat(store, trial._trial_id, heartbeat):
-            cand = search_space.suggest(trial)
-            row = _evaluate(trial, st, cand, lv, ctx)
-        if str(row.get("reason", "")).startswith("same as trial"):  # the sampler is stuck on a point: explore once
+            with me.asking():
+                trial = st.ask()
+                st._storage.set_trial_system_attr(trial._trial_id, OWNER, me.token)
+        faults.point("after_ask")
+        cand = search_space.suggest(trial)
+        row = _evaluate(trial, st, cand, lv, ctx)
+        if row is None:
+            return
+        if str(row.get("reason", "")).startswith(("same as trial", "duplicate of trial")):
+            # the sampler is stuck on a point: explore once
             st.enqueue_trial(search_space.random_params(explore), user_attrs={"exploration": True})
         rows = result.rows()
         outputs.write_trials_csv(csv_path, rows)
         done = [float(r["loss"]) for r in rows if r["level"] == lv.index and r["state"] == "COMPLETE"]
         rep.trial_end(row, _spent(rows), min(done) if done else None)
 
+    def references(st, lv) -> bool:
+        """Queue the level's references once, over all workers; a kill halfway is finished by the next worker."""
+        if st.user_attrs.get("references_enqueued"):
+            return True
+        live = recover.live
+        if not ledger.claim(f"{name}.L{lv.index}.references", me.token, lambda o: (live.refresh(), live.dead(o))[1]):
+            return False  # a live worker is queueing them
+        have = [t.system_attrs.get("fixed_params", t.params) for t in st.get_trials(deepcopy=False)
+                if t.user_attrs.get("reference")]
+        for ref in refs:
+            w = reference_width(task, ref.spec(), task.widths, lv.allowance, cfg["min_steps"], cfg["target_steps"])
+            params = search_space.params_for(space_mod.Candidate(ref.family, w, ref.theta, ref.blocks, ref.rank))
+            if not any(all(h.get(k) == v for k, v in params.items()) for h in have):
+                st.enqueue_trial(params, user_attrs={"reference": True})
+                faults.point("after_reference_enqueued")
+        st.set_user_attr("references_enqueued", True)
+        return True
+
     explorers = {}
     for lv in levels:
-        sampler = make_sampler(cfg["sampler"], (seed * 1000 + lv.index + 7919 * int(worker)) % 2**32)
+        offset = seed * 1000 + lv.index + 7919 * me.ordinal
         st = optuna.create_study(study_name=f"{name}.L{lv.index}", storage=store, direction="minimize",
-                                 sampler=sampler, load_if_exists=True)
+                                 sampler=make_sampler(cfg["sampler"], offset % 2**32), load_if_exists=True)
         result.studies.append((lv.index, st))
         ledger.adopt((t._trial_id, lv.index, t.user_attrs["train_flops"]) for t in st.get_trials(deepcopy=False)
                      if t.state.is_finished() and t.user_attrs.get("train_flops", 0) > 0)
-        recover(st, grace)
-        if not st.user_attrs.get("references_enqueued") and ledger.claim(f"{name}.L{lv.index}.references"):
-            for ref in refs:  # one worker enqueues them (the claim is atomic); every worker may run them
-                w = reference_width(task, ref.spec(), task.widths, lv.allowance, cfg["min_steps"], cfg["target_steps"])
-                cand = space_mod.Candidate(ref.family, w, ref.theta, ref.blocks, ref.rank)
-                st.enqueue_trial(search_space.params_for(cand), user_attrs={"reference": True})
-            st.set_user_attr("references_enqueued", True)
+        recover(st, lv.index)
+        references(st, lv)
         rep.level_start(lv, ledger.used_slots(lv.index))
-        explore = explorers[lv.index] = random.Random(seed * 1000 + lv.index + 7919 * int(worker))
-        while (ledger.used_slots(lv.index) < lv.trials or _waiting(st)) and len(st.trials) < 5 * lv.trials + len(refs):
+        explore = explorers[lv.index] = random.Random(offset)
+        cap = 5 * lv.trials + len(refs)
+        while (ledger.used_slots(lv.index) < lv.trials or _waiting(st)) and len(st.get_trials(deepcopy=False)) < cap:
             one(st, lv, explore)
-            recover(st, grace)
-    while True:  # out of new work: retry trials of workers that die, until no trial is running
+            recover(st, lv.index)
+            references(st, lv)
+    while True:  # out of new work: finish the trials of workers that die, until no trial is running
         busy = False
         for (_, st), lv in zip(result.studies, levels):
-            recover(st, grace)
+            recover(st, lv.index)
+            busy = not references(st, lv) or busy
             while _waiting(st):
                 one(st, lv, explorers[lv.index])
+                recover(st, lv.index)
             busy = busy or bool(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
         if not busy:
             break
-        time.sleep(heartbeat or 1)
+        time.sleep(min(ctx.heartbeat, 1) if ctx.heartbeat else 0.5)
+    clean_folder(folder, result.studies, ledger)  # checkpoints of finished trials a kill left behind
     outputs.write_trials_csv(csv_path, result.rows())
     meta["spent"] = result.spent
     outputs.write_json(os.path.join(folder, "study.json"), meta)
-    return result
 
 
 @dataclass
@@ -308,7 +447,9 @@ class _Context:
     ledger: Ledger
     rep: Reporter
     storage: object
-    heartbeat: int | None
+    heartbeat: int
+    worker: Worker
+    recover: Recoverer
 
 
 def _waiting(st) -> bool:
@@ -331,90 +472,136 @@ def _twin(st, trial, cand):
     return None
 
 
-def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict:
-    """Reject for free, or reserve the FLOPs, train (from a checkpoint for a retry), settle; returns the row."""
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
+    """Reject for free, or reserve the FLOPs, train (a retry: from its predecessor's checkpoint), record the result,
+    settle, tell; returns the row (None if another worker holds this trial)."""
     from optuna.trial import TrialState
 
     task, cfg, ledger, rep = ctx.task, ctx.cfg, ctx.ledger, ctx.rep
     attrs = {"level": lv.index, "allowance": int(lv.allowance), "train_flops": 0, **cand.columns()}
     tid = trial._trial_id
+    pred = trial.user_attrs.get("retry_of_id")  # the lost trial this one continues
+    history = list(trial.user_attrs.get("retry_history", []))
+    first = retry_of(trial) if pred is not None else None
+    lost_row = {**attrs, "state": "FAIL", "loss": "", "reason": "lost: taken for dead by another worker (its "
+                "heartbeat stopped); its work is discarded and the charge is what that worker recorded"}
 
     def finish(state, value=None, **more):
-        from optuna.exceptions import UpdateFinishedTrialError
-
+        """Record the outcome in the trial (what recovery completes it from after a kill), then tell Optuna."""
         attrs.update(more)
-        try:
-            trial.set_user_attr("train_flops", attrs["train_flops"])  # read alone by the budget and resume logic
-            trial.set_user_attr("record", attrs)  # the rest in one write
-            st.tell(trial, value, state=state) if state != TrialState.COMPLETE else st.tell(trial, value)
-        except UpdateFinishedTrialError:  # another worker took this one for dead (a late heartbeat) and failed it
+        if not set_attrs(st, tid, train_flops=attrs["train_flops"], record={**attrs, "outcome": state.name}):
+            return None
+        faults.point("after_outcome")
+        return state
+
+    def told(state, value=None):
+        if not tell(st, trial.number, state, value):  # another worker took this one for dead and failed it
             log.warning("trial %s was failed by another worker before it finished", trial.number)
-            return {**attrs, "state": "FAIL", "loss": "", "reason": "failed by another worker (late heartbeat)"}
+            return lost_row
+        faults.point("after_tell")
         return {**attrs, "state": state.name, "loss": value if value is not None else attrs.get("loss", "")}
 
-    twin = _twin(st, trial, cand)
-    if twin is not None:
-        # The same point again (common with categorical widths): spend nothing, and tell the sampler PRUNED,
-        # not COMPLETE: a repeated value would only sharpen TPE's belief in that point and bring it back,
-        # while a pruned trial counts as a poor outcome there and pushes the next proposals elsewhere. The
-        # row keeps the twin's loss for reading; the report counts it as a duplicate, never as a point.
-        rec = twin.user_attrs.get("record", {})
-        attrs.update({k: rec.get(k, "") for k in ("steps", "params", "omega", "psi", "nu", "seconds")})
-        return finish(TrialState.PRUNED, loss=twin.value, reason=f"same as trial {twin.number}: not retrained")
+    def reject(reason, **more):
+        return told(TrialState.PRUNED) if finish(TrialState.PRUNED, reason=reason, **more) else lost_row
+
+    if pred is None:
+        twin = _twin(st, trial, cand)
+        if twin is not None:
+            # The same point again (common with categorical widths): spend nothing, and tell the sampler PRUNED,
+            # not COMPLETE: a repeated value would only sharpen TPE's belief in that point and bring it back,
+            # while a pruned trial counts as a poor outcome there and pushes the next proposals elsewhere. The
+            # row keeps the twin's loss for reading; the report counts it as a duplicate, never as a point.
+            rec = twin.user_attrs.get("record", {})
+            attrs.update({k: rec.get(k, "") for k in ("steps", "params", "omega", "psi", "nu", "seconds")})
+            return reject(f"same as trial {twin.number}: not retrained", loss=twin.value)
     try:
         spec = cand.spec()
         layer = es.compile(cand.structure_spec(), cand.width)
         steps, per_step = train.plan(task, spec, cand.width, lv.allowance)
     except (es.SpecError, SearchError) as e:
-        return finish(TrialState.PRUNED, reason=f"invalid at width {cand.width}: {e}")
+        return reject(f"invalid at width {cand.width}: {e}")
     attrs.update(omega=layer.omega, psi=layer.psi, nu=layer.nu)
     if steps < cfg["min_steps"]:
-        return finish(TrialState.PRUNED, reason=f"width {cand.width} gets only {steps} steps of {per_step:.3g} FLOPs "
-                                                 f"within the allowance (minimum {cfg['min_steps']})")
+        return reject(f"width {cand.width} gets only {steps} steps of {per_step:.3g} FLOPs within the allowance "
+                      f"(minimum {cfg['min_steps']})")
     seed = int(cfg["seed"])
-    first = retry_of(st, trial)
-    ckpt = checkpoint_path(ctx.folder, lv.index, trial.number if first is None else first)
+    ckpt = checkpoint_path(ctx.folder, lv.index, trial.number)  # this attempt's own file
     start = 0
-    if first is not None:
-        start = train.checkpoint_step(ckpt, train.checkpoint_key(task, spec, cand.width, lv.allowance, seed))
+    if pred is not None and history:  # continue from a copy of the lost attempt's checkpoint, if there is one
+        try:
+            if train.copy_checkpoint(checkpoint_path(ctx.folder, lv.index, history[-1]), ckpt):
+                start = train.checkpoint_step(ckpt, train.checkpoint_key(task, spec, cand.width, lv.allowance, seed))
+        except OSError as e:
+            log.warning("trial %s cannot copy its predecessor's checkpoint (%s); starts from step 0", trial.number, e)
     need = (steps - start) * per_step  # a retry pays only for what its checkpoint leaves
     every = max(int(cfg["checkpoint_steps"]), math.ceil(steps / max(1, int(cfg["checkpoints"] or 1))), 1)
     bound = min(steps - start, every) * per_step
-    # Charged as if its worker died now (overwritten when it finishes): the mirror of the ledger's bound.
-    trial.set_user_attr("train_flops", bound)
-    trial.set_user_attr("record", {**attrs, "train_flops": bound, "reason": "lost: its worker stopped during "
-                                   "training; charged the FLOPs it may have spent, retried with the same parameters"})
-    why = ledger.reserve(tid, lv.index, need, None if first is not None else lv.trials, bound)
+    why = ledger.reserve(tid, lv.index, need, None if pred is not None else lv.trials, bound, number=trial.number,
+                         owner=ctx.worker.token, point=_point(cand), retry_of=pred)
+    faults.point("after_reserve")
+    if why:
+        _remove(ckpt)
     if why.startswith("budget"):
         left = ledger.budget - ledger.spent()
-        return finish(TrialState.PRUNED, train_flops=0,
-                      reason=f"allowance {need:.3g} does not fit the {left:.3g} FLOPs left in the budget")
-    if why:
-        return finish(TrialState.PRUNED, train_flops=0, reason=f"{why.split(': ', 1)[1]} (other workers took them)")
+        return reject(f"allowance {need:.3g} does not fit the {left:.3g} FLOPs left in the budget")
+    if why.startswith("level"):
+        return reject(f"{why.split(': ', 1)[1]} (other workers took them)")
+    if why.startswith("same"):
+        return reject(f"duplicate of trial {why.split(': ', 1)[1]}: the same point is trained there already (by "
+                      "another worker, at the same time); not trained twice")
+    if why.startswith("retried"):
+        return reject(f"duplicate retry of trial {first}: another retry continues it; not trained")
+    if why:  # 'taken': another worker runs this very trial
+        log.warning("trial %s is held by another worker; left to it", trial.number)
+        return None
+    if pred is not None:  # taken over: the predecessor's checkpoint has served (this attempt has its own copy)
+        _remove(checkpoint_path(ctx.folder, lv.index, history[-1]))
 
-    def on_bound(flops: int) -> None:  # before the run spends them (a lost trial's row shows the ledger's charge)
+    def on_bound(flops: int) -> None:  # before the run spends them (a lost trial is charged the ledger's bound)
+        if flops - start * per_step > need:
+            raise SearchError(f"trial {trial.number} would spend more than it reserved")
         if not ledger.raise_bound(tid, flops - start * per_step):
             raise TrialLost(f"trial {trial.number} was taken for dead by another worker")
+        faults.point("after_bound")
 
     rep.trial_start(lv, cand.label, steps)
     try:
         r = train.run(task, spec, cand.width, lv.allowance, seed=seed, device=cfg["device"], callback=rep.trial_step,
-                      checkpoint=ckpt, checkpoint_every=every, on_bound=on_bound)
-    except TrialLost:  # charged its bound already, retried elsewhere: spend nothing more
+                      checkpoint=ckpt, checkpoint_every=every, on_bound=on_bound, require_step=start)
+    except TrialLost:  # charged its bound already, retried elsewhere: spend nothing more, leave the checkpoint
         log.warning("trial %s was taken for dead by another worker; stopped", trial.number)
-        return {**attrs, "state": "FAIL", "loss": "", "reason": "failed by another worker (late heartbeat)"}
+        return lost_row
     except Exception as e:  # a crash in one candidate must not lose the study
         log.exception("trial %s failed", trial.number)
-        ledger.settle(tid, need)  # unknown spend: charged everything it reserved
-        return finish(TrialState.FAIL, train_flops=need, reason=f"crashed: {type(e).__name__}: {e}")
+        state = finish(TrialState.FAIL, train_flops=need, reason=f"crashed: {type(e).__name__}: {e}")
+        if state is None or ledger.settle(tid, need) != "done":  # unknown spend: charged everything it reserved
+            return lost_row
+        _remove(ckpt)
+        return told(state)
+    faults.point("after_train")
     spent = r.train_flops - r.resumed_step * per_step
     note = "" if first is None else f"retry of trial {first}, resumed from step {r.resumed_step} of {steps}"
     attrs.update(train_flops=spent, steps=r.steps, params=r.params, seconds=round(r.seconds, 3),
                  curve=[list(p) for p in r.curve], reason=note)
-    ledger.settle(tid, spent)
-    if os.path.exists(ckpt):
-        os.remove(ckpt)
     if r.diverged:
-        return finish(TrialState.FAIL, reason=f"diverged: {r.reason}" + (f"; {note}" if note else ""), loss="")
-    attrs["loss"] = r.loss
-    return finish(TrialState.COMPLETE, r.loss)
+        state = finish(TrialState.FAIL, reason=f"diverged: {r.reason}" + (f"; {note}" if note else ""), loss="")
+    else:
+        state = finish(TrialState.COMPLETE, loss=r.loss)
+    if state is None:
+        return lost_row
+    settled = ledger.settle(tid, spent)  # only if the reservation is still this trial's
+    faults.point("after_settle")
+    if settled != "done":
+        log.warning("trial %s was taken for dead by another worker while it trained; its result is discarded",
+                    trial.number)
+        return lost_row
+    row = told(state, None if r.diverged else r.loss)
+    _remove(ckpt)
+    return row

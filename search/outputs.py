@@ -13,10 +13,21 @@ COLUMNS = ["number", "level", "trial", "state", "train_flops", "allowance", "fam
            "steps", "params", "omega", "psi", "nu", "loss", "seconds", "reason"]
 
 
+def temp_path(path: str) -> str:
+    """Where to write ``path`` before renaming it: ``<path>.tmp<pid>.<machine>``, so that a temporary file left by a
+    killed process can be told from one being written (search.recovery.clean_folder removes the former)."""
+    from .recovery import temp_suffix
+
+    return path + temp_suffix()
+
+
 def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    from . import faults
+
+    tmp = temp_path(path)
     with open(tmp, "w", newline="") as f:
         f.write(text)
+    faults.point("before_rename")
     os.replace(tmp, path)
 
 
@@ -27,19 +38,23 @@ def write_json(path: str, data: dict) -> None:
 def trial_rows(level_studies, charges: dict | None = None) -> list[dict]:
     """One row per trial over all levels (level-major), from what the storage holds.
 
-    ``charges`` (Optuna trial id -> FLOPs) overrides train_flops: what the budget ledger charged a trial
-    whose worker died or that is still running.
+    ``charges`` (Optuna trial id -> FLOPs, from the budget ledger) gives every trial's train_flops: what the
+    ledger charged it (a running trial: what it may have spent so far); a trial without a reservation spent
+    nothing. So trials.csv and the ledger always agree. Without ``charges``, the trials' own records count.
     """
     rows = []
     for level, study in level_studies:
         for t in study.get_trials(deepcopy=False):
-            if t.state.name == "WAITING" or (t.state.name == "RUNNING" and "train_flops" not in t.user_attrs):
-                continue  # enqueued, or in progress and not yet charged: not a trial yet
+            if t.state.name == "WAITING":
+                continue  # enqueued: not a trial yet
+            if t.state.name == "RUNNING" and (t._trial_id not in charges if charges is not None
+                                              else "train_flops" not in t.user_attrs):
+                continue  # in progress and not yet charged
             a = {**t.user_attrs.get("record", {}), **t.user_attrs}
             row = {k: a.get(k, "") for k in COLUMNS}
             row.update(level=level, trial=t.number, state=t.state.name, train_flops=int(a.get("train_flops", 0)))
-            if charges and t._trial_id in charges:
-                row["train_flops"] = int(charges[t._trial_id])
+            if charges is not None:
+                row["train_flops"] = int(charges.get(t._trial_id, 0))
             row["loss"] = t.value if t.value is not None else a.get("loss", "")
             rows.append(row)
     for i, r in enumerate(rows):

@@ -1,135 +1,389 @@
-"""Crash recovery: heartbeats while a trial runs, failing the trials of dead workers, and retrying them.
+"""Crash recovery: which workers are alive, and finishing, failing and retrying the trials of dead ones.
 
-A worker records a heartbeat for its trial every ``heartbeat`` seconds (a thread; Optuna's RDB storage
-keeps the time). Whenever a worker looks for work it asks Optuna to fail the RUNNING trials whose
-heartbeat is older than the grace period (3 heartbeats); exactly one worker wins that update and runs
-``Recovery`` on the trial: the ledger charges the FLOPs the trial may have spent (its bound) and frees its
-slot, and a WAITING copy with the same parameters is enqueued (Optuna's RetryHeartbeatStaleTrialCallback,
-up to ``max_retry`` times). The worker that picks the copy up finds the dead trial's checkpoint and
-continues from it. A RUNNING trial that never reserved anything and never got a heartbeat (its process
-died right after asking) is failed at zero cost once it is older than the grace period.
+Every ``run_search`` call is a *worker*: it enters itself in the ledger's worker table (machine identity,
+process id and start time, heartbeat interval) and, with heartbeats on, a thread counts its beats there
+every ``heartbeat`` seconds. A worker is dead when
+
+- it ended (its run_search returned or raised), or
+- it ran on this machine (same boot and process namespace) and its process is gone (no such pid, a
+  zombie, or the pid reused by a process that started at another time), or
+- it beats (heartbeat > 0) and its count has not moved for 3 of its beats, as the looking worker observes
+  it on its own clock (no clocks are compared across machines). A paused process (SIGSTOP, a VM pause, a
+  long GC) is taken for dead this way too; when it wakes it finds its reservation gone and discards its work.
+
+With heartbeats off only the first two apply: a paused or hung process is never taken for dead, and a
+worker on another machine cannot be judged at all, so heartbeat 0 is for the embedded storage only.
+
+A trial records its owner (the worker's token) right after it is created, and its reservation records
+it too. ``Recoverer`` (called whenever a worker looks for work) finishes the RUNNING trials of dead owners,
+each under a claim so that one worker does it. Every step is idempotent and the trial is failed last, so
+a kill anywhere inside recovery leaves a RUNNING trial that the next look recovers again:
+
+- its result recorded (it finished training, then died before telling Optuna): settle, then tell it;
+- a reservation: charge its bound (``Ledger.lose``, which holds the rest and the slot for the retry),
+  enqueue one retry with the same parameters (up to ``max_retry`` in a chain), then FAIL it;
+- no reservation (it died before reserving): FAIL at zero cost; if it had been queued (a reference, a
+  retry, an exploration point), queue its parameters again.
+
+A trial that was created but not yet owned (the instant between Optuna's ask and the owner record) belongs
+to a worker that is *asking*; such a trial counts as abandoned only while no live worker is asking.
 """
 
 from __future__ import annotations
 
-import copy
-import datetime
+import contextlib
+import hashlib
 import logging
 import os
+import re
+import socket
 import threading
+import time
+import uuid
+
+from . import faults
 
 log = logging.getLogger(__name__)
 
-KEEP_ATTRS = ("reference", "exploration")  # user attributes a retry inherits; the rest is the dead run's
+OWNER = "einstruct_owner"  # the trial's system attribute naming its worker's token
+MAX_RETRY = 3
+CHAIN_ATTRS = ("reference", "exploration", "retry_of", "retry_of_id", "retry_history")  # what a requeue keeps
 
 
-class Heartbeat:
-    """``with Heartbeat(storage, trial_id, seconds):`` records the trial's heartbeat until the block ends."""
+# ---- this process, and others on this machine -------------------------------------------------------
 
-    def __init__(self, storage, trial_id: int, seconds: float | None):
-        self.storage, self.trial_id, self.seconds = storage, trial_id, seconds
+def host_id() -> str:
+    """Where a process id means the same process: this boot of this machine and this pid namespace (Linux),
+    else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return "host:" + socket.gethostname()
+
+
+HOST = host_id()
+HOST_TAG = hashlib.sha1(HOST.encode()).hexdigest()[:8]  # marks this machine's temporary files
+
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ('' where unknown): tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def alive(pid: int, started: str = "") -> bool:
+    """Whether process ``pid`` (started at ``started``, if known) runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
+            return False
+        return not started or fields[19] == started
+    except (OSError, IndexError):
+        return True
+
+
+def temp_suffix() -> str:
+    """The suffix of this process's temporary files: ``.tmp<pid>.<machine tag>``."""
+    return f".tmp{os.getpid()}.{HOST_TAG}"
+
+
+_TEMP = re.compile(r"\.tmp(\d+)(?:\.([0-9a-f]{8}))?$")
+
+
+def stale_temporary(name: str) -> bool:
+    """A temporary file of a process of this machine that is gone (a kill between a write and its rename)."""
+    m = _TEMP.search(name)
+    if m is None or (m.group(2) is not None and m.group(2) != HOST_TAG):
+        return False
+    return not alive(int(m.group(1)))
+
+
+# ---- workers ----------------------------------------------------------------------------------------
+
+class Worker:
+    """This run_search call as the ledger knows it; ``with``-free: call ``end()`` when done."""
+
+    def __init__(self, ledger, heartbeat: int | None):
+        self.ledger, self.heartbeat = ledger, int(heartbeat or 0)
+        self.token = uuid.uuid4().hex
+        self.ordinal = ledger.register(self.token, busy=_maybe_alive, host=HOST, hostname=socket.gethostname()[:200],
+                                       pid=os.getpid(), started=process_start(os.getpid()), heartbeat=self.heartbeat)
         self._stop = threading.Event()
         self._thread = None
+        if self.heartbeat:
+            self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{self.token[:8]}")
+            self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.heartbeat):
             try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # a busy database must not kill the trial; the next beat tries again
-                log.warning("heartbeat of trial id %s not recorded", self.trial_id, exc_info=True)
-            self._stop.wait(self.seconds)
+                self.ledger.beat(self.token)
+            except Exception:  # a busy database must not kill the worker; the next beat tries again
+                log.warning("heartbeat of worker %s not recorded", self.token[:8], exc_info=True)
 
-    def __enter__(self):
-        if self.seconds:
-            self.storage.record_heartbeat(self.trial_id)  # at once: from now on a dead worker is detectable
-            self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{self.trial_id}")
-            self._thread.start()
-        return self
+    @contextlib.contextmanager
+    def asking(self):
+        """Around creating a trial and recording its owner: its trial is not taken for abandoned meanwhile."""
+        self.ledger.set_worker(self.token, asking=1)
+        try:
+            yield
+        finally:
+            self.ledger.set_worker(self.token, asking=0)
 
-    def __exit__(self, *exc):
+    def end(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        try:
+            self.ledger.set_worker(self.token, ended=1, asking=0)
+        except Exception:  # the database went away: its trials are judged by pid or heartbeat instead
+            log.warning("worker %s could not record its end", self.token[:8], exc_info=True)
+
+
+def _maybe_alive(row) -> bool:
+    """For ordinals: a worker of another machine counts as alive until it ends."""
+    return row.host != HOST or alive(row.pid, row.started)
+
+
+class Liveness:
+    """Judges workers from the worker table; remembers beat counts to see them stop."""
+
+    def __init__(self, ledger, me: Worker):
+        self.ledger, self.me = ledger, me
+        self.rows: dict = {}
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def refresh(self) -> None:
+        self.rows = self.ledger.workers()
+
+    def dead(self, token: str | None) -> bool:
+        if token is None:
+            return True  # a claim or trial from before owners were recorded
+        if token == self.me.token:
+            return False
+        r = self.rows.get(token)
+        if r is None:
+            self.refresh()
+            r = self.rows.get(token)
+            if r is None:
+                return True
+        if r.ended or (r.host == HOST and not alive(r.pid, r.started)):
+            return True
+        if r.heartbeat > 0:
+            now = time.monotonic()
+            seen = self._seen.get(token)
+            if seen is None or seen[0] != r.beats:
+                self._seen[token] = (r.beats, now)
+                return False
+            return now - seen[1] >= 3 * r.heartbeat
         return False
 
-
-class Recovery:
-    """The stale-trial callback: charge the dead trial's bound in the ledger, then enqueue its retry."""
-
-    def __init__(self, max_retry: int = 3):
-        import warnings
-
-        import optuna
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-        self.ledger = None  # set once the ledger exists (it needs the storage this callback is given to)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-        self.lost: list[tuple[int, int]] = []  # (trial number, FLOPs charged), for the caller's report
-
-    def __call__(self, study, trial) -> None:
-        charged = self.ledger.lose(trial._trial_id) if self.ledger is not None else 0
-        self.lost.append((trial.number, charged))
-        log.warning("trial %s of %s lost its worker; charged %d FLOPs, retrying", trial.number, study.study_name,
-                    charged)
-        again = copy.deepcopy(trial)
-        again.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in KEEP_ATTRS}
-        self.retry(study, again)
+    def asking(self) -> bool:
+        """Some live worker other than this one is creating a trial right now."""
+        return any(r.asking and not self.dead(t) for t, r in self.rows.items() if t != self.me.token)
 
 
-def recover(study, grace: float | None) -> None:
-    """Fail this study's dead trials (stale heartbeat, or never started and older than ``grace``)."""
-    import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.storages import fail_stale_trials
-    from optuna.trial import TrialState
-
-    if not grace:
-        return
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        fail_stale_trials(study)
-    now = datetime.datetime.now()
-    beating = None
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        started = t.datetime_start
-        if "train_flops" in t.user_attrs or started is None or (now - started).total_seconds() < 2 * grace:
-            continue
-        if beating is None:
-            beating = _with_heartbeat(study)
-        if beating is None or t._trial_id in beating:
-            continue  # alive, or its heartbeat will tell
-        try:  # asked, then its process died before it reserved or beat: it trained nothing
-            study._storage.set_trial_user_attr(t._trial_id, "train_flops", 0)
-            study._storage.set_trial_user_attr(t._trial_id, "record", {
-                "train_flops": 0, "reason": "abandoned: its process stopped before training; charged nothing"})
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            pass
-
-
-def _with_heartbeat(study) -> set | None:
-    """Ids of trials that ever recorded a heartbeat (Optuna's trial_heartbeats table); None if unreadable."""
-    import sqlalchemy as sa
-
-    try:
-        with getattr(study._storage, "_backend", study._storage).engine.connect() as c:
-            return {r[0] for r in c.execute(sa.text("SELECT trial_id FROM trial_heartbeats"))}
-    except Exception:
-        return None
-
+# ---- trials ------------------------------------------------------------------------------------------
 
 class TrialLost(RuntimeError):
-    """Another worker declared this trial's worker dead (its heartbeat was late) and charged it: stop."""
+    """Another worker declared this trial's worker dead (its heartbeat stopped) and charged it: stop."""
 
 
-def retry_of(study, trial) -> int | None:
+def retry_of(trial) -> int | None:
     """The number of the first trial this one retries (None for a fresh trial)."""
-    return study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    return trial.user_attrs.get("retry_of")
 
 
 def checkpoint_path(folder: str, level: int, number: int) -> str:
+    """Each attempt's own checkpoint: a retry starts from a copy of its predecessor's."""
     return os.path.join(folder, "checkpoints", f"L{level}-t{number}.pt")
+
+
+def tell(st, number: int, state, value=None) -> bool:
+    """Finish a RUNNING trial; False if it is finished already (another worker got there first)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        if state == TrialState.COMPLETE:
+            st.tell(number, value)
+        else:
+            st.tell(number, state=state)
+    except (UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial"
+        return False
+    return True
+
+
+def set_attrs(st, trial_id: int, **attrs) -> bool:
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    try:
+        for k, v in attrs.items():
+            st._storage.set_trial_user_attr(trial_id, k, v)
+    except UpdateFinishedTrialError:
+        return False
+    return True
+
+
+class Recoverer:
+    """``recoverer(study, level)``: finish the dead workers' RUNNING trials of one level study (see the module)."""
+
+    def __init__(self, ledger, worker: Worker, max_retry: int = MAX_RETRY):
+        self.ledger, self.worker, self.max_retry = ledger, worker, max_retry
+        self.live = Liveness(ledger, worker)
+        self.lost: list[tuple[int, int, int]] = []  # (level, trial number, FLOPs charged), for the caller
+
+    def __call__(self, st, level: int) -> None:
+        from optuna.trial import TrialState
+
+        running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        rows = {r.trial_id: r for r in self.ledger.rows()}
+        waiting = [r for r in rows.values() if r.level == level and r.status == "lost" and r.owner is not None]
+        if not running and not waiting:
+            return
+        self.live.refresh()
+        for t in running:
+            row = rows.get(t._trial_id)
+            owner = (row.owner if row is not None else None) or t.system_attrs.get(OWNER)
+            if owner == self.worker.token:
+                continue
+            if owner is None and self.live.asking():
+                continue  # perhaps a live worker's, between its ask and its owner record
+            if owner is not None and not self.live.dead(owner):
+                continue
+            if self.ledger.claim(f"recover:{t._trial_id}", self.worker.token, self.live.dead):
+                self._finish(st, level, t._trial_id)
+        if waiting:
+            self._chains(st, [r.trial_id for r in waiting])
+
+    def _finish(self, st, level: int, tid: int) -> None:
+        from optuna.trial import TrialState
+
+        self.live.refresh()  # first the workers, then the trial: an unowned trial read after a refresh that shows
+        t = st._storage.get_trial(tid)  # nobody asking cannot belong to a live worker (it records its owner first)
+        if t.state != TrialState.RUNNING:
+            return
+        row = self.ledger.row(tid)
+        owner = (row.owner if row is not None else None) or t.system_attrs.get(OWNER)
+        if (self.live.asking() if owner is None else not self.live.dead(owner)):
+            return  # alive after all (the claim stays with this worker: it looks again next time)
+        rec = dict(t.user_attrs.get("record", {}))
+        outcome = rec.pop("outcome", None)
+        if row is not None and outcome and row.status in ("running", "done"):
+            if self.ledger.settle(tid, int(rec.get("train_flops", row.amount))) == "done":
+                faults.point("recover_settled")
+                state = TrialState[outcome]
+                tell(st, t.number, state, rec.get("loss") if state == TrialState.COMPLETE else None)
+                log.warning("trial %s of %s finished before its worker died: kept", t.number, st.study_name)
+                return
+        trials = None
+        if row is None:  # it never reserved: it trained nothing; put a queued point back in the queue
+            fixed = t.system_attrs.get("fixed_params")
+            if fixed is not None:
+                trials = st.get_trials(deepcopy=False)
+                if not any(u.user_attrs.get("requeued_from") == tid for u in trials):
+                    keep = {k: v for k, v in t.user_attrs.items() if k in CHAIN_ATTRS}
+                    st.enqueue_trial(fixed, user_attrs={**keep, "requeued_from": tid})
+                    faults.point("recover_requeued")
+            rec.update(train_flops=0, reason="abandoned: its process stopped before training; charged nothing")
+            set_attrs(st, tid, train_flops=0, record=rec)
+            tell(st, t.number, TrialState.FAIL)
+            return
+        history = list(t.user_attrs.get("retry_history", []))
+        again = len(history) < self.max_retry
+        charged = self.ledger.lose(tid, retry=again)
+        faults.point("recover_lost")
+        if again and self.ledger.row(tid).status in ("lost", "retried"):
+            trials = st.get_trials(deepcopy=False)
+            if not any(u.user_attrs.get("retry_of_id") == tid for u in trials):
+                self._enqueue_retry(st, t, history)
+        what = "retried with the same parameters" if again else f"not retried ({self.max_retry} retries used)"
+        rec.update(train_flops=charged, reason=f"lost: its worker stopped during training; charged the FLOPs it "
+                                               f"may have spent, {what}")
+        set_attrs(st, tid, train_flops=charged, record=rec)
+        if tell(st, t.number, TrialState.FAIL):
+            self.lost.append((level, t.number, charged))
+            log.warning("trial %s of %s lost its worker; charged %d FLOPs, %s", t.number, st.study_name, charged, what)
+
+    def _enqueue_retry(self, st, t, history) -> None:
+        keep = {k: v for k, v in t.user_attrs.items() if k in ("reference", "exploration")}
+        st.enqueue_trial(dict(t.params), user_attrs={
+            **keep, "retry_of": history[0] if history else t.number, "retry_of_id": t._trial_id,
+            "retry_history": [*history, t.number]})
+        faults.point("recover_enqueued")
+
+    def _chains(self, st, lost_ids) -> None:
+        """Lost trials whose retry is neither queued nor running (a safety net): queue it, or end the chain."""
+        from optuna.trial import TrialState
+
+        trials = st.get_trials(deepcopy=False)
+        by_id = {t._trial_id: t for t in trials}
+        for tid in lost_ids:
+            t = by_id.get(tid)
+            if t is None or t.state == TrialState.RUNNING:
+                continue  # another level's, or its recovery is still to come
+            succ = [u for u in trials if u.user_attrs.get("retry_of_id") == tid]
+            if any(not u.state.is_finished() for u in succ):
+                continue
+            if succ or not t.params:
+                self.ledger.end_chain(tid)
+            elif self.ledger.claim(f"retry:{tid}", self.worker.token, self.live.dead):
+                self._enqueue_retry(st, t, list(t.user_attrs.get("retry_history", [])))
+
+
+# ---- leftovers ----------------------------------------------------------------------------------------
+
+_CKPT = re.compile(r"^L(\d+)-t(\d+)\.pt$")
+
+
+def clean_folder(folder: str, level_studies, ledger) -> list[str]:
+    """Remove what no one will read: temporary files of dead processes of this machine, and checkpoints of
+    finished trials whose chain is over (a lost trial's checkpoint stays until its retry has copied it)."""
+    removed = []
+    ckdir = os.path.join(folder, "checkpoints")
+    for d in (folder, ckdir):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            if stale_temporary(n):
+                removed += _remove(os.path.join(d, n))
+    try:
+        files = [(int(m.group(1)), int(m.group(2)), n) for n in os.listdir(ckdir) if (m := _CKPT.match(n))]
+    except OSError:
+        files = []
+    if not files:
+        return removed
+    # files first, states after: a file listed belongs to a trial that existed before the states are read
+    status = {(r.level, r.number): r.status for r in ledger.rows() if r.number is not None}
+    finished = {}
+    for level, st in level_studies:
+        for t in st.get_trials(deepcopy=False):
+            finished[(level, t.number)] = t.state.is_finished()
+    for level, number, n in files:
+        if finished.get((level, number)) and status.get((level, number)) != "lost":
+            removed += _remove(os.path.join(ckdir, n))
+    return removed
+
+
+def _remove(path: str) -> list[str]:
+    try:
+        os.remove(path)
+        return [path]
+    except OSError:
+        return []

@@ -123,7 +123,7 @@ def _rdb(optuna, url: str, kwargs: dict, beat: dict):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beat)
         except DBAPIError as e:
-            raced = "already exists" in str(e) or "duplicate key" in str(e)
+            raced = any(s in str(e) for s in ("already exists", "duplicate key", "UNIQUE constraint failed"))
             if not raced or attempt == 5:
                 raise
             time.sleep(0.3 * (attempt + 1))
@@ -159,14 +159,18 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
             from sqlalchemy import event
 
             @event.listens_for(storage.engine, "connect")
-            def _pragmas(dbapi_conn, _record):  # every connection: WAL commits without an fsync each
+            def _pragmas(dbapi_conn, _record):  # every connection: WAL, commits without an fsync each
+                dbapi_conn.isolation_level = None  # no implicit BEGIN from the driver: _begin below says when
                 cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")  # several workers may share the file
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
 
-            storage.engine.dispose()  # connections made before the listener are closed
-            with storage.engine.connect() as conn:  # several workers may share the file
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            @event.listens_for(storage.engine, "begin")
+            def _begin(conn):  # the write lock from the first statement: a read-then-write (Optuna taking a
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # WAITING trial) is atomic across processes
+
+            storage.engine.dispose()  # connections made before the listeners are closed
         return storage
     except ImportError as e:
         raise _driver_error(url, e) from None

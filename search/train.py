@@ -15,7 +15,10 @@ Checkpoints: with ``checkpoint=path`` and ``checkpoint_every=N`` the model, opti
 curves are saved every N steps (written to a temporary file, then renamed, so a file on disk is always
 whole), and a run that finds a matching checkpoint continues from it with the same result as an
 uninterrupted run. ``on_bound(flops)`` is told, before they are spent, the FLOPs the run may have spent
-by its next checkpoint: what a budget must charge if the process dies.
+by its next checkpoint: what a budget must charge if the process dies (it is told before the checkpoint is
+written, so a run whose budget was revoked stops without writing one). ``require_step=s`` pins where the
+run starts: 0 ignores any file, s > 0 resumes from a checkpoint at exactly step s or raises, so a caller
+that reserved FLOPs for the steps after s never pays for more.
 
 Several devices: under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel and
 every rank trains on its slice of the same global batch (search.distributed); FLOPs are summed over ranks.
@@ -108,6 +111,7 @@ def run(
     checkpoint: str | None = None,
     checkpoint_every: int = 0,
     on_bound: Callable[[int], None] | None = None,
+    require_step: int | None = None,
 ) -> Result:
     """Train ``spec`` (None or 'dense' for dense) at ``width`` on ``task`` for at most ``train_flops``."""
     check_positive("train_flops", train_flops, float)
@@ -118,13 +122,13 @@ def run(
     world, dev = distributed.setup(resolve_device(device))
     try:
         return _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals, check_every, callback,
-                    checkpoint, checkpoint_every, on_bound, world)
+                    checkpoint, checkpoint_every, on_bound, world, require_step)
     finally:
         distributed.teardown(world)
 
 
 def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals, check_every, callback,
-         checkpoint, checkpoint_every, on_bound, world) -> Result:
+         checkpoint, checkpoint_every, on_bound, world, require_step=None) -> Result:
     hp = task.hyper
 
     # 1. Data (reported, not charged) and the model with its muP parameter groups.
@@ -159,7 +163,9 @@ def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals,
     if checkpoint and checkpoint_every:
         every = -(-int(checkpoint_every) // check_every) * check_every  # saves fall on loss read-backs
     key = fingerprint(label, width, per_step, steps, seed, lr, schedule, warmup, world.size, task.describe())
-    state = load_checkpoint(checkpoint, key) if every else None
+    state = load_checkpoint(checkpoint, key) if every and require_step != 0 else None
+    if require_step and (state is None or int(state["step"]) != int(require_step)):
+        raise SearchError(f"checkpoint {checkpoint} is not the one at step {require_step} this run was planned from")
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -211,12 +217,12 @@ def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals,
             curve.append((done * per_step, ev))
         if every and done % every == 0 and done < steps and not reason:
             if world.main:
+                if on_bound is not None:  # before spending the next stretch, and before saving: a revoked run stops
+                    on_bound(min(steps, done + every) * per_step)
                 save_checkpoint(checkpoint, {
                     "key": key, "step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "first_loss": first_loss,
                     "curve": [list(p) for p in curve], "train_curve": [list(p) for p in train_curve]})
-                if on_bound is not None:  # before spending the next stretch
-                    on_bound(min(steps, done + every) * per_step)
             distributed.barrier(world)
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
@@ -272,11 +278,38 @@ def _label(spec) -> str:
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to a temporary file, then rename: a checkpoint on disk is always complete."""
+    from . import faults
+    from .outputs import temp_path
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_path(path)
     torch.save(state, tmp)
+    faults.point("checkpoint_before_rename")
     os.replace(tmp, path)
+    faults.point("after_checkpoint")
+
+
+def copy_checkpoint(src: str, dst: str) -> bool:
+    """Give ``dst`` its own copy of checkpoint ``src`` (a hard link where the disk allows; whole or absent, never
+    partial); False if there is no ``src``. The copy stays what it is when ``src`` is rewritten or removed."""
+    import shutil
+
+    from .outputs import temp_path
+
+    if not os.path.exists(src):
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = temp_path(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (or another file system): copy
+            shutil.copyfile(src, tmp)
+    except FileNotFoundError:  # removed meanwhile: the same as none
+        return False
+    os.replace(tmp, dst)
+    return True
 
 
 def load_checkpoint(path: str | None, key: str | None = None) -> dict | None:
