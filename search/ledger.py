@@ -29,7 +29,7 @@ A row's life, each step a compare-and-set on its status (a worker only ever move
 
 A trial's slot at its level is held by every row but a ``retried`` one, so a dead trial and its retries
 count once. ``point`` (a digest of the candidate) lets one reservation per point and level exist among
-the running and done rows: two workers proposing the same point at the same moment train it once. The
+the running, done and lost rows: two workers proposing the same point at the same moment train it once. The
 ledger is the budget's source of truth; trials.csv takes every trial's train_flops from it.
 """
 
@@ -218,8 +218,8 @@ class Ledger:
                     what = f"trial {pred.number} is {pred.status}" if pred is not None else "its trial has no row"
                     return f"retried: {what}"
             if point is not None:
-                twin = next((r for r in rows if r.level == level and r.point == point
-                             and r.status in ("running", "done")), None)
+                twin = next((r for r in rows if r.level == level and r.point == point and r.trial_id != retry_of
+                             and r.status in ("running", "done", "lost")), None)  # lost: its retry will continue it
                 if twin is not None:
                     return f"same: {twin.number}"
             held = sum(r.amount + (r.spare or 0) for r in rows) - ((pred.spare or 0) if pred is not None else 0)

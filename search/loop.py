@@ -543,6 +543,8 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     need = (steps - start) * per_step  # a retry pays only for what its checkpoint leaves
     every = max(int(cfg["checkpoint_steps"]), math.ceil(steps / max(1, int(cfg["checkpoints"] or 1))), 1)
     bound = min(steps - start, every) * per_step
+    if not set_attrs(st, tid, record=attrs):  # what the trial is, for its row if its worker dies while training
+        return lost_row
     why = ledger.reserve(tid, lv.index, need, None if pred is not None else lv.trials, bound, number=trial.number,
                          owner=ctx.worker.token, point=_point(cand), retry_of=pred)
     faults.point("after_reserve")

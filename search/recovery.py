@@ -19,7 +19,8 @@ it too. ``Recoverer`` (called whenever a worker looks for work) finishes the RUN
 each under a claim so that one worker does it. Every step is idempotent and the trial is failed last, so
 a kill anywhere inside recovery leaves a RUNNING trial that the next look recovers again:
 
-- its result recorded (it finished training, then died before telling Optuna): settle, then tell it;
+- its result recorded (it finished training, or was rejected, then died before telling Optuna): settle, then
+  tell it as it is;
 - a reservation: charge its bound (``Ledger.lose``, which holds the rest and the slot for the retry),
   enqueue one retry with the same parameters (up to ``max_retry`` in a chain), then FAIL it;
 - no reservation (it died before reserving): FAIL at zero cost; if it had been queued (a reference, a
@@ -290,7 +291,9 @@ class Recoverer:
                 tell(st, t.number, state, rec.get("loss") if state == TrialState.COMPLETE else None)
                 log.warning("trial %s of %s finished before its worker died: kept", t.number, st.study_name)
                 return
-        trials = None
+        if row is None and outcome == "PRUNED":  # rejected at no cost, killed before Optuna heard of it
+            tell(st, t.number, TrialState.PRUNED)
+            return
         if row is None:  # it never reserved: it trained nothing; put a queued point back in the queue
             fixed = t.system_attrs.get("fixed_params")
             if fixed is not None:

@@ -182,9 +182,10 @@ def test_a_kill_inside_recovery_is_recovered_by_the_next_run(tmp_path, when):
     assert _crash.run(args, patches=[("search.ledger:Ledger.lose", when, 1, "kill")]) == -9
     assert _crash.run(args) == 0
     got = _crash.check_invariants(out, url, name)
-    assert got["by_key"][(0, 0)]["reason"].startswith("lost")
+    lost = got["by_key"][(0, 0)]
+    assert lost["reason"].startswith("lost") and lost["structure"] and lost["width"], lost
     (retry,) = retries_of(got["rows"], 0, 0)
-    assert retry["state"] == "COMPLETE"
+    assert retry["state"] == "COMPLETE" and retry["structure"] == lost["structure"]
 
 
 def test_a_lost_trials_retry_keeps_the_budget_and_slot_it_was_holding(tmp_path):
