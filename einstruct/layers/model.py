@@ -1,4 +1,4 @@
-"""Whole-model tools: structure() swaps linear layers for StructuredLinear; summary() tabulates them.
+"""Whole-model tools: structure() swaps linear layers for StructuredLinear (summary() tabulates them).
 
     model = es.structure(model, es.presets.btt(rank=1))          # every linear layer but the output head
     before = es.summary(dense_model); print(es.summary(model, baseline=before))
@@ -50,10 +50,8 @@ import fnmatch
 import inspect
 import logging
 import re
-import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -63,7 +61,9 @@ from .. import presets
 from ..errors import SpecError
 from ..spec import Spec
 from .linear import StructuredLinear
-from .moe import MOE_LAYERS, BTTMoE, MoE, MoEConfig, is_btt_expert_spec
+from .matmuls import _cannot, _ties, dense_weight, fans, is_conv1d, is_linear, matmul_layers  # noqa: F401 (re-exported)
+from .moe import BTTMoE, MoE, MoEConfig, is_btt_expert_spec
+from .summary import LayerRow, ModelSummary, summary  # noqa: F401  (re-exported: es.summary)
 
 log = logging.getLogger(__name__)
 
@@ -210,109 +210,6 @@ def _as_spec(value, what: str) -> Spec:
     )
 
 
-# ---- which modules are linear layers ---------------------------------------------------------------
-
-
-def is_conv1d(m: nn.Module) -> bool:
-    """A GPT-2 style Conv1D: transformers' class (when transformers is loaded), or any module named Conv1D
-    with an int ``nf`` and a 2-D weight of shape (nx, nf), applied as ``x @ weight + bias``."""
-    loaded = sys.modules.get("transformers.pytorch_utils")  # only ever imported by the model's own code
-    cls = getattr(loaded, "Conv1D", None)
-    if not (isinstance(cls, type) and isinstance(m, cls)) and type(m).__name__ != "Conv1D":
-        return False
-    w = m._parameters.get("weight")
-    nf = getattr(m, "nf", None)
-    return (isinstance(nf, int) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == nf
-            and not isinstance(w, nn.parameter.UninitializedParameter))
-
-
-def is_linear(m: nn.Module) -> bool:
-    """A dense layer structure() can replace: an nn.Linear or a Conv1D (see :func:`is_conv1d`)."""
-    return isinstance(m, nn.Linear) or is_conv1d(m)
-
-
-def fans(m: nn.Module) -> tuple[int, int]:
-    """(fan_in, fan_out) of an nn.Linear, Conv1D, StructuredLinear or MoE layer."""
-    if is_conv1d(m):
-        nx, nf = m._parameters["weight"].shape
-        return int(nx), int(nf)
-    return int(m.in_features), int(m.out_features)
-
-
-def dense_weight(m: nn.Module) -> torch.Tensor:
-    """The (out, in) matrix of an nn.Linear or Conv1D (a Conv1D stores its transpose)."""
-    return m.weight.t() if is_conv1d(m) else m.weight
-
-
-def _cannot(m: nn.Module) -> str | None:
-    """Why ``m`` computes a matmul from a weight of its own that structure() cannot replace; None if it does not."""
-    kind = type(m).__name__
-    if isinstance(m, nn.MultiheadAttention):
-        return ("nn.MultiheadAttention: its forward reads the packed in_proj_weight (or q/k/v_proj_weight) and "
-                "out_proj.weight itself")
-    if isinstance(m, nn.RNNBase):
-        return f"nn.{kind}: its weight_ih/weight_hh matrices are read by the fused recurrent kernel"
-    if isinstance(m, (nn.Embedding, nn.EmbeddingBag, StructuredLinear, *MOE_LAYERS)):
-        return None
-    if "Embedding" in kind or "Norm" in kind:  # lookups and gains, not matmuls
-        return None
-    for pname, p in m._parameters.items():
-        if (isinstance(p, torch.Tensor) and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() == 2
-                and "weight" in pname.lower()):
-            return f"{kind}, a module type structure() does not know, with a 2-D parameter {pname!r}"
-    return None
-
-
-def matmul_layers(model: nn.Module) -> list[tuple[str, nn.Module, str | None]]:
-    """The model's matmul layers in registration order: ``(name, module, None)`` for each nn.Linear and
-    Conv1D that structure() can replace, ``(name, module, why)`` for each module that computes a matmul
-    from a weight of its own in a way structure() cannot replace.
-
-    Left out: embeddings, norms, StructuredLinear and MoE layers, the insides of nn.MultiheadAttention and
-    BTTMoE, and MoE routers.
-    """
-    skip: set[int] = set()
-    out = []
-    for name, m in model.named_modules():
-        if id(m) in skip:
-            continue
-        if isinstance(m, (nn.MultiheadAttention, BTTMoE, StructuredLinear)):
-            skip.update(id(c) for c in m.modules() if c is not m)
-        elif isinstance(m, MoE):
-            skip.add(id(m.router))
-        if isinstance(m, (BTTMoE, MoE, StructuredLinear)):
-            continue
-        if is_linear(m):
-            out.append((name, m, None))
-        else:
-            why = _cannot(m)
-            if why is not None:
-                out.append((name, m, why))
-    return out
-
-
-def _ties(model: nn.Module) -> dict[int, list[str]]:
-    """id(module) -> names of the other modules that hold its weight or bias, for every module whose
-    direct weight or bias is a parameter of another module too."""
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
-    for name, m in model.named_modules():
-        for p in m._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append((name or "<root>", m))
-    out: dict[int, list[str]] = {}
-    for m in model.modules():
-        if not is_linear(m):
-            continue
-        others = []
-        for key in ("weight", "bias"):
-            p = m._parameters.get(key)
-            if p is not None:
-                others += [n for n, o in owners.get(id(p), ()) if o is not m and n not in others]
-        if others:
-            out[id(m)] = others
-    return out
-
-
 def _select(layers, default: Spec | None, select, root: nn.Module):
     """(the chosen replaceable layers as (name, module, spec), the matched layers that cannot be replaced as
     (name, why), whether a mode kept every layer of a model that has some)."""
@@ -429,119 +326,3 @@ def _moe_replacement(name: str, lin: nn.Module, spec: Spec, cfg: MoEConfig, kwar
     except SpecError as e:
         raise SpecError(f"cannot make {what} a {cfg.label}: {e}") from e
     return _like(new, lin)
-
-
-# ---- summary ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One linear-like layer: weight parameters (cores or the matrix; no bias, no gains) and forward FLOPs per
-    example on its two paths, whatever the grad mode the summary is made in.
-
-    ``flops``: the training forward (and every no-grad batch outside ``es.inference_cache``);
-    ``inference_flops``: a no-grad batch of at most ``dense_rows`` rows inside ``es.inference_cache`` (the
-    materialised matrix where the layer has one, else the same as ``flops``).
-    """
-
-    name: str
-    kind: str
-    in_features: int
-    out_features: int
-    params: int
-    flops: int
-    inference_flops: int
-
-
-@dataclass(frozen=True)
-class ModelSummary:
-    """The linear-like layers of a model with their costs; ``baseline`` adds ratio columns (this / baseline)."""
-
-    rows: tuple[LayerRow, ...]
-    model_params: int  # every parameter of the model, biases and norms included
-    baseline: ModelSummary | None = None
-
-    @property
-    def params(self) -> int:
-        return sum(r.params for r in self.rows)
-
-    @property
-    def flops(self) -> int:
-        return sum(r.flops for r in self.rows)
-
-    @property
-    def inference_flops(self) -> int:
-        return sum(r.inference_flops for r in self.rows)
-
-    def row(self, name: str) -> LayerRow:
-        for r in self.rows:
-            if r.name == name:
-                return r
-        raise KeyError(f"no linear layer named {name!r}")
-
-    def __str__(self) -> str:
-        base = {r.name: r for r in self.baseline.rows} if self.baseline is not None else None
-        head = ["layer", "kind", "in", "out", "params", "flops/ex", "inference*"] + (
-            ["params x", "flops x"] if base else [])
-        body = []
-        for r in self.rows:
-            line = [r.name, r.kind, str(r.in_features), str(r.out_features), f"{r.params:,}", f"{r.flops:,}",
-                    f"{r.inference_flops:,}"]
-            if base is not None:
-                b = base.get(r.name)
-                line += [_ratio(r.params, b.params), _ratio(r.flops, b.flops)] if b else ["-", "-"]
-            body.append(line)
-        total = ["total", "", "", "", f"{self.params:,}", f"{self.flops:,}", f"{self.inference_flops:,}"]
-        if base is not None:
-            total += [_ratio(self.params, self.baseline.params), _ratio(self.flops, self.baseline.flops)]
-        widths = [max(len(row[i]) for row in [head, *body, total]) for i in range(len(head))]
-        fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        rule = "-" * len(fmt(head))
-        lines = [fmt(head), rule, *map(fmt, body), rule, fmt(total)]
-        lines.append("flops/ex: forward FLOPs per example in training (and in inference outside es.inference_cache); "
-                     "inference*: a no-grad batch of at most dense_rows rows inside es.inference_cache")
-        lines.append(f"model parameters (all, biases and norms included): {self.model_params:,}")
-        if self.baseline is not None:
-            lines[-1] += f" ({_ratio(self.model_params, self.baseline.model_params)} of baseline)"
-        return "\n".join(lines)
-
-
-def _ratio(a: int, b: int) -> str:
-    return f"{a / b:.3g}x" if b else "-"
-
-
-def summary(model: nn.Module, baseline: ModelSummary | None = None) -> ModelSummary:
-    """Per-layer params and forward FLOPs per example of every nn.Linear and StructuredLinear in ``model``."""
-    if not isinstance(model, nn.Module):
-        raise SpecError(f"summary() needs an nn.Module, got {type(model).__name__}")
-    if baseline is not None and not isinstance(baseline, ModelSummary):
-        raise SpecError(
-            f"baseline must be the ModelSummary of another model (es.summary(other)), got {type(baseline).__name__}"
-        )
-    rows = []
-    inside: set[int] = set()
-    for name, m in model.named_modules():
-        name = _clean(name)
-        if id(m) in inside:
-            continue
-        if isinstance(m, MOE_LAYERS):  # one row; its router and experts are in it
-            inside.update(id(c) for c in m.modules() if c is not m)
-            kind = (f"btt_moe(E={m.num_experts},k={m.active},{m.dispatch})" if isinstance(m, BTTMoE)
-                    else f"moe(E={m.num_experts},k={m.active},{m.dispatch})")
-            rows.append(LayerRow(name, kind, m.in_features, m.out_features, m.params, int(m.flops(1)),
-                                 int(m.flops(1))))
-        elif isinstance(m, StructuredLinear):
-            st = m.structure
-            kind = st.spec.label or st.spec.einsum
-            rows.append(LayerRow(name, kind, m.in_features, m.out_features, st.params,
-                                 m.flops(1, training=True), m.flops(1, training=False, cached=True)))
-        elif is_linear(m):  # nn.Linear or GPT-2's Conv1D
-            d_in, d_out = fans(m)
-            rows.append(LayerRow(name, "dense", d_in, d_out, d_in * d_out, 2 * d_in * d_out, 2 * d_in * d_out))
-    total = sum(p.numel() for p in model.parameters())
-    return ModelSummary(rows=tuple(rows), model_params=total, baseline=baseline)
-
-
-def _clean(name: str) -> str:
-    """A module name without torch.compile's '_orig_mod.' segments."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
