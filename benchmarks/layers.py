@@ -15,10 +15,21 @@ run (``x ein`` is the median of the ratios within each round):
 - ``inf x``: inference (forward under no_grad) speed over nn.Linear's; only for batches <= --infer-max.
 - ``cache x``: inference inside ``es.inference_cache`` (weights laid out once, the dense matrix for
   batches <= dense_rows) over inference outside it (the cores read live at every call): what the scope buys.
+- ``x base``, ``inf x base`` (with ``--baseline PATH``): speed-up of the training step and of inference over
+  the same layer from another checkout of einstruct (``PATH`` holds its ``einstruct`` package, imported under
+  another name), timed in the same run, interleaved like every other contender.
+
+``--per-call`` measures the fixed cost per call instead: forward + backward of ``layer(x).sum()`` for
+``x = torch.randn(16, d, requires_grad=True)`` (d = 256 unless ``--dims``; no optimizer) and no-grad forwards
+of 1, 4 and 16 rows, on one thread unless ``--threads``, as time ratios (lower is faster) against
+nn.Linear(d, d) (``/lin``) and, with ``--baseline``, against the baseline's layer (``/base``): medians of the
+ratios within each of ``--repeats`` interleaved rounds.
 
     python -m benchmarks.layers                       # d 1024 4096 8192, batch 16 2048, all structures
     python -m benchmarks.layers --quick               # d 1024, batch 16 2048, 3 repeats
     python -m benchmarks.layers --dims 4096 --batches 2048 --structures "btt r=1" "monarch 4" --out t.md
+    python -m benchmarks.layers --quick --baseline /tmp/base     # side by side with another checkout
+    python -m benchmarks.layers --per-call --baseline /tmp/base  # per-call cost at d = 256, one thread
 """
 
 from __future__ import annotations
@@ -27,11 +38,13 @@ import argparse
 import contextlib
 import copy
 import csv
+import importlib.util
 import math
 import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,22 +52,43 @@ from torch import nn
 import einstruct as es
 from einstruct import plan
 
-P = es.presets
 THETA_A = (0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25)
 THETA_B = (0.75, 0, 0.25, 0, 0.75, 0.25, 0.25)
-STRUCTURES = {
-    "dense": P.dense,
-    "btt r=1": lambda: P.btt(rank=1),
-    "btt r=2": lambda: P.btt(rank=2),
-    "btt r=4": lambda: P.btt(rank=4),
-    "monarch 4": lambda: P.monarch(blocks=4),
-    "monarch 16": lambda: P.monarch(blocks=16),
-    "low rank 64": lambda: P.low_rank(rank=64),
-    "kron": P.kron,
-    "tt r=4": lambda: P.tt(rank=4),
-    "theta A": lambda: es.theta(*THETA_A),
-    "theta B": lambda: es.theta(*THETA_B),
+STRUCTURES = {  # each made from an einstruct module (this checkout's, or the baseline's)
+    "dense": lambda m: m.presets.dense(),
+    "btt r=1": lambda m: m.presets.btt(rank=1),
+    "btt r=2": lambda m: m.presets.btt(rank=2),
+    "btt r=4": lambda m: m.presets.btt(rank=4),
+    "monarch 4": lambda m: m.presets.monarch(blocks=4),
+    "monarch 16": lambda m: m.presets.monarch(blocks=16),
+    "low rank 64": lambda m: m.presets.low_rank(rank=64),
+    "kron": lambda m: m.presets.kron(),
+    "tt r=4": lambda m: m.presets.tt(rank=4),
+    "theta A": lambda m: m.theta(*THETA_A),
+    "theta B": lambda m: m.theta(*THETA_B),
 }
+
+
+def load_baseline(path: str):
+    """The einstruct package of another checkout (``path`` or ``path/einstruct``), as ``einstruct_baseline``."""
+    root = Path(path)
+    pkg = root / "einstruct" if (root / "einstruct" / "__init__.py").exists() else root
+    if not (pkg / "__init__.py").exists():
+        raise SystemExit(f"--baseline {path}: no einstruct package there (expected {pkg / '__init__.py'})")
+    spec = importlib.util.spec_from_file_location("einstruct_baseline", pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["einstruct_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def same_weights(base: nn.Module, layer: nn.Module) -> nn.Module:
+    """``base`` (the baseline's layer) with ``layer``'s parameters copied in, so both compute the same."""
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(sorted(base.named_parameters()), sorted(layer.named_parameters())):
+            p.copy_(q)
+    return base
 
 
 class EinsumChain(nn.Module):
@@ -133,13 +167,50 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_max: int, log) -> list[dict]:
-    """Time every structure at (d, batch) against dense, primitives and einsum, repeats interleaved."""
+def interleave(jobs: dict, repeats: int, device, log, what: str) -> dict:
+    """Per job, ``repeats`` timed samples (seconds per call), every round in a fresh shuffled order."""
+    times: dict = {k: [] for k in jobs}
+    inner = dict.fromkeys(jobs, 1)
+    keys, rng = list(jobs), random.Random(0)
+    for r in range(repeats + 1):  # the first round warms up (allocator, caches) and is dropped
+        rng.shuffle(keys)
+        for k in keys:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner[k]):
+                jobs[k]()
+            _sync(device)
+            dt = (time.perf_counter() - t0) / inner[k]
+            if r:
+                times[k].append(dt)
+            else:  # short jobs run several times per sample, so each sample lasts about MIN_SAMPLE_S
+                inner[k] = max(1, min(MAX_INNER, math.ceil(MIN_SAMPLE_S / max(dt, 1e-9))))
+        log(f"  {what}: round {r}/{repeats}")
+    return times
+
+
+def paired(times: dict, a, b) -> float:
+    """Median over rounds of time(a) / time(b) within each round: drift between rounds cancels."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def baseline_layers(base, layers: dict, d: int, device) -> dict:
+    """The baseline checkout's layer for each structure, with the same weights."""
+    if base is None:
+        return {}
+    return {lab: same_weights(base.StructuredLinear(d, d, STRUCTURES[lab](base), device=device), layer)
+            for lab, layer in layers.items()}
+
+
+def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_max: int, log,
+             base=None) -> list[dict]:
+    """Time every structure at (d, batch) against dense, primitives and einsum (and the baseline's layer)."""
     torch.manual_seed(0)
     x = torch.randn(batch, d, device=device)
     grad = torch.randn(batch, d, device=device)
     dense = nn.Linear(d, d, device=device)
-    layers = {lab: es.StructuredLinear(d, d, STRUCTURES[lab](), device=device) for lab in labels}
+    layers = {lab: es.StructuredLinear(d, d, STRUCTURES[lab](es), device=device) for lab in labels}
+    olds = baseline_layers(base, layers, d, device)
 
     def train_step(m):
         def f():
@@ -161,40 +232,29 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
     for lab, layer in layers.items():
         ein = EinsumChain(layer)
         with torch.no_grad():  # same function: sanity check before timing
-            err = (layer(x) - ein(x)).abs().max().item()
-            scale = layer(x).abs().max().item()
+            y = layer(x)
+            err = (y - ein(x)).abs().max().item()
+            if lab in olds:
+                err = max(err, (y - olds[lab](x)).abs().max().item())
+            scale = y.abs().max().item()
         if err > 1e-4 * max(scale, 1.0):
-            raise RuntimeError(f"{lab} at d={d}: einsum and StructuredLinear differ by {err}")
+            raise RuntimeError(f"{lab} at d={d}: einsum, baseline and StructuredLinear differ by {err}")
         jobs[(lab, "train")] = train_step(layer)
         jobs[(lab, "ein")] = train_step(ein)
         jobs[(lab, "prim")] = Primitives(layer, batch, device)
+        if lab in olds:
+            jobs[(lab, "train_base")] = train_step(olds[lab])
         if infer_on:
             jobs[(lab, "infer")] = infer(layer)
             cached = copy.deepcopy(layer)
             scopes.enter_context(es.inference_cache(cached))
             jobs[(lab, "infer_cached")] = infer(cached)
-    times: dict = {k: [] for k in jobs}
-    inner = dict.fromkeys(jobs, 1)
-    keys, rng = list(jobs), random.Random(0)
-    for r in range(repeats + 1):  # the first round warms up (allocator, caches) and is dropped
-        rng.shuffle(keys)
-        for k in keys:
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(inner[k]):
-                jobs[k]()
-            _sync(device)
-            dt = (time.perf_counter() - t0) / inner[k]
-            if r:
-                times[k].append(dt)
-            else:  # short jobs run several times per sample, so each sample lasts about MIN_SAMPLE_S
-                inner[k] = max(1, min(MAX_INNER, math.ceil(MIN_SAMPLE_S / max(dt, 1e-9))))
-        log(f"  d={d} batch={batch}: round {r}/{repeats}")
+            if lab in olds:
+                jobs[(lab, "infer_base")] = infer(olds[lab])
+    times = interleave(jobs, repeats, device, log, f"d={d} batch={batch}")
     scopes.close()
     t = {k: statistics.median(v) for k, v in times.items()}
-
-    def paired(a, b):  # median over rounds of the ratio within each round: drift between rounds cancels
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    nan = math.nan
     dense_flops = 3 * 2 * d * d * batch
     dense_rate = dense_flops / t[("dense", "train")]
     rows = []
@@ -203,6 +263,7 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
         mem = saved_bytes(lambda m=layer: m(x.detach().requires_grad_(True)), layer)
         ein = EinsumChain(layer)
         mem_ein = saved_bytes(lambda m=ein: m(x.detach().requires_grad_(True)), layer)
+        mem_base = saved_bytes(lambda m=olds[lab]: m(x.detach().requires_grad_(True)), olds[lab]) if lab in olds else 0
         rows.append({
             "d": d,
             "batch": batch,
@@ -212,11 +273,14 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
             "gflops": flops / t[(lab, "train")] / 1e9,
             "vs_dense": flops / t[(lab, "train")] / dense_rate,
             "vs_prim": t[(lab, "prim")] / t[(lab, "train")],
-            "vs_einsum": paired((lab, "ein"), (lab, "train")),
+            "vs_einsum": paired(times, (lab, "ein"), (lab, "train")),
             "saved_mb": mem / 2**20,
             "saved_vs_einsum": mem / mem_ein if mem_ein else math.nan,
+            "saved_vs_base": mem / mem_base if mem_base else nan,
             "infer_vs_dense": t[("dense", "infer")] / t[(lab, "infer")] if infer_on else math.nan,
-            "cached_vs_live": paired((lab, "infer"), (lab, "infer_cached")) if infer_on else math.nan,
+            "cached_vs_live": paired(times, (lab, "infer"), (lab, "infer_cached")) if infer_on else nan,
+            "vs_base": paired(times, (lab, "train_base"), (lab, "train")) if lab in olds else nan,
+            "infer_vs_base": paired(times, (lab, "infer_base"), (lab, "infer")) if infer_on and lab in olds else nan,
             "dense_gflops": dense_rate / 1e9,
         })
     return rows
@@ -226,14 +290,69 @@ COLUMNS = [
     ("d", "{:d}"), ("batch", "{:d}"), ("structure", "{}"), ("flops_vs_dense", "{:.3f}"), ("ms", "{:.2f}"),
     ("gflops", "{:.1f}"), ("vs_dense", "{:.2f}"), ("vs_prim", "{:.2f}"), ("vs_einsum", "{:.2f}"),
     ("saved_mb", "{:.1f}"), ("saved_vs_einsum", "{:.2f}"), ("infer_vs_dense", "{:.2f}"),
-    ("cached_vs_live", "{:.2f}"), ("dense_gflops", "{:.1f}"),
+    ("cached_vs_live", "{:.2f}"), ("vs_base", "{:.2f}"), ("infer_vs_base", "{:.2f}"), ("saved_vs_base", "{:.2f}"),
+    ("dense_gflops", "{:.1f}"),
 ]
 HEADERS = {
     "flops_vs_dense": "FLOPs/dense", "gflops": "GF/s", "vs_dense": "/dense", "vs_prim": "/prim",
     "vs_einsum": "x ein", "saved_mb": "MB", "saved_vs_einsum": "MB/ein", "infer_vs_dense": "inf x",
-    "cached_vs_live": "cache x",
+    "cached_vs_live": "cache x", "vs_base": "x base", "infer_vs_base": "inf x base", "saved_vs_base": "MB/base",
     "dense_gflops": "dense GF/s",
 }
+
+
+PER_CALL_TRAIN_ROWS = 16
+PER_CALL_INFER_ROWS = (1, 4, 16)
+
+
+def per_call(d: int, labels: list[str], repeats: int, device, log, base=None) -> list[dict]:
+    """Fixed cost per call: training step of layer(x).sum() at 16 rows and no-grad forwards of 1, 4, 16 rows,
+    as time ratios against nn.Linear(d, d) and the baseline's layer (lower is faster)."""
+    torch.manual_seed(0)
+    xt = torch.randn(PER_CALL_TRAIN_ROWS, d, device=device, requires_grad=True)
+    xs = {r: torch.randn(r, d, device=device) for r in PER_CALL_INFER_ROWS}
+    layers = {lab: es.StructuredLinear(d, d, STRUCTURES[lab](es), device=device) for lab in labels}
+    contenders = {"nn.Linear": nn.Linear(d, d, device=device), **{(lab, "new"): m for lab, m in layers.items()},
+                  **{(lab, "base"): m for lab, m in baseline_layers(base, layers, d, device).items()}}
+
+    def train(m):
+        def f():
+            m(xt).sum().backward()
+        return f
+
+    def infer(m, x):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    jobs = {}
+    for name, m in contenders.items():
+        jobs[(name, "train")] = train(m)
+        for r, x in xs.items():
+            jobs[(name, r)] = infer(m, x)
+    times = interleave(jobs, repeats, device, log, f"per call, d={d}")
+    rows = []
+    for lab in layers:
+        row = {"structure": lab, "train_us": statistics.median(times[((lab, "new"), "train")]) * 1e6}
+        for kind in ("train", *PER_CALL_INFER_ROWS):
+            row[f"{kind}_vs_lin"] = paired(times, ((lab, "new"), kind), ("nn.Linear", kind))
+            has = ((lab, "base"), kind) in times
+            row[f"{kind}_vs_base"] = paired(times, ((lab, "new"), kind), ((lab, "base"), kind)) if has else math.nan
+        rows.append(row)
+    return rows
+
+
+def per_call_table(rows: list[dict]) -> list[str]:
+    kinds = ("train", *PER_CALL_INFER_ROWS)
+    head = ["structure", "train us"] + [f"{'train' if k == 'train' else f'inf {k}'} {w}" for k in kinds
+                                        for w in ("/lin", "/base")]
+    cell = lambda v: "-" if math.isnan(v) else f"{v:.2f}"
+    body = [[r["structure"], f"{r['train_us']:.1f}"]
+            + [cell(r[f"{k}_{w}"]) for k in kinds for w in ("vs_lin", "vs_base")] for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    return [" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            for line in [head, *body]]
 
 
 def fmt(row: dict) -> list[str]:
@@ -246,7 +365,7 @@ def fmt(row: dict) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096, 8192])
+    ap.add_argument("--dims", type=int, nargs="+", default=None, help="default 1024 4096 8192 (--per-call: 256)")
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 2048])
     ap.add_argument("--structures", nargs="+", default=list(STRUCTURES), metavar="NAME",
                     help=f"any of: {', '.join(STRUCTURES)}")
@@ -256,20 +375,38 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--out", help="also write the table: .csv or .md")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="another checkout (or its einstruct/ folder) to time side by side")
+    ap.add_argument("--per-call", action="store_true",
+                    help="fixed cost per call at d=256 (training step at 16 rows, no-grad at 1, 4, 16), one thread")
     args = ap.parse_args(argv)
     unknown = [s for s in args.structures if s not in STRUCTURES]
     if unknown:
         ap.error(f"unknown structure {unknown[0]!r}; choose from {', '.join(STRUCTURES)}")
     if args.quick:
         args.dims, args.repeats = [1024], 3
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.dims is None:
+        args.dims = [256] if args.per_call else [1024, 4096, 8192]
+    if args.threads or args.per_call:
+        torch.set_num_threads(args.threads or 1)
+    base = load_baseline(args.baseline) if args.baseline else None
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
     if device.type == "cuda" and args.device != "auto":
         device = torch.device(args.device)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
+
+    if args.per_call:
+        print(f"device={device} threads={torch.get_num_threads()} float32; time ratios (lower is faster), median "
+              f"of {args.repeats} interleaved rounds; baseline: {args.baseline or '-'}", flush=True)
+        lines = []
+        for d in args.dims:
+            lines += [f"d={d}", *per_call_table(per_call(d, args.structures, args.repeats, device, log, base))]
+            print("\n".join(lines[-len(args.structures) - 2:]), flush=True)
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n")
+        return
 
     head = (f"device={device} threads={torch.get_num_threads()} float32 forward+backward, "
             f"median of {args.repeats} interleaved repeats")
@@ -282,7 +419,7 @@ def main(argv=None):
     for d in args.dims:
         for batch in args.batches:
             log(f"d={d} batch={batch}: {len(args.structures)} structures")
-            for row in run_cell(d, batch, args.structures, args.repeats, device, args.infer_max, log):
+            for row in run_cell(d, batch, args.structures, args.repeats, device, args.infer_max, log, base):
                 rows.append(row)
                 cells = fmt(row)
                 print(" ".join(c.ljust(w) if k == "structure" else c.rjust(w)

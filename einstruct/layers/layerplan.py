@@ -96,6 +96,7 @@ class LayerPlan:
     row_elems: int  # elements a forward materialises per input row (memory checks, builtin_rows)
     builtin_rows: int  # default largest training batch on the small route
     core_names: tuple[str, ...]  # execution order
+    one_matmul: bool  # the whole chain is one plain 2-D matmul (nn.Linear's): torch's own autograd op for it
 
 
 def _matrix(s) -> tuple:
@@ -167,9 +168,12 @@ def build(st: Structure) -> LayerPlan:
     """The plan of a compiled structure: both layouts planned, every per-step decision made."""
     chain = plan_chain(st)
     elems = row_elements(chain, st)
+    small = route(plan_chain(st, plain=True), st)
+    (first, *rest) = small.steps
     return LayerPlan(
-        chain=route(chain, st), small=route(plan_chain(st, plain=True), st), row_elems=elems,
-        builtin_rows=(BUILTIN_MAX_ELEMS - 1) // elems, core_names=tuple(c.name for c in st.cores),
+        chain=route(chain, st), small=small, row_elems=elems, builtin_rows=(BUILTIN_MAX_ELEMS - 1) // elems,
+        core_names=tuple(c.name for c in st.cores),
+        one_matmul=not rest and not first.batched and first.act_perm is None and small.final_perm is None,
     )
 
 

@@ -255,6 +255,8 @@ class StructuredLinear(nn.Module):
         plan = self._plan
         if compiling or _functorch_active():  # traced code: torch's own ops, no out= writes
             return execute.run_ops(plan.small, act, n, bias, self._effective())
+        if plan.one_matmul and torch.is_grad_enabled():  # one node either way: torch's costs less than ours
+            return execute.run_ops(plan.small, act, n, bias, self._effective())
         dt = _autocast_dtype(act)
         if not torch.is_grad_enabled():
             route = plan.chain
