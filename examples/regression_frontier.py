@@ -2,6 +2,7 @@
 
     python examples/regression_frontier.py                       # runs/regression-frontier -> docs/results/
     python examples/regression_frontier.py --budget 4e11 --levels 3 --results runs/quick-results   # a shorter try
+    python examples/regression_frontier.py --dry-run             # the plan and the time estimate only
 
 It runs the same search as ``python -m search.run`` (TPE over theta, dense, Monarch and BTT, references
 first at every level) with a larger budget and four compute levels, so each family's frontier spans a
@@ -33,16 +34,19 @@ def main() -> int:
     p.add_argument("--out", default=None, help="study folder (default runs/<study>)")
     p.add_argument("--results", default="docs/results/regression-frontier",
                    help="where the report, plots and trials.csv are copied (default docs/results/regression-frontier)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; train nothing")
     args = p.parse_args()
     rep = TqdmReporter(enabled=sys.stderr.isatty())
     try:
         study = run_search(args.study, out=args.out, reporter=rep, task="regression", budget=args.budget,
-                           levels=args.levels, ratio=args.ratio, seed=args.seed)
+                           levels=args.levels, ratio=args.ratio, seed=args.seed, dry_run=args.dry_run)
     except SearchError as e:
         print(f"regression_frontier: error: {e}", file=sys.stderr)
         return 2
     finally:
         rep.close()
+    if args.dry_run:
+        return 0
     report = write_report(study.folder, study.name)
     os.makedirs(args.results, exist_ok=True)
     for name in ("report.md", "trials.csv", "study.json", *PLOTS.values()):
