@@ -133,15 +133,18 @@ def backward(route: Route, saved: tuple, gy: torch.Tensor, n: int, need_x: bool,
 
 
 def run_ops(route: Route, x: torch.Tensor, n: int, bias: torch.Tensor | None, cores: tuple) -> torch.Tensor:
-    """The chain on torch's own autograd ops, in the route's layouts (plain forms only: a route of
-    ``plan_chain(plain=True)``); ``x`` is (n, d_in), the result (n, d_out) plus ``bias``."""
+    """The chain on torch's own autograd ops in the route's layouts and matmul forms; ``x`` is (n, d_in), the
+    result (n, d_out) plus ``bias``."""
     act = x.reshape(fill(route.in_shape, n))
     last = len(route.steps) - 1
     for i, s in enumerate(route.steps):
         a = (act if s.act_perm is None else act.permute(s.act_perm)).reshape(fill(s.act_shape, n * s.rows))
         w = cores[s.core]
         w = (w if s.core_perm is None else w.permute(s.core_perm)).reshape(s.core_shape)
-        if i == last and bias is not None and route.fuse_bias:  # a 2-D (M, P) product: bias via addmm
+        a = a.mT if s.act_kr else a  # (M, K)
+        if s.core_left:  # (P, M) = core (P, K) @ act^T
+            out = torch.matmul(w, a.mT)
+        elif i == last and bias is not None and route.fuse_bias:  # a 2-D (M, P) product: bias via addmm
             out, bias = torch.addmm(bias.to(a.dtype), a, w), None
         else:  # (M, K) @ (K, P)
             out = torch.matmul(a, w)
@@ -157,15 +160,17 @@ class _Chain(torch.autograd.Function):
 
     The classic ``forward(ctx, ...)`` form, which binds several times faster per call than the
     ``setup_context`` form; that form is what torch.func transforms need, so under them (and under
-    torch.compile) the layer runs :func:`run_ops` instead. The forward saves each step's operands as it
-    used them (views of ``x`` and of the cores where no copy was needed, so in-place changes to those are
-    caught); the backward writes no Python-side state and reads no tensor values.
+    torch.compile) the layer runs :func:`run_ops` instead. The forward saves its inputs and each step's
+    operands as it used them (views of ``x`` and of the cores where no copy was needed, so in-place changes
+    to those are caught); the backward writes no Python-side state and reads no tensor values. A backward
+    that records a graph (``create_graph=True``: double backward) differentiates :func:`run_ops` on the saved
+    inputs instead, so higher derivatives are exact.
     """
 
     @staticmethod
     def forward(ctx, x, bias, route, *cores):
         n = x.shape[0]
-        saved = []
+        saved = [x, bias, *cores]
         y = forward(route, x, n, bias, core_operands(route, cores), saved)
         ctx.save_for_backward(*saved)
         ctx.route = route
@@ -174,6 +179,21 @@ class _Chain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         needs = ctx.needs_input_grad
-        gx, gcores = backward(ctx.route, ctx.saved_tensors, gy, gy.shape[0], needs[0], needs[3:])
+        route = ctx.route
+        k = len(needs) - 1  # x, bias and the cores come first, then the step operands
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return tuple(_recorded_backward(route, saved[:k], gy, needs))
+        gx, gcores = backward(route, saved[k:], gy, gy.shape[0], needs[0], needs[3:])
         gb = gy.sum(0) if needs[1] else None
         return (gx, gb, None, *gcores)
+
+
+def _recorded_backward(route: Route, inputs: tuple, gy: torch.Tensor, needs: tuple) -> list:
+    """Gradients of the chain with a graph of their own (double backward): autograd through :func:`run_ops`."""
+    x, bias, *cores = inputs
+    wrt = [t for t, need in zip((x, bias, None, *cores), needs) if need]
+    with torch.enable_grad():
+        y = run_ops(route, x, x.shape[0], bias, tuple(cores))
+        grads = iter(torch.autograd.grad(y, wrt, gy, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs]

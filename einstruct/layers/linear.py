@@ -53,6 +53,7 @@ import logging
 import math
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import nn
 
@@ -69,6 +70,12 @@ logger = logging.getLogger(__name__)
 
 RMS_EPS = 1e-8
 _functorch_active = torch._C._are_functorch_transforms_active  # vmap, grad, ...: one C call, no tensor read
+
+
+def _traced() -> bool:
+    """Whether autograd must see torch's own ops: torch.func transforms, or forward-mode AD (dual tensors),
+    which custom Functions support only with setup_context and jvp."""
+    return _functorch_active() or _forward_ad._current_level >= 0
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -253,7 +260,7 @@ class StructuredLinear(nn.Module):
     def _run(self, act: torch.Tensor, n: int, bias: torch.Tensor | None, compiling: bool) -> torch.Tensor:
         """(n, d_in_padded) contiguous -> (n, d_out_padded) through the planned chain, plus ``bias`` if given."""
         plan = self._plan
-        if compiling or _functorch_active():  # traced code: torch's own ops, no out= writes
+        if compiling or _traced():  # traced code: torch's own ops, no out= writes
             return execute.run_ops(plan.small, act, n, bias, self._effective())
         if plan.one_matmul and torch.is_grad_enabled():  # one node either way: torch's costs less than ours
             return execute.run_ops(plan.small, act, n, bias, self._effective())

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import einstruct as es
 from einstruct.layers import execute
 from einstruct.layers.linear import StructuredLinear
 
-from ..test_linear import PRESETS
+from ..test_linear import PRESETS, einsum_reference
 from ..test_linear_fast import graph_nodes
 
 SHAPES = [(256, 256), (144, 36), (1000, 500)]
@@ -97,3 +98,21 @@ def test_vmap_under_no_grad_runs(name):
     with torch.no_grad():
         y = torch.func.vmap(layer)(x)
         torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's own forward-AD decomposition
+@pytest.mark.parametrize("builtin_rows", [10**9, 0])  # the plain-form layout, then the cost-model one
+@pytest.mark.parametrize("name", ["btt3", "monarch4", "kron", "tt2"])
+def test_double_backward_and_forward_mode_equal_one_einsum(name, builtin_rows):
+    layer = StructuredLinear(144, 64, PRESETS[name](), dtype=torch.float64)
+    layer.builtin_rows = builtin_rows
+    x = torch.randn(6, 144, dtype=torch.float64, requires_grad=True)
+    params = list(layer.parameters())
+    out = {}
+    for how, f in (("layer", layer), ("einsum", lambda t: einsum_reference(layer, t) + layer.bias)):
+        gx, = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)  # a gradient penalty
+        out[how] = list(torch.autograd.grad(gx.square().sum(), params))
+        with fwAD.dual_level():  # forward mode (dual tensors): the layer runs on torch's own ops
+            out[how].append(fwAD.unpack_dual(f(fwAD.make_dual(x.detach(), torch.ones_like(x)))).tangent)
+    for a, b in zip(out["layer"], out["einsum"]):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
