@@ -5,7 +5,8 @@ path through :class:`_Chain`, one autograd Function for the whole chain, whose b
 Both read activations and cores as strided views where the plan says BLAS reads them in place, copy them
 otherwise (keeping every bmm operand batch-major), and write the last matmul, or the final permute plus
 bias in one pass, straight into y's memory order. :func:`run_ops` is the same chain on torch's autograd ops
-(permute, reshape, matmul), for torch.func transforms and torch.compile, which trace it like any torch code.
+(permute, reshape, matmul), for torch.compile, torch.func transforms and forward-mode AD, which trace it
+like any torch code, and for double backward.
 
 Shapes in a route keep ``None`` for the batch; :func:`~einstruct.layers.layout.fill` puts in the rows.
 """
@@ -13,9 +14,26 @@ Shapes in a route keep ``None`` for the batch; :func:`~einstruct.layers.layout.f
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .layerplan import Route
 from .layout import fill
+
+_functorch_active = torch._C._are_functorch_transforms_active  # vmap, grad, ...: one C call, no tensor read
+
+
+def traced() -> bool:
+    """Whether autograd must see torch's own ops: under torch.func transforms, or forward-mode AD (dual
+    tensors), which custom Functions support only in the setup_context form with a jvp."""
+    return _functorch_active() or _forward_ad._current_level >= 0
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul of ``t`` in, or None outside autocast."""
+    dev = t.device.type
+    if dev not in ("cpu", "cuda") or t.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
 
 
 def core_operands(route: Route, cores: tuple, copy: bool = False) -> tuple[torch.Tensor, ...]:
@@ -160,11 +178,11 @@ class _Chain(torch.autograd.Function):
 
     The classic ``forward(ctx, ...)`` form, which binds several times faster per call than the
     ``setup_context`` form; that form is what torch.func transforms need, so under them (and under
-    torch.compile) the layer runs :func:`run_ops` instead. The forward saves its inputs and each step's
-    operands as it used them (views of ``x`` and of the cores where no copy was needed, so in-place changes
-    to those are caught); the backward writes no Python-side state and reads no tensor values. A backward
-    that records a graph (``create_graph=True``: double backward) differentiates :func:`run_ops` on the saved
-    inputs instead, so higher derivatives are exact.
+    torch.compile and forward-mode AD: :func:`traced`) the layer runs :func:`run_ops` instead. The forward
+    saves its inputs and each step's operands as it used them (views of ``x`` and of the cores where no copy
+    was needed, so in-place changes to those are caught); the backward writes no Python-side state and reads
+    no tensor values. A backward that records a graph (``create_graph=True``: double backward)
+    differentiates :func:`run_ops` on the saved inputs instead, so higher derivatives are exact.
     """
 
     @staticmethod

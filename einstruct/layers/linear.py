@@ -53,7 +53,6 @@ import logging
 import math
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import nn
 
@@ -69,31 +68,12 @@ from .layout import ROWS, ChainLayout, LayoutStep, plan_chain  # noqa: F401  (pl
 logger = logging.getLogger(__name__)
 
 RMS_EPS = 1e-8
-_functorch_active = torch._C._are_functorch_transforms_active  # vmap, grad, ...: one C call, no tensor read
-
-
-def _traced() -> bool:
-    """Whether autograd must see torch's own ops: torch.func transforms, or forward-mode AD (dual tensors),
-    which custom Functions support only with setup_context and jvp."""
-    return _functorch_active() or _forward_ad._current_level >= 0
-
-
-def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a matmul of ``t`` in, or None outside autocast."""
-    dev = t.device.type
-    if dev not in ("cpu", "cuda") or t.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
-        return None
-    return torch.get_autocast_dtype(dev)
-
 
 def _is_low_rank(st: Structure) -> bool:
     """Two cores joined only through bond axes (x -> bond -> y), like ``i,ir,ro->o``."""
     if len(st.cores) != 2:
         return False
     return all(st.spec.role(a) == "bond" for a in st.cores[0].step.after if st.sizes[a] > 1)
-
-
-
 
 
 class StructuredLinear(nn.Module):
@@ -260,12 +240,13 @@ class StructuredLinear(nn.Module):
     def _run(self, act: torch.Tensor, n: int, bias: torch.Tensor | None, compiling: bool) -> torch.Tensor:
         """(n, d_in_padded) contiguous -> (n, d_out_padded) through the planned chain, plus ``bias`` if given."""
         plan = self._plan
-        if compiling or _traced():  # traced code: torch's own ops, no out= writes
+        grad = torch.is_grad_enabled()
+        # Traced code (torch.compile, torch.func, forward-mode AD) gets torch's own ops, no out= writes; so does
+        # one plain matmul in training (one autograd node either way, and torch's costs less than ours).
+        if compiling or execute.traced() or (grad and plan.one_matmul):
             return execute.run_ops(plan.small, act, n, bias, self._effective())
-        if plan.one_matmul and torch.is_grad_enabled():  # one node either way: torch's costs less than ours
-            return execute.run_ops(plan.small, act, n, bias, self._effective())
-        dt = _autocast_dtype(act)
-        if not torch.is_grad_enabled():
+        dt = execute.autocast_dtype(act)
+        if not grad:
             route = plan.chain
             ws = self._cached("chain", self._step_cores) if self._cache_depth else \
                 execute.core_operands(route, self._effective())
