@@ -54,17 +54,18 @@ def core_operands(route: Route, cores: tuple, copy: bool = False) -> tuple[torch
 
 
 def forward(route: Route, x: torch.Tensor, n: int, bias: torch.Tensor | None, ws: tuple,
-            saved: list | None = None) -> torch.Tensor:
-    """(n, d_in) -> (n, d_out) through the route, plus ``bias``; no autograd. ``x`` is contiguous and every
-    operand already in one dtype. With ``saved``, appends each step's (activation, core) operands."""
-    act = x.view(fill(route.in_shape, n))
+            saved: list | None = None, copied: bool = False) -> torch.Tensor:
+    """(n, d_in) -> (n, d_out) through the route, plus ``bias``; no autograd. ``x`` is contiguous (``copied``:
+    already permuted to the first step's layout) and every operand in one dtype. With ``saved``, appends each
+    step's (activation, core) operands."""
+    act = x if copied else x.view(fill(route.in_shape, n))
     steps = route.steps
     last = len(steps) - 1
     into = 0 < route.into_rows <= n
     for i, s in enumerate(steps):
         m = n * s.rows
         shape = fill(s.act_shape, m)
-        if s.act_perm is None:
+        if s.act_perm is None or (copied and i == 0):
             a = act.view(shape)
         elif s.act_view and n > 1:  # strided view read in place (one row: odd strides, copy)
             a = act.permute(s.act_perm).view(shape)
@@ -100,8 +101,9 @@ def forward(route: Route, x: torch.Tensor, n: int, bias: torch.Tensor | None, ws
 
 
 def backward(route: Route, saved: tuple, gy: torch.Tensor, n: int, need_x: bool,
-             need_cores: tuple[bool, ...]) -> tuple[torch.Tensor | None, list]:
-    """Gradients of :func:`forward` for the output gradient ``gy``: (input, [core per execution index]).
+             need_cores: tuple[bool, ...], copied: bool = False) -> tuple[torch.Tensor | None, list]:
+    """Gradients of :func:`forward` for the output gradient ``gy``: (input, [core per execution index]); with
+    ``copied``, the input's gradient is laid out like the permuted input the forward was given.
 
     Every gradient is laid out like the operand it belongs to; an activation gradient permuted back into the
     previous step's layout is read as a strided view where the plan says BLAS can, else copied.
@@ -135,10 +137,14 @@ def backward(route: Route, saved: tuple, gy: torch.Tensor, n: int, need_x: bool,
             ga = mm(w.mT, g) if s.core_left else mm(w, g.mT)
         else:
             ga = mm(g.mT, w) if s.core_left else mm(g, w.mT)
-        gp = ga if s.act_perm is None else ga.view(fill(s.act_dims, n)).permute(s.act_inverse)
         if i == 0:
-            gx = gp.reshape(n, route.d_in)
+            if copied:
+                gx = ga.view(fill(s.act_dims, n))
+            else:
+                gx = ga if s.act_perm is None else ga.view(fill(s.act_dims, n)).permute(s.act_inverse)
+                gx = gx.reshape(n, route.d_in)
             break
+        gp = ga if s.act_perm is None else ga.view(fill(s.act_dims, n)).permute(s.act_inverse)
         prev = steps[i - 1]
         mat = fill(prev.out_matrix, n * prev.rows)
         if s.act_perm is None:
@@ -173,8 +179,18 @@ def run_ops(route: Route, x: torch.Tensor, n: int, bias: torch.Tensor | None, co
     return act if bias is None else act + bias.to(act.dtype)
 
 
+def train(route: Route, x: torch.Tensor, n: int, bias: torch.Tensor | None, cores: tuple) -> torch.Tensor:
+    """The chain for autograd: one :class:`_Chain` node. A first step that copies ``x`` into its layout does
+    it in the graph, before the node, so the node keeps that copy and not ``x`` as well."""
+    s = route.steps[0]
+    copied = s.act_perm is not None and not (s.act_view and n > 1)
+    if copied:
+        x = torch.permute_copy(x.view(fill(route.in_shape, n)), s.act_perm)  # one node: cheaper than two
+    return _Chain.apply(x, bias, route, n, copied, *cores)
+
+
 class _Chain(torch.autograd.Function):
-    """The whole chain as one autograd node: ``_Chain.apply(x, bias, route, *cores)`` -> (n, d_out).
+    """The whole chain as one autograd node: ``_Chain.apply(x, bias, route, n, copied, *cores)`` -> (n, d_out).
 
     The classic ``forward(ctx, ...)`` form, which binds several times faster per call than the
     ``setup_context`` form; that form is what torch.func transforms need, so under them (and under
@@ -186,32 +202,33 @@ class _Chain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, bias, route, *cores):
-        n = x.shape[0]
-        saved = [x, bias, *cores]
-        y = forward(route, x, n, bias, core_operands(route, cores), saved)
+    def forward(ctx, x, bias, route, n, copied, *cores):
+        saved = [x, bias, *cores]  # the inputs (for double backward; x is the first operand or its base)
+        y = forward(route, x, n, bias, core_operands(route, cores), saved, copied)
         ctx.save_for_backward(*saved)
-        ctx.route = route
+        ctx.route, ctx.copied = route, copied
         return y
 
     @staticmethod
     def backward(ctx, gy):
         needs = ctx.needs_input_grad
-        route = ctx.route
-        k = len(needs) - 1  # x, bias and the cores come first, then the step operands
+        route, copied = ctx.route, ctx.copied
+        k = len(needs) - 3  # x, bias and the cores come first, then the step operands
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return tuple(_recorded_backward(route, saved[:k], gy, needs))
-        gx, gcores = backward(route, saved[k:], gy, gy.shape[0], needs[0], needs[3:])
+            return tuple(_recorded_backward(route, saved[:k], gy, needs, copied))
+        gx, gcores = backward(route, saved[k:], gy, gy.shape[0], needs[0], needs[5:], copied)
         gb = gy.sum(0) if needs[1] else None
-        return (gx, gb, None, *gcores)
+        return (gx, gb, None, None, None, *gcores)
 
 
-def _recorded_backward(route: Route, inputs: tuple, gy: torch.Tensor, needs: tuple) -> list:
+def _recorded_backward(route: Route, inputs: tuple, gy: torch.Tensor, needs: tuple, copied: bool) -> list:
     """Gradients of the chain with a graph of their own (double backward): autograd through :func:`run_ops`."""
     x, bias, *cores = inputs
-    wrt = [t for t, need in zip((x, bias, None, *cores), needs) if need]
+    wrt = [t for t, need in zip((x, bias, None, None, None, *cores), needs) if need]
+    n = gy.shape[0]
     with torch.enable_grad():
-        y = run_ops(route, x, x.shape[0], bias, tuple(cores))
+        xin = x.permute(route.steps[0].act_inverse).reshape(n, route.d_in) if copied else x
+        y = run_ops(route, xin, n, bias, tuple(cores))
         grads = iter(torch.autograd.grad(y, wrt, gy, create_graph=True, allow_unused=True))
     return [next(grads) if need else None for need in needs]

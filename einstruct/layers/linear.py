@@ -260,7 +260,7 @@ class StructuredLinear(nn.Module):
             act, cores = act.to(dt), tuple(w.to(dt) for w in cores)
         if bias is not None and bias.dtype != act.dtype:
             bias = bias.to(act.dtype)
-        return execute._Chain.apply(act, bias, plan.small if n <= self.builtin_rows else plan.chain, *cores)
+        return execute.train(plan.small if n <= self.builtin_rows else plan.chain, act, n, bias, cores)
 
     # ---- inference caches ----------------------------------------------------------------
     def _cache_key(self) -> tuple:
