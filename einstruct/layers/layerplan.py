@@ -100,6 +100,8 @@ class LayerPlan:
     builtin_rows: int  # default largest training batch on the small route
     core_names: tuple[str, ...]  # execution order
     one_matmul: bool  # the whole chain is one plain 2-D matmul (nn.Linear's): torch's own autograd op for it
+    flat: bool  # every step of the plain-form layout is a 2-D mm (no batch axes): small training batches run
+    #             on torch's own ops (a few C++ autograd nodes cost less than one Python Function there)
 
 
 def _matrix(s) -> tuple:
@@ -177,6 +179,7 @@ def build(st: Structure) -> LayerPlan:
         chain=route(chain, st), small=small, row_elems=elems, builtin_rows=(BUILTIN_MAX_ELEMS - 1) // elems,
         core_names=tuple(c.name for c in st.cores),
         one_matmul=not rest and not first.batched and first.act_perm is None and small.final_perm is None,
+        flat=not any(s.batched for s in small.steps),
     )
 
 

@@ -11,14 +11,15 @@ Paths (all deterministic; DESIGN.md: ``flops(batch)`` reports the path that runs
 - Grad mode on (training): the whole chain is one autograd Function (``_Chain``), whose forward and
   backward run the planned matmuls without recording a graph. Where an activation's permute + reshape is a
   strided view BLAS reads in place it is not copied (n > 1 rows), nor is a core whose permute is such a view;
-  where y's memory order is a strided view of the last matmul's output, that matmul writes into y directly
-  (else the final permute and the bias go in one pass); the backward keeps every bmm operand batch-major
-  and its gradients laid out like the operands. It keeps each step's operands (a view of x for a viewed
-  first step). Batches of at most ``layer.builtin_rows`` rows (a forward materialising fewer than 2^22
-  elements) use the layout planned with plain matmul forms only, larger ones the cost-model layout; set
-  ``layer.builtin_rows = 0`` for the cost-model layout at every batch.
-- Under torch.func transforms (vmap, grad) and torch.compile: the plain-form chain on torch's own ops
-  (permute, reshape, matmul), which those trace like any torch code.
+  the final permute and the bias go into y in one pass (from 2^17 output elements the last matmul writes
+  into y's memory order instead); the backward keeps every bmm operand batch-major and its gradients laid
+  out like the operands. It keeps each step's operands (a view of x for a viewed first step; a first step
+  that copies x does so in the graph, so only the copy is kept). Batches of at most ``layer.builtin_rows``
+  rows (a forward materialising fewer than 2^22 elements) use the layout planned with plain matmul forms
+  only, larger ones the cost-model layout (``layer.builtin_rows = 0``: always). Double backward
+  differentiates the chain on torch's ops. A chain that is one plain matmul (dense) trains on ``addmm``.
+- Under torch.compile, torch.func transforms (vmap, grad) and forward-mode AD: the plain-form chain on
+  torch's own ops (permute, reshape, matmul), which those trace like any torch code.
 - Grad mode off (``torch.no_grad`` / ``torch.inference_mode``): the cost-model chain without autograd, on
   the effective cores laid out per step from the live parameters at every call (no copy where a core's
   layout is already right). Nothing is cached implicitly, so every way a weight can change (optimizer
@@ -241,9 +242,10 @@ class StructuredLinear(nn.Module):
         """(n, d_in_padded) contiguous -> (n, d_out_padded) through the planned chain, plus ``bias`` if given."""
         plan = self._plan
         grad = torch.is_grad_enabled()
-        # Traced code (torch.compile, torch.func, forward-mode AD) gets torch's own ops, no out= writes; so does
-        # one plain matmul in training (one autograd node either way, and torch's costs less than ours).
-        if compiling or execute.traced() or (grad and plan.one_matmul):
+        # Traced code (torch.compile, torch.func, forward-mode AD) gets torch's own ops, no out= writes; so do
+        # training chains of 2-D mm only on small batches, and one plain matmul on any batch (measured: a few
+        # C++ autograd nodes cost less there than one Python Function, and no bmm can go per matrix).
+        if compiling or execute.traced() or (grad and plan.flat and (n <= self.builtin_rows or plan.one_matmul)):
             return execute.run_ops(plan.small, act, n, bias, self._effective())
         dt = execute.autocast_dtype(act)
         if not grad:
