@@ -84,3 +84,48 @@ def check_fits(what, n_bytes: int, device, fix: str) -> None:
         raise SpecError(
             f"{what} need {human_bytes(n_bytes)}, more than the {human_bytes(limit)} of memory on {where}; {fix}"
         )
+
+
+def process_memory_limit() -> int | None:
+    """The most memory this process may still map, in bytes: what its address-space limit (RLIMIT_AS,
+    ``ulimit -v``) leaves above what it maps now, or its cgroup's memory limit (a container's), whichever is
+    lower; None when neither is set."""
+    out = []
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+            out.append(max(0, int(soft) - _mapped()))
+    except (ImportError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # cgroup v1 says 'no limit' with a huge number
+            out.append(int(text))
+    return min(out) if out else None
+
+
+def _mapped() -> int:
+    """Bytes of address space this process maps now (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def training_memory_limit(device) -> int | None:
+    """The memory a model on ``device`` may use: the device's (``device_memory``), and for the CPU no more than
+    the process may map (``process_memory_limit``). None when unknown (or on the meta device)."""
+    limit = device_memory(device)
+    kind = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else "cpu")
+    if kind == "cpu" and MAX_BYTES is None:
+        proc = process_memory_limit()
+        if proc is not None:
+            limit = proc if limit is None else min(limit, proc)
+    return limit

@@ -82,9 +82,51 @@ class Task:
         """The task's model at ``width`` with its selected linears structured by ``spec`` (None: dense).
 
         ``spec`` may be an es.MoEConfig: kind 'btt' makes the selected linears BTT-MoE layers, kind 'ffn'
-        builds the model with standard-MoE FFNs (tasks with ``ffn_moe``).
+        builds the model with standard-MoE FFNs (tasks with ``ffn_moe``). On a real device the whole model is
+        first built on the meta device and refused (SearchError) if training it cannot fit (check_memory).
         """
         width = self.check_width(width)
+        if _kind(device) != "meta":
+            self.check_memory(self._build(spec, width, device="meta", seed=seed), device)
+        return self._build(spec, width, device=device, seed=seed)
+
+    # ---- memory ------------------------------------------------------------------------------
+    def training_bytes(self, model: nn.Module, activation_bytes: int = 4) -> int:
+        """A lower bound on the memory one training step of ``model`` takes: 16 bytes per parameter (fp32
+        weight, gradient and AdamW's two moments) and, for one step's rows, the input and output of every
+        linear layer at ``activation_bytes`` a value (4: fp32; 2 under CUDA's bf16 autocast), plus the task's
+        ``extra_training_bytes``. Embeddings and the head are counted like every other parameter."""
+        params = sum(p.numel() for p in model.parameters())
+        rows = self.rows_per_step()
+        acts = 0
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, es.StructuredLinear)):
+                acts += rows * (int(m.in_features) + int(m.out_features)) * activation_bytes
+        return 16 * params + acts + self.extra_training_bytes(_width_of(model))
+
+    def extra_training_bytes(self, width: int) -> int:
+        """Memory of a training step besides parameters and linear layers' activations (e.g. a softmax)."""
+        return 0
+
+    def memory_hint(self) -> str:
+        return "use a smaller width (or a smaller batch in the task's settings)"
+
+    def check_memory(self, model: nn.Module, device) -> None:
+        """Refuse (SearchError) a model, built on the meta device, whose training cannot fit on ``device``."""
+        from einstruct.limits import count, human_bytes, training_memory_limit
+
+        limit = training_memory_limit(device)
+        if limit is None:
+            return
+        need = self.training_bytes(model, 2 if _kind(device) == "cuda" else 4)
+        if need > limit:
+            params = sum(p.numel() for p in model.parameters())
+            raise SearchError(
+                f"the {self.name} model at width {_width_of(model)} has {count(params)} parameters and needs at least "
+                f"{human_bytes(need)} to train, more than the {human_bytes(limit)} of memory on {_kind(device)} this "
+                f"process may use; {self.memory_hint()}")
+
+    def _build(self, spec, width: int, *, device="cpu", seed: int = 0) -> nn.Module:
         spec, moe = self.split_moe(spec)
         torch.manual_seed(seed)
         if moe is not None and moe.kind == "ffn":
@@ -132,6 +174,10 @@ def _is_dense(spec) -> bool:
     if isinstance(spec, str):
         return spec.strip().lower() == "dense"
     return isinstance(spec, es.Spec) and len(spec.cores) == 1 and spec.label == "dense"
+
+
+def _kind(device) -> str:
+    return getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else "cpu")
 
 
 def _width_of(model: nn.Module) -> int:

@@ -10,7 +10,6 @@ label smoothing 0.3; the held-out loss is plain cross-entropy on the test split.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from dataclasses import dataclass, replace
@@ -37,17 +36,115 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+PIXELS = 3072  # 32 x 32 x 3 values per image
+ROWS = 10_000  # images in a CIFAR batch file (CIFAR-10's data_batch_i and test_batch, CIFAR-100's test)
+ROWS_TRAIN_100 = 50_000  # images in CIFAR-100's train
+SLACK = 16 * 2**20  # bytes a batch file may hold besides its pixels (labels, file names)
+
+
+def _max_rows(path: str) -> int:
+    return ROWS_TRAIN_100 if os.path.basename(path) == "train" else ROWS
+
+
 def _load(path: str) -> dict:
+    """One batch file, unpickled with the restricted unpickler, streamed from the file (never read whole)."""
+    size = os.path.getsize(path)
+    cap = 4 * _max_rows(path) * PIXELS + SLACK  # even a text-mode pickle of a full batch is smaller
+    if size > cap:
+        raise DataError(f"{path!r} is {size:,} bytes, more than a CIFAR batch file can be (at most {_max_rows(path):,} "
+                        f"images of {PIXELS:,} bytes); use the 'python version' of the data set")
     try:
         with open(path, "rb") as f:
-            obj = _SafeUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            obj = _SafeUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise DataError(
             f"{path!r} is not a CIFAR python pickle ({e}); use the 'python version' of the data set"
         ) from None
+    except (MemoryError, OverflowError):  # a length field claiming more than the file holds
+        raise DataError(f"{path!r} is not a CIFAR python pickle (it declares objects far larger than the file); use "
+                        "the 'python version' of the data set") from None
     if not isinstance(obj, dict) or b"data" not in obj:
         raise DataError(f"{path!r} is not a CIFAR batch (no b'data' entry); use the 'python version' of the data set")
     return obj
+
+
+def _kind(v) -> str:
+    return f"a {type(v).__name__}" if v is not None else "None"
+
+
+def _pixels(path: str, data) -> np.ndarray:
+    """The b'data' entry as uint8 N x 3072, checked (type, shape, values 0..255) before any array is built."""
+    limit = _max_rows(path)
+    bad = f"{path!r} has b'data' that is {{}}; a CIFAR batch holds a uint8 array of N x {PIXELS} pixel values"
+    if isinstance(data, np.ndarray):
+        if data.ndim != 2 or data.shape[1] != PIXELS:
+            raise DataError(bad.format(f"an array of shape {data.shape}"))
+        n = data.shape[0]
+    elif isinstance(data, (list, tuple)):
+        n = len(data)
+    else:
+        raise DataError(bad.format(_kind(data)))
+    if n > limit:
+        raise DataError(f"{path!r} holds {n:,} images; a CIFAR batch file holds at most {ROWS:,} ({ROWS_TRAIN_100:,} "
+                        "for CIFAR-100's train), so it is not a CIFAR batch")
+    if isinstance(data, np.ndarray):
+        if data.dtype.kind not in "ui":
+            raise DataError(bad.format(f"an array of {data.dtype}"))
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise DataError(bad.format("an array with values outside 0..255"))
+        return data.astype(np.uint8, copy=False)
+    out = np.empty((n, PIXELS), dtype=np.uint8)  # at most 10,000 (50,000) x 3,072 bytes
+    for i, row in enumerate(data):
+        if isinstance(row, (bytes, bytearray)) and len(row) == PIXELS:
+            out[i] = np.frombuffer(row, dtype=np.uint8)
+            continue
+        if isinstance(row, np.ndarray) and row.shape == (PIXELS,) and row.dtype.kind in "ui":
+            if row.min() < 0 or row.max() > 255:
+                raise DataError(bad.format(f"a list whose row {i} holds values outside 0..255"))
+            out[i] = row
+            continue
+        if not isinstance(row, (list, tuple, np.ndarray)) or len(row) != PIXELS:
+            what = f"{_kind(row)} of length {len(row)}" if hasattr(row, "__len__") else _kind(row)
+            raise DataError(bad.format(f"a list whose row {i} is {what}"))
+        try:  # element by element into 3,072 int64s: a nested list or a string fails here, costing nothing
+            values = np.fromiter((v if type(v) is int else _int(v) for v in row), dtype=np.int64, count=PIXELS)
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(bad.format(f"a list whose row {i} holds a value that is not an integer")) from None
+        if values.min() < 0 or values.max() > 255:
+            raise DataError(bad.format(f"a list whose row {i} holds values outside 0..255"))
+        out[i] = values
+    return out
+
+
+def _int(v) -> int:
+    if isinstance(v, np.integer):
+        return int(v)
+    raise TypeError(type(v).__name__)
+
+
+def _labels(path: str, labels, n: int, key: bytes, classes: int) -> np.ndarray:
+    """The labels entry as int64 of length n, each in 0..classes-1, checked before any array is built."""
+    bad = f"{path!r} has {key!r} that is {{}}; a CIFAR batch holds a list of {n:,} integer labels"
+    if labels is None:
+        raise DataError(f"{path!r} has no {key!r} entry; a CIFAR batch holds a list of {n:,} integer labels")
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or labels.dtype.kind not in "ui":
+            raise DataError(bad.format(f"an array of shape {labels.shape} and {labels.dtype}"))
+        y = labels.astype(np.int64)
+    elif isinstance(labels, (list, tuple)):
+        if len(labels) != n:
+            raise DataError(f"{path!r} has {n:,} images and {len(labels):,} labels; expected one label per image")
+        try:
+            y = np.fromiter((v if type(v) is int else _int(v) for v in labels), dtype=np.int64, count=n)
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(bad.format("a list holding a value that is not an integer")) from None
+    else:
+        raise DataError(bad.format(_kind(labels)))
+    if len(y) != n:
+        raise DataError(f"{path!r} has {n:,} images and {len(y):,} labels; expected one label per image")
+    if n and (y.min() < 0 or y.max() >= classes):
+        raise DataError(f"{path!r} has labels outside 0..{classes - 1}")
+    return y
 
 
 def load_cifar(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
@@ -75,14 +172,9 @@ def load_cifar(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         xs, ys = [], []
         for p in paths:
             d = _load(p)
-            x = np.asarray(d[b"data"], dtype=np.uint8)
-            y = np.asarray(d.get(key, []), dtype=np.int64)
-            if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-                raise DataError(f"{p!r} has data of shape {x.shape} and {len(y)} labels; expected N x 3072 and N")
-            if len(y) and (y.min() < 0 or y.max() >= classes):
-                raise DataError(f"{p!r} has labels outside 0..{classes - 1}")
+            x = _pixels(p, d[b"data"])
             xs.append(x)
-            ys.append(y)
+            ys.append(_labels(p, d.get(key), len(x), key, classes))
         return np.concatenate(xs), np.concatenate(ys)
 
     tx, ty = read(train)
@@ -104,6 +196,19 @@ class CifarConfig:
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024)
 
 
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and standard deviation (+1e-6) as float32, accumulated in float64 over chunks."""
+    total = np.zeros(x.shape[1])
+    sq = np.zeros(x.shape[1])
+    for i in range(0, len(x), 4096):
+        part = x[i : i + 4096].astype(np.float64)
+        total += part.sum(0)
+        sq += (part * part).sum(0)
+    mean = total / max(len(x), 1)
+    var = np.maximum(sq / max(len(x), 1) - mean * mean, 0.0)
+    return mean.astype(np.float32), (np.sqrt(var) + 1e-6).astype(np.float32)
+
+
 class Cifar(Task):
     name = "cifar"
     select = "intermediate"
@@ -123,10 +228,14 @@ class Cifar(Task):
         if len(tx) < c.batch:
             raise DataError(f"{c.data!r} has {len(tx)} training images, fewer than one batch of {c.batch}")
         perm = torch.randperm(3072, generator=torch.Generator().manual_seed(c.permutation_seed))
-        mean, std = tx.mean(0), tx.std(0) + 1e-6
+        mean, std = _moments(tx)
 
-        def prep(x):
-            return torch.from_numpy(((x - mean) / std).astype(np.float32))[:, perm]
+        def prep(x):  # standardised float32, 4 bytes a value, made in chunks (no float64 copy of the whole set)
+            out = torch.empty((len(x), PIXELS), dtype=torch.float32)
+            for i in range(0, len(x), 4096):
+                part = (x[i : i + 4096].astype(np.float32) - mean) / std
+                out[i : i + 4096] = torch.from_numpy(part)[:, perm]
+            return out
 
         self.train_x, self.train_y = prep(tx), torch.from_numpy(ty)
         self.val_x, self.val_y = prep(vx[: c.eval_size]), torch.from_numpy(vy[: c.eval_size])

@@ -21,6 +21,7 @@ experts it runs (active/E of them).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, replace
@@ -36,8 +37,12 @@ from ..errors import DataError, SearchError
 from ..models.gpt import GPT
 from .base import Hyper, Task
 
+log = logging.getLogger(__name__)
+
 VOCAB = 96
 UNKNOWN = "?"
+TOKEN_IDS = 65536  # a .bin file holds uint16 token ids: a vocabulary of up to 65,536 (GPT-2's is 50,257)
+SPARSE_VOCAB = 4  # warn when the vocabulary is more than this many times the distinct tokens in the file
 
 
 def encode_text(raw: bytes) -> np.ndarray:
@@ -54,8 +59,22 @@ def decode(ids) -> str:
     return "".join(chars[int(i)] for i in ids)
 
 
+def token_counts(tokens, chunk: int = 1 << 22) -> np.ndarray:
+    """How often each uint16 token id occurs, read in chunks (a memory-mapped file is never loaded whole)."""
+    counts = np.zeros(TOKEN_IDS, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[i : i + chunk]), minlength=TOKEN_IDS)
+    return counts
+
+
 def load_tokens(path: str) -> tuple[np.ndarray, int]:
     """(token ids, vocabulary size) from a text file or a .bin uint16 token file."""
+    tokens, vocab, _ = _load(path)
+    return tokens, vocab
+
+
+def _load(path) -> tuple[np.ndarray, int, int]:
+    """(token ids, vocabulary size: the largest id + 1, distinct ids in the file)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise DataError("the lm task needs data=PATH: a text file, or a .bin file of uint16 tokens")
     path = os.fspath(path)
@@ -70,14 +89,16 @@ def load_tokens(path: str) -> tuple[np.ndarray, int]:
         if size % 2:
             raise DataError(f"{path!r} has an odd number of bytes ({size}), so it is not a uint16 token file")
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        return tokens, int(tokens.max()) + 1
+        seen = np.flatnonzero(token_counts(tokens))
+        return tokens, int(seen[-1]) + 1, len(seen)
     with open(path, "rb") as f:
         raw = f.read()
     if b"\x00" in raw[:4096]:
         raise DataError(
             f"{path!r} looks binary (it has NUL bytes); give a text file, or a token file ending in .bin"
         )
-    return encode_text(raw), VOCAB
+    ids = encode_text(raw)
+    return ids, VOCAB, len(np.unique(ids))
 
 
 @dataclass(frozen=True)
@@ -125,7 +146,7 @@ class LanguageModel(Task):
         except TypeError as e:
             raise SearchError(f"lm task: {e}; settings are {', '.join(config.__dataclass_fields__)}") from None
         c = self.config
-        tokens, self.vocab = load_tokens(c.data)
+        tokens, self.vocab, self.distinct = _load(c.data)
         split = int(len(tokens) * 0.9)
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
         for label, part in (("training", self.train_tokens), ("held-out", self.val_tokens)):
@@ -148,6 +169,33 @@ class LanguageModel(Task):
         self.widths = c.widths
         self.hyper = Hyper(lr=c.lr, batch=c.batch, betas=(0.9, 0.95), weight_decay=0.0,
                            warmup_frac=c.warmup_frac, max_warmup=c.max_warmup)
+        if self.vocab > SPARSE_VOCAB * self.distinct and self.vocab > VOCAB:
+            log.warning(self._sparse_vocab_note())
+
+    def _sparse_vocab_note(self) -> str:
+        """What a vocabulary far larger than the tokens in use costs, at the smallest width of the grid."""
+        w = min(self.widths) if self.widths else self.base_width
+        try:
+            total = self.flops_per_step(self.build(None, w, device="meta"))
+        except (SearchError, es.SpecError):
+            total = 0
+        head = 6 * self.rows_per_step() * w * self.vocab  # the head's training FLOPs (its input needs a gradient)
+        share = (f" ({head / total:.0%} of the {total:.3g} training FLOPs per step of dense at width {w})"
+                 if total else "")
+        return (f"{self.config.data!r} holds {self.distinct:,} distinct tokens, but its largest token id "
+                f"{self.vocab - 1} makes a vocabulary of {self.vocab:,}: the embedding, the head and its softmax are "
+                f"sized for all of them; the head alone costs {head:.3g} training FLOPs per step{share} and each "
+                f"step's logits take {4 * self.rows_per_step() * self.vocab / 2**20:,.0f} MiB; renumber the tokens "
+                f"0..{self.distinct - 1} if the ids need not be kept")
+
+    def extra_training_bytes(self, width: int) -> int:
+        """The fp32 log-softmax of a step's logits and its gradient: 2 x rows x vocabulary x 4 bytes (the logits
+        themselves are the head's output, counted with the linear layers)."""
+        return 2 * self.rows_per_step() * self.vocab * 4
+
+    def memory_hint(self) -> str:
+        return (f"use a smaller width, fewer sequences per step (batch) or a shorter context (each step's logits "
+                f"are {self.rows_per_step():,} rows x a vocabulary of {self.vocab:,})")
 
     def check_width(self, width) -> int:
         width = super().check_width(width)
