@@ -614,6 +614,10 @@ def main(argv=None) -> int:
         print(f"search.report: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, "
               "and please report it)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the study is untouched (the report only reads it)
+        print("\ninterrupted: the report may be incomplete; run the same command again to write it whole",
+              file=sys.stderr)
+        return 130
     try:
         print(f"report: {path}")
     except BrokenPipeError:  # the reader of stdout went away (`... | head`): not a bug, end quietly

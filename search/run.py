@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -151,6 +152,65 @@ def feasibility_warnings(f) -> list[str]:
     return out
 
 
+MAX_TRIALS = 100_000  # planned trials over all levels: more is a typo, or a study that cannot finish
+MAX_SEED = 2**32 - 1  # seeds are 0 .. 2^32 - 1 (numpy's range); torch and Optuna take them all
+
+
+def _plan_trials(top: int, levels: int, ratio: float, stop: int) -> int | None:
+    """Trials the plan runs (the top level runs ``top``, each level below ``ratio`` times as many), or None when
+    they are more than ``stop`` (counted without overflow: counting ends as soon as the sum passes it)."""
+    total, n = 0, float(top)
+    for _ in range(levels):
+        if n > stop:
+            return None
+        total += math.floor(n + 1e-9)
+        if total > stop:
+            return None
+        n *= ratio
+    return total
+
+
+def _number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def check_settings(cfg: dict) -> None:
+    """Refuse settings that cannot make sense, with one line naming the option, before anything is built.
+
+    ``cfg``: the study's settings (defaults < stored < given, as loop.settings_for merges them). Covers what
+    the plan's own checks cannot reach: numbers so large or small that arithmetic on them overflows or
+    underflows, plans of more than MAX_TRIALS trials, seeds outside 0 .. 2^32 - 1, step counts below 1, and
+    devices that cannot train (the meta device, a GPU index that is not there).
+    """
+    from .budget import plan_levels
+
+    budget, levels, ratio, top = cfg["budget"], cfg["levels"], cfg["ratio"], cfg["top_trials"]
+    if _number(budget) and 0 < budget < 1:
+        raise SearchError(f"--budget {budget!r} is less than one FLOP; it is the total training FLOPs of all "
+                          "trials, e.g. --budget 1e13")
+    if _number(ratio) and ratio >= 2 and isinstance(levels, int) and levels >= 3 and isinstance(top, int) and top >= 1:
+        n = _plan_trials(top, levels, ratio, MAX_TRIALS)  # at least: search.loop raises top to the references + 1
+        if n is None:
+            raise SearchError(
+                f"--top-trials {top} with --levels {levels} and --ratio {ratio:g} plans more than the {MAX_TRIALS:,} "
+                f"trials a study may run (the top level runs {top}, each level below {ratio:g} times as many as the "
+                "one above); lower --top-trials, --levels or --ratio")
+    plan_levels(budget, levels, ratio, top)  # each value's type and range; nothing overflows any more
+    seed = cfg["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise SearchError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    for key in ("min_steps", "target_steps"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            what = ("candidates with fewer steps are rejected" if key == "min_steps"
+                    else "the references' widths aim for this many steps")
+            raise SearchError(f"--{key.replace('_', '-')} must be a whole number of steps, 1 or more ({what}), "
+                              f"got {v!r}")
+    from .train import check_device
+
+    check_device(cfg["device"])
+
+
 def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
     from .storage import redact
 
@@ -158,6 +218,41 @@ def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
     print(f"{prog}: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, and please "
           "report it)", file=sys.stderr)
     return 1
+
+
+def _check(args, given: dict) -> None:
+    """check_settings on the study's settings as the search will see them (stored ones for what is not given)."""
+    from .loop import DEFAULTS, settings_for
+    from .storage import study_dir
+
+    check_settings({**DEFAULTS, **{k: v for k, v in given.items() if v is not None}})  # a bad value before a clash
+    check_settings(settings_for(args.study, study_dir(args.study, args.out), given))
+
+
+def _failed(e: BaseException, args) -> int:
+    """Exit code and one line on stderr for an exception: 2 for bad input and for a machine's failures (a full
+    disk, a damaged database, memory run out), 1 for a bug; with --debug, the traceback instead."""
+    from .errors import machine_problem
+    from .storage import redact, study_dir
+
+    if args.debug:
+        raise e
+    if isinstance(e, SearchError):
+        print(f"search.run: error: {redact(str(e), args.storage)}", file=sys.stderr)
+        return 2
+    try:
+        folder = study_dir(args.study, args.out)
+    except SearchError:
+        folder = args.out or "runs"
+    why = machine_problem(e, folder, args.storage)
+    if why:
+        print(f"search.run: error: {redact(why, args.storage)}", file=sys.stderr)
+        return 2
+    if isinstance(e, OSError):  # a folder or file the study needs: a setup problem, not a bug
+        print(f"search.run: error: {redact(e, args.storage)}; check the paths given to --out and --data",
+              file=sys.stderr)
+        return 2
+    return _internal_error("search.run", e, args.storage)
 
 
 def _human(s: float) -> str:
@@ -219,15 +314,14 @@ def main(argv=None) -> int:
         from .loop import Reporter, run_search
 
         try:
+            _check(args, given)
             r = run_search(args.study, storage=args.storage, out=args.out, worker=args.worker_index, estimate=False,
                            reporter=Reporter(), **given)
-        except SearchError as e:
-            if args.debug:
-                raise
-            from .storage import redact
-
-            print(f"search.run: error: {redact(str(e), args.storage)}", file=sys.stderr)
-            return 2
+        except Exception as e:
+            return _failed(e, args)
+        except KeyboardInterrupt:
+            print(f"\nworker {args.worker_index} interrupted: finished trials are stored", file=sys.stderr)
+            return 130
         print(f"worker {args.worker_index}: study spent {r.spent:.4g} training FLOPs")
         return 0
     # Workers sharing a storage that may have other machines on it sample with seeds of their own.
@@ -235,36 +329,18 @@ def main(argv=None) -> int:
     rep = TqdmReporter(enabled=not args.no_progress)
     children = []
     try:
+        _check(args, given)  # before workers start: each would refuse the same settings
         children = [] if args.dry_run else _start_workers(args, given, base)
         from .loop import run_search
 
         result = run_search(args.study, storage=args.storage, out=args.out, dry_run=args.dry_run, reporter=rep,
                             worker=base, **given)
-    except SearchError as e:
-        _stop(children)
-        if args.debug:
-            raise
-        from .storage import redact
-
-        print(f"search.run: error: {redact(str(e), args.storage)}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader of stdout went away (`... | head`): not a bug, end quietly
         _stop(children)
         return closed_pipe()
-    except OSError as e:  # a folder or file the study needs: a setup problem, not a bug
+    except Exception as e:
         _stop(children)
-        if args.debug:
-            raise
-        from .storage import redact
-
-        print(f"search.run: error: {redact(e, args.storage)}; check the paths given to --out and --data",
-              file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug, not bad input: still one line, unless --debug
-        _stop(children)
-        if args.debug:
-            raise
-        return _internal_error("search.run", e, args.storage)
+        return _failed(e, args)
     except KeyboardInterrupt:
         _stop(children)
         print("\ninterrupted: finished trials are stored; run the same command to resume", file=sys.stderr)
@@ -273,6 +349,17 @@ def main(argv=None) -> int:
         rep.close()
     if args.dry_run:
         return 0
+    try:
+        return _finish(result, children)
+    except KeyboardInterrupt:  # the study is stored: only the summary or the report was cut short
+        _stop(children)
+        print(f"\ninterrupted: the study is stored; write its report with python -m search.report --study "
+              f"{result.name} --out {result.folder}", file=sys.stderr)
+        return 130
+
+
+def _finish(result, children) -> int:
+    """After the search: wait for the workers, print the summary, write the report; the exit code."""
     if children:
         failed = [i for i, p in children if p.wait() != 0]
         if failed:
