@@ -51,8 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite file in runs/<study>/); workers on "
                                      "several machines share one postgresql://user:pass@host/db")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
-    p.add_argument("--heartbeat", type=int, help="seconds between a trial's heartbeats; a trial whose worker "
-                                                 "missed 3 is retried from its checkpoint (default 10)")
+    p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats; a worker that misses 3 "
+                                                 "is taken for dead and its trial retried from its checkpoint; "
+                                                 "0: off (embedded storage only) (default 10)")
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set for the processes --workers starts
     p.add_argument("--out", help="output folder (default runs/<study>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimated wall time, train nothing")
