@@ -5,6 +5,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import einstruct as es
+from benchmarks.layers import saved_bytes
 from einstruct.layers import execute
 from einstruct.layers.linear import StructuredLinear
 
@@ -116,22 +117,6 @@ def test_double_backward_and_forward_mode_equal_one_einsum(name, builtin_rows):
             out[how].append(fwAD.unpack_dual(f(fwAD.make_dual(x.detach(), torch.ones_like(x)))).tangent)
     for a, b in zip(out["layer"], out["einsum"]):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
-
-
-def saved_bytes(fn, module) -> int:
-    """Bytes autograd keeps for the backward of ``fn()``, each storage once, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("builtin_rows", [10**9, 0])
