@@ -36,6 +36,17 @@ def call(main, argv, capsys):
     return code, out, err
 
 
+def postgres_test_url(password: str) -> str:
+    """EINSTRUCT_TEST_POSTGRES (a trust-auth server from .ci/postgres.sh) with ``password`` in it; skips
+    the calling test when the variable is not set."""
+    base = os.environ.get("EINSTRUCT_TEST_POSTGRES")
+    if not base:
+        pytest.skip("EINSTRUCT_TEST_POSTGRES is not set: start a server with `bash .ci/postgres.sh` and export it")
+    scheme, rest = base.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user.split(':')[0]}:{password}@{host}"
+
+
 def assert_one_line_error(code, out, err, needle="", prog=""):
     assert code == 2, (code, err)
     lines = err.strip().splitlines()
@@ -261,12 +272,7 @@ def test_password_never_written_or_printed(tmp_path, capsys, caplog, monkeypatch
 
 def test_password_never_written_or_printed_on_a_real_postgres(tmp_path, capsys, caplog):
     """With EINSTRUCT_TEST_POSTGRES (a trust-auth server from .ci/postgres.sh, which accepts any password)."""
-    base = os.environ.get("EINSTRUCT_TEST_POSTGRES")
-    if not base:
-        pytest.skip("EINSTRUCT_TEST_POSTGRES is not set: start a server with `bash .ci/postgres.sh` and export it")
-    scheme, rest = base.split("://", 1)
-    user, host = rest.split("@", 1)
-    url = f"{scheme}://{user.split(':')[0]}:{SECRET}@{host}"
+    url = postgres_test_url(SECRET)
     _run_with_password(url, tmp_path / "study", capsys, caplog, name=f"secret-{os.getpid()}-{time.time_ns()}")
 
 

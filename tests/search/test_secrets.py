@@ -21,6 +21,8 @@ import pytest
 from search import run as search_run
 from search.storage import password_of, redact
 
+from ..test_cli_hostile import postgres_test_url
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HOSTILE = [  # each has a run of 4+ word characters, so that a partial leak shows too
@@ -218,12 +220,7 @@ def test_study_on_a_real_postgres_shows_no_secret(tmp_path, capsys, caplog):
     """With EINSTRUCT_TEST_POSTGRES (a trust-auth server from .ci/postgres.sh: any password connects)."""
     import time
 
-    base = os.environ.get("EINSTRUCT_TEST_POSTGRES")
-    if not base:
-        pytest.skip("EINSTRUCT_TEST_POSTGRES is not set: start a server with `bash .ci/postgres.sh` and export it")
-    scheme, rest = base.split("://", 1)
-    user, host = rest.split("@", 1)
-    url = f"{scheme}://{user.split(':')[0]}:{STUDY_PW.replace('%', '%25').replace('@', '%40')}@{host}"
+    url = postgres_test_url(STUDY_PW.replace("%", "%25").replace("@", "%40"))
     _, texts = _study(url, tmp_path / "study", f"secret-{os.getpid()}-{time.time_ns()}", capsys, caplog)
     for text in texts:
         assert_clean(text, STUDY_PW)
