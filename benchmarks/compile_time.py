@@ -21,7 +21,7 @@ LETTERS = string.ascii_letters
 
 def tensor_train(k: int, in_size="d_in^1/{k}", out_size="d_out^1/{k}", rank: int = 4) -> es.Spec:
     """k cores in a path: core j reads input axis j, makes output axis j, bonds to cores j - 1 and j + 1."""
-    a, e, b = LETTERS[:k], LETTERS[k:2 * k], LETTERS[2 * k:3 * k - 1]
+    a, e, b = LETTERS[:k], LETTERS[k : 2 * k], LETTERS[2 * k : 3 * k - 1]
     cores = [a[j] + e[j] + (b[j - 1] if j else "") + (b[j] if j < k - 1 else "") for j in range(k)]
     fmt = lambda s: s.format(k=k) if isinstance(s, str) else s
     sizes = {c: fmt(in_size) for c in a} | {c: fmt(out_size) for c in e} | {c: rank for c in b}
@@ -30,8 +30,8 @@ def tensor_train(k: int, in_size="d_in^1/{k}", out_size="d_out^1/{k}", rank: int
 
 def butterfly(levels: int) -> es.Spec:
     """log2(d) cores of 2x2 blocks: core t mixes bit t (input a_t -> output b_t), batched over the others."""
-    a, b = LETTERS[:levels], LETTERS[levels:2 * levels]
-    cores = [b[:t] + a[t] + b[t] + a[t + 1:] for t in range(levels)]
+    a, b = LETTERS[:levels], LETTERS[levels : 2 * levels]
+    cores = [b[:t] + a[t] + b[t] + a[t + 1 :] for t in range(levels)]
     return es.Spec(a + "," + ",".join(cores) + "->" + b, label=f"butterfly{levels}", **{c: 2 for c in a + b})
 
 
@@ -46,8 +46,21 @@ def specs() -> dict:
         "btt r=4 (2)": (es.presets.btt(rank=4), dims, 5),
         "monarch b=16 (2)": (es.presets.monarch(blocks=16), dims, 5),
         "theta generic rho (2)": (es.theta(0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25), dims, 5),
-        "tt 3 cores": (es.Spec("abc,aer,bfrs,cgs->efg", a="d_in^1/3", b="d_in^1/3", c="d_in^1/3",
-                               e="d_out^1/3", f="d_out^1/3", g="d_out^1/3", r=4, s=4), dims, 50),
+        "tt 3 cores": (
+            es.Spec(
+                "abc,aer,bfrs,cgs->efg",
+                a="d_in^1/3",
+                b="d_in^1/3",
+                c="d_in^1/3",
+                e="d_out^1/3",
+                f="d_out^1/3",
+                g="d_out^1/3",
+                r=4,
+                s=4,
+            ),
+            dims,
+            50,
+        ),
         "tt 4 cores": (es.Spec("abcd,aer,bfrs,cgst,dht->efgh", r=4, s=4, t=4, **quarter), dims, 50),
     }
     target = {8: 500, 10: 500, 12: 500, 16: 5000, 24: 5000}
@@ -85,15 +98,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default="", help="run only the specs whose name contains this text")
     args = p.parse_args(argv)
-    print(f"{'spec':28s} {'cores':>5s} {'cold ms':>8s} {'worst ms':>8s} {'warm us':>8s} {'target ms':>9s} "
-          f"{'worst/target':>12s}")
+    print(
+        f"{'spec':28s} {'cores':>5s} {'cold ms':>8s} {'worst ms':>8s} {'warm us':>8s} {'target ms':>9s} "
+        f"{'worst/target':>12s}"
+    )
     for name, (spec, dims, target) in specs().items():
         if args.only not in name:
             continue
         cold, worst, warm = measure(spec, dims, args.repeats)
         flag = "ok" if worst < target else "SLOW"
-        print(f"{name:28s} {len(spec.cores):5d} {cold:8.2f} {worst:8.2f} {warm:8.1f} {target:9d} "
-              f"{worst / target:12.3f}  {flag}")
+        print(
+            f"{name:28s} {len(spec.cores):5d} {cold:8.2f} {worst:8.2f} {warm:8.1f} {target:9d} "
+            f"{worst / target:12.3f}  {flag}"
+        )
     return 0
 
 

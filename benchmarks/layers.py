@@ -75,8 +75,9 @@ def load_baseline(path: str):
     pkg = root / "einstruct" if (root / "einstruct" / "__init__.py").exists() else root
     if not (pkg / "__init__.py").exists():
         raise SystemExit(f"--baseline {path}: no einstruct package there (expected {pkg / '__init__.py'})")
-    spec = importlib.util.spec_from_file_location("einstruct_baseline", pkg / "__init__.py",
-                                                  submodule_search_locations=[str(pkg)])
+    spec = importlib.util.spec_from_file_location(
+        "einstruct_baseline", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["einstruct_baseline"] = module
     spec.loader.exec_module(module)
@@ -198,12 +199,13 @@ def baseline_layers(base, layers: dict, d: int, device) -> dict:
     """The baseline checkout's layer for each structure, with the same weights."""
     if base is None:
         return {}
-    return {lab: same_weights(base.StructuredLinear(d, d, STRUCTURES[lab](base), device=device), layer)
-            for lab, layer in layers.items()}
+    return {
+        lab: same_weights(base.StructuredLinear(d, d, STRUCTURES[lab](base), device=device), layer)
+        for lab, layer in layers.items()
+    }
 
 
-def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_max: int, log,
-             base=None) -> list[dict]:
+def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_max: int, log, base=None) -> list[dict]:
     """Time every structure at (d, batch) against dense, primitives and einsum (and the baseline's layer)."""
     torch.manual_seed(0)
     x = torch.randn(batch, d, device=device)
@@ -216,12 +218,14 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
         def f():
             xi = x.detach().requires_grad_(True)
             m(xi).backward(grad)
+
         return f
 
     def infer(m):
         def f():
             with torch.no_grad():
                 m(x)
+
         return f
 
     scopes = contextlib.ExitStack()  # the cached contenders are copies held in a scope for the whole cell
@@ -264,39 +268,64 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
         ein = EinsumChain(layer)
         mem_ein = saved_bytes(lambda m=ein: m(x.detach().requires_grad_(True)), layer)
         mem_base = saved_bytes(lambda m=olds[lab]: m(x.detach().requires_grad_(True)), olds[lab]) if lab in olds else 0
-        rows.append({
-            "d": d,
-            "batch": batch,
-            "structure": lab,
-            "flops_vs_dense": flops / dense_flops,
-            "ms": t[(lab, "train")] * 1e3,
-            "gflops": flops / t[(lab, "train")] / 1e9,
-            "vs_dense": flops / t[(lab, "train")] / dense_rate,
-            "vs_prim": t[(lab, "prim")] / t[(lab, "train")],
-            "vs_einsum": paired(times, (lab, "ein"), (lab, "train")),
-            "saved_mb": mem / 2**20,
-            "saved_vs_einsum": mem / mem_ein if mem_ein else math.nan,
-            "saved_vs_base": mem / mem_base if mem_base else nan,
-            "infer_vs_dense": t[("dense", "infer")] / t[(lab, "infer")] if infer_on else math.nan,
-            "cached_vs_live": paired(times, (lab, "infer"), (lab, "infer_cached")) if infer_on else nan,
-            "vs_base": paired(times, (lab, "train_base"), (lab, "train")) if lab in olds else nan,
-            "infer_vs_base": paired(times, (lab, "infer_base"), (lab, "infer")) if infer_on and lab in olds else nan,
-            "dense_gflops": dense_rate / 1e9,
-        })
+        rows.append(
+            {
+                "d": d,
+                "batch": batch,
+                "structure": lab,
+                "flops_vs_dense": flops / dense_flops,
+                "ms": t[(lab, "train")] * 1e3,
+                "gflops": flops / t[(lab, "train")] / 1e9,
+                "vs_dense": flops / t[(lab, "train")] / dense_rate,
+                "vs_prim": t[(lab, "prim")] / t[(lab, "train")],
+                "vs_einsum": paired(times, (lab, "ein"), (lab, "train")),
+                "saved_mb": mem / 2**20,
+                "saved_vs_einsum": mem / mem_ein if mem_ein else math.nan,
+                "saved_vs_base": mem / mem_base if mem_base else nan,
+                "infer_vs_dense": t[("dense", "infer")] / t[(lab, "infer")] if infer_on else math.nan,
+                "cached_vs_live": paired(times, (lab, "infer"), (lab, "infer_cached")) if infer_on else nan,
+                "vs_base": paired(times, (lab, "train_base"), (lab, "train")) if lab in olds else nan,
+                "infer_vs_base": paired(times, (lab, "infer_base"), (lab, "infer"))
+                if infer_on and lab in olds
+                else nan,
+                "dense_gflops": dense_rate / 1e9,
+            }
+        )
     return rows
 
 
 COLUMNS = [
-    ("d", "{:d}"), ("batch", "{:d}"), ("structure", "{}"), ("flops_vs_dense", "{:.3f}"), ("ms", "{:.2f}"),
-    ("gflops", "{:.1f}"), ("vs_dense", "{:.2f}"), ("vs_prim", "{:.2f}"), ("vs_einsum", "{:.2f}"),
-    ("saved_mb", "{:.1f}"), ("saved_vs_einsum", "{:.2f}"), ("infer_vs_dense", "{:.2f}"),
-    ("cached_vs_live", "{:.2f}"), ("vs_base", "{:.2f}"), ("infer_vs_base", "{:.2f}"), ("saved_vs_base", "{:.2f}"),
+    ("d", "{:d}"),
+    ("batch", "{:d}"),
+    ("structure", "{}"),
+    ("flops_vs_dense", "{:.3f}"),
+    ("ms", "{:.2f}"),
+    ("gflops", "{:.1f}"),
+    ("vs_dense", "{:.2f}"),
+    ("vs_prim", "{:.2f}"),
+    ("vs_einsum", "{:.2f}"),
+    ("saved_mb", "{:.1f}"),
+    ("saved_vs_einsum", "{:.2f}"),
+    ("infer_vs_dense", "{:.2f}"),
+    ("cached_vs_live", "{:.2f}"),
+    ("vs_base", "{:.2f}"),
+    ("infer_vs_base", "{:.2f}"),
+    ("saved_vs_base", "{:.2f}"),
     ("dense_gflops", "{:.1f}"),
 ]
 HEADERS = {
-    "flops_vs_dense": "FLOPs/dense", "gflops": "GF/s", "vs_dense": "/dense", "vs_prim": "/prim",
-    "vs_einsum": "x ein", "saved_mb": "MB", "saved_vs_einsum": "MB/ein", "infer_vs_dense": "inf x",
-    "cached_vs_live": "cache x", "vs_base": "x base", "infer_vs_base": "inf x base", "saved_vs_base": "MB/base",
+    "flops_vs_dense": "FLOPs/dense",
+    "gflops": "GF/s",
+    "vs_dense": "/dense",
+    "vs_prim": "/prim",
+    "vs_einsum": "x ein",
+    "saved_mb": "MB",
+    "saved_vs_einsum": "MB/ein",
+    "infer_vs_dense": "inf x",
+    "cached_vs_live": "cache x",
+    "vs_base": "x base",
+    "infer_vs_base": "inf x base",
+    "saved_vs_base": "MB/base",
     "dense_gflops": "dense GF/s",
 }
 
@@ -312,18 +341,23 @@ def per_call(d: int, labels: list[str], repeats: int, device, log, base=None) ->
     xt = torch.randn(PER_CALL_TRAIN_ROWS, d, device=device, requires_grad=True)
     xs = {r: torch.randn(r, d, device=device) for r in PER_CALL_INFER_ROWS}
     layers = {lab: es.StructuredLinear(d, d, STRUCTURES[lab](es), device=device) for lab in labels}
-    contenders = {"nn.Linear": nn.Linear(d, d, device=device), **{(lab, "new"): m for lab, m in layers.items()},
-                  **{(lab, "base"): m for lab, m in baseline_layers(base, layers, d, device).items()}}
+    contenders = {
+        "nn.Linear": nn.Linear(d, d, device=device),
+        **{(lab, "new"): m for lab, m in layers.items()},
+        **{(lab, "base"): m for lab, m in baseline_layers(base, layers, d, device).items()},
+    }
 
     def train(m):
         def f():
             m(xt).sum().backward()
+
         return f
 
     def infer(m, x):
         def f():
             with torch.no_grad():
                 m(x)
+
         return f
 
     jobs = {}
@@ -345,14 +379,19 @@ def per_call(d: int, labels: list[str], repeats: int, device, log, base=None) ->
 
 def per_call_table(rows: list[dict]) -> list[str]:
     kinds = ("train", *PER_CALL_INFER_ROWS)
-    head = ["structure", "train us"] + [f"{'train' if k == 'train' else f'inf {k}'} {w}" for k in kinds
-                                        for w in ("/lin", "/base")]
+    head = ["structure", "train us"] + [
+        f"{'train' if k == 'train' else f'inf {k}'} {w}" for k in kinds for w in ("/lin", "/base")
+    ]
     cell = lambda v: "-" if math.isnan(v) else f"{v:.2f}"
-    body = [[r["structure"], f"{r['train_us']:.1f}"]
-            + [cell(r[f"{k}_{w}"]) for k in kinds for w in ("vs_lin", "vs_base")] for r in rows]
+    body = [
+        [r["structure"], f"{r['train_us']:.1f}"] + [cell(r[f"{k}_{w}"]) for k in kinds for w in ("vs_lin", "vs_base")]
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    return [" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-            for line in [head, *body]]
+    return [
+        " ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        for line in [head, *body]
+    ]
 
 
 def fmt(row: dict) -> list[str]:
@@ -367,18 +406,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", type=int, nargs="+", default=None, help="default 1024 4096 8192 (--per-call: 256)")
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 2048])
-    ap.add_argument("--structures", nargs="+", default=list(STRUCTURES), metavar="NAME",
-                    help=f"any of: {', '.join(STRUCTURES)}")
+    ap.add_argument(
+        "--structures", nargs="+", default=list(STRUCTURES), metavar="NAME", help=f"any of: {', '.join(STRUCTURES)}"
+    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="d 1024 only, 3 repeats")
     ap.add_argument("--infer-max", type=int, default=64, help="largest batch with an inference column")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--out", help="also write the table: .csv or .md")
-    ap.add_argument("--baseline", metavar="PATH",
-                    help="another checkout (or its einstruct/ folder) to time side by side")
-    ap.add_argument("--per-call", action="store_true",
-                    help="fixed cost per call at d=256 (training step at 16 rows, no-grad at 1, 4, 16), one thread")
+    ap.add_argument(
+        "--baseline", metavar="PATH", help="another checkout (or its einstruct/ folder) to time side by side"
+    )
+    ap.add_argument(
+        "--per-call",
+        action="store_true",
+        help="fixed cost per call at d=256 (training step at 16 rows, no-grad at 1, 4, 16), one thread",
+    )
     args = ap.parse_args(argv)
     unknown = [s for s in args.structures if s not in STRUCTURES]
     if unknown:
@@ -398,18 +442,23 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
 
     if args.per_call:
-        print(f"device={device} threads={torch.get_num_threads()} float32; time ratios (lower is faster), median "
-              f"of {args.repeats} interleaved rounds; baseline: {args.baseline or '-'}", flush=True)
+        print(
+            f"device={device} threads={torch.get_num_threads()} float32; time ratios (lower is faster), median "
+            f"of {args.repeats} interleaved rounds; baseline: {args.baseline or '-'}",
+            flush=True,
+        )
         lines = []
         for d in args.dims:
             lines += [f"d={d}", *per_call_table(per_call(d, args.structures, args.repeats, device, log, base))]
-            print("\n".join(lines[-len(args.structures) - 2:]), flush=True)
+            print("\n".join(lines[-len(args.structures) - 2 :]), flush=True)
         if args.out:
             Path(args.out).write_text("\n".join(lines) + "\n")
         return
 
-    head = (f"device={device} threads={torch.get_num_threads()} float32 forward+backward, "
-            f"median of {args.repeats} interleaved repeats")
+    head = (
+        f"device={device} threads={torch.get_num_threads()} float32 forward+backward, "
+        f"median of {args.repeats} interleaved repeats"
+    )
     print(head, flush=True)
     names = [HEADERS.get(k, k) for k, _ in COLUMNS]
     widths = [max(len(n), 11 if n == "structure" else 6) for n in names]
@@ -422,8 +471,12 @@ def main(argv=None):
             for row in run_cell(d, batch, args.structures, args.repeats, device, args.infer_max, log, base):
                 rows.append(row)
                 cells = fmt(row)
-                print(" ".join(c.ljust(w) if k == "structure" else c.rjust(w)
-                               for c, w, (k, _) in zip(cells, widths, COLUMNS)), flush=True)
+                print(
+                    " ".join(
+                        c.ljust(w) if k == "structure" else c.rjust(w) for c, w, (k, _) in zip(cells, widths, COLUMNS)
+                    ),
+                    flush=True,
+                )
     if args.out:
         with open(args.out, "w", newline="") as f:
             if args.out.endswith(".csv"):

@@ -48,8 +48,7 @@ def taxonomy(spec) -> Taxonomy:
             f"the search for the asymptotically cheapest chain stopped after {chain.states} subsets of the "
             f"{len(core_axes)} cores; nu and omega come from the best chain found, an upper bound"
         )
-    return Taxonomy(omega=macs - params, psi=Fraction(cut, scale), nu=macs - 1, order=chain.order,
-                    notes=tuple(notes))
+    return Taxonomy(omega=macs - params, psi=Fraction(cut, scale), nu=macs - 1, order=chain.order, notes=tuple(notes))
 
 
 def theta_warnings(theta) -> tuple[str, ...]:

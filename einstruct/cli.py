@@ -67,15 +67,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m einstruct", description=__doc__, epilog=EXAMPLES,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m einstruct",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    s = sub.add_parser("show", help="compile a structure and print its table", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = sub.add_parser(
+        "show",
+        help="compile a structure and print its table",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("spec", help="a preset name (" + ", ".join(presets.PRESETS) + "), 'theta', or an einsum")
-    s.add_argument("--size", action="append", default=[], metavar="AXIS=SIZE",
-                   help="size of an einsum axis, e.g. g=d_in^1/2 (repeat per axis)")
+    s.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="AXIS=SIZE",
+        help="size of an einsum axis, e.g. g=d_in^1/2 (repeat per axis)",
+    )
     s.add_argument("--name", action="append", default=None, metavar="NAME", help="core names, in spec order")
     s.add_argument("--rank", help="rank (bond size) for low_rank, tt, btt: an integer or e.g. d^1/4")
     s.add_argument("--blocks", type=int, help="blocks for monarch, block_diag")
@@ -95,8 +108,10 @@ def _spec(args) -> Spec:
     name = args.spec.strip()
     if "->" in name or "," in name:
         if args.rank is not None or args.blocks is not None or args.theta:
-            raise SpecError("--rank, --blocks and --theta apply to presets and theta, not to an einsum; give the "
-                            "einsum's sizes with --size AXIS=SIZE")
+            raise SpecError(
+                "--rank, --blocks and --theta apply to presets and theta, not to an einsum; give the "
+                "einsum's sizes with --size AXIS=SIZE"
+            )
         sizes = {}
         for item in args.size:
             if "=" not in item:
@@ -111,8 +126,9 @@ def _spec(args) -> Spec:
     if args.theta and name != "theta":
         raise SpecError(f"--theta applies to the spec 'theta', not to {name!r}; write: show theta --theta ...")
     if name == "theta" and (args.rank is not None or args.blocks is not None):
-        raise SpecError("--rank and --blocks apply to presets, not to theta; rho (the 7th --theta value) sets the "
-                        "bond size")
+        raise SpecError(
+            "--rank and --blocks apply to presets, not to theta; rho (the 7th --theta value) sets the bond size"
+        )
     if name == "theta":
         if not args.theta:
             raise SpecError("'theta' needs --theta alpha,beta,gamma,delta,epsilon,phi,rho, e.g. .5,0,.5,0,.5,.5,0")
@@ -131,16 +147,40 @@ def _spec(args) -> Spec:
 
 def _json(st) -> dict:
     return {
-        "spec": st.spec.einsum, "label": st.spec.label, "d_in": st.d_in, "d_out": st.d_out,
-        "d_in_padded": st.d_in_padded, "d_out_padded": st.d_out_padded, "sizes": st.sizes,
-        "macs": st.macs, "flops": st.flops, "train_flops": st.train_flops, "params": st.params,
-        "rank": st.rank, "omega": st.omega, "psi": st.psi, "nu": st.nu,
-        "max_intermediate": st.max_intermediate, "warnings": list(st.warnings),
+        "spec": st.spec.einsum,
+        "label": st.spec.label,
+        "d_in": st.d_in,
+        "d_out": st.d_out,
+        "d_in_padded": st.d_in_padded,
+        "d_out_padded": st.d_out_padded,
+        "sizes": st.sizes,
+        "macs": st.macs,
+        "flops": st.flops,
+        "train_flops": st.train_flops,
+        "params": st.params,
+        "rank": st.rank,
+        "omega": st.omega,
+        "psi": st.psi,
+        "nu": st.nu,
+        "max_intermediate": st.max_intermediate,
+        "warnings": list(st.warnings),
         "cores": [
-            {"name": c.name, "index": c.index, "axes": c.axes, "shape": list(c.shape), "d_in": c.d_in,
-             "d_out": c.d_out, "batch": c.batch, "contracted": c.step.contracted, "produced": c.step.produced,
-             "batch_axes": c.step.batch, "macs": c.macs, "init_std": c.init_std, "kappa": c.kappa,
-             "kappa_sgd": c.kappa_sgd}
+            {
+                "name": c.name,
+                "index": c.index,
+                "axes": c.axes,
+                "shape": list(c.shape),
+                "d_in": c.d_in,
+                "d_out": c.d_out,
+                "batch": c.batch,
+                "contracted": c.step.contracted,
+                "produced": c.step.produced,
+                "batch_axes": c.step.batch,
+                "macs": c.macs,
+                "init_std": c.init_std,
+                "kappa": c.kappa,
+                "kappa_sgd": c.kappa_sgd,
+            }
             for c in st.cores
         ],
     }
@@ -161,8 +201,10 @@ def main(argv=None) -> int:
         if args.json:
             out = _json(st)
             if sym is not None:
-                out["symbolic"] = {k: (str(v) if k != "cores" else {n: {q: str(e) for q, e in c.items()}
-                                                                     for n, c in v.items()}) for k, v in sym.items()}
+                out["symbolic"] = {
+                    k: (str(v) if k != "cores" else {n: {q: str(e) for q, e in c.items()} for n, c in v.items()})
+                    for k, v in sym.items()
+                }
             print(json.dumps(out, indent=2))
             return 0
         print(st.table())
@@ -184,6 +226,9 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         why = (str(e).strip().splitlines() or [""])[0]
-        print(f"einstruct: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, and "
-              "please report it)", file=sys.stderr)
+        print(
+            f"einstruct: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, and "
+            "please report it)",
+            file=sys.stderr,
+        )
         return 1

@@ -168,8 +168,9 @@ def _compile(spec: Spec, d_in: int, d_out: int, pad_tolerance: float) -> Structu
         applied = applied | {i}
         cs = cores[i]
         fan_in, fan_out = prod(st.contracted), prod(st.produced)
-        _check_elements(f"the activation after core {cores[i].name} (axes '{st.after}')", prod(st.after), spec,
-                        d_in, d_out)
+        _check_elements(
+            f"the activation after core {cores[i].name} (axes '{st.after}')", prod(st.after), spec, d_in, d_out
+        )
         max_inter = max(max_inter, prod(st.after))
         out_cores.append(
             Core(

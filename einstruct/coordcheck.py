@@ -98,9 +98,18 @@ def _spec(spec):
     return s, s.label or s.einsum
 
 
-def coord_check(spec, widths=(64, 128, 256, 512, 1024), *, structured_rates: bool = True, steps: int = 60,
-                lr: float = 3e-3, base_width: int = 64, batch: int = 64, freeze_input: bool = True,
-                seed: int = 0) -> CoordCheckResult:
+def coord_check(
+    spec,
+    widths=(64, 128, 256, 512, 1024),
+    *,
+    structured_rates: bool = True,
+    steps: int = 60,
+    lr: float = 3e-3,
+    base_width: int = 64,
+    batch: int = 64,
+    freeze_input: bool = True,
+    seed: int = 0,
+) -> CoordCheckResult:
     """Train the MLP at each width and measure the per-step feature-update RMS (see the module docstring).
 
     ``spec``: an es.Spec, a preset name, or 'dense'/None for an nn.Linear hidden layer.
@@ -123,8 +132,17 @@ def coord_check(spec, widths=(64, 128, 256, 512, 1024), *, structured_rates: boo
     return CoordCheckResult(label, ws, tuple(rms), structured_rates, steps, float(lr), base_width)
 
 
-def _run(sp, w: int, base_width: int, structured_rates: bool, steps: int, lr: float, batch: int,
-         freeze_input: bool, seed: int) -> float:
+def _run(
+    sp,
+    w: int,
+    base_width: int,
+    structured_rates: bool,
+    steps: int,
+    lr: float,
+    batch: int,
+    freeze_input: bool,
+    seed: int,
+) -> float:
     """Train the MLP at width ``w``; the mean over steps of the RMS of the per-step feature change."""
     from .mup import assign, groups
 

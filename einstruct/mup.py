@@ -85,9 +85,17 @@ class Rate:
     decay_mult: float = 1.0
 
 
-def param_groups(model: nn.Module, lr: float, base: nn.Module | None = None, *, optimizer: str = "adamw",
-                 weight_decay: float | None = None, input_lr_mult: float = 1.0, delta: nn.Module | None = None,
-                 scale_weight_decay: bool = True) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    base: nn.Module | None = None,
+    *,
+    optimizer: str = "adamw",
+    weight_decay: float | None = None,
+    input_lr_mult: float = 1.0,
+    delta: nn.Module | None = None,
+    scale_weight_decay: bool = True,
+) -> list[dict]:
     """Parameter groups for ``torch.optim`` with the muP rates of THEORY 4 (see the module docstring).
 
     ``base``: the same architecture at the base width (any device, meta included), matched by qualified
@@ -112,8 +120,9 @@ def param_groups(model: nn.Module, lr: float, base: nn.Module | None = None, *, 
     return groups(model, rates, lr, weight_decay, scale_weight_decay)
 
 
-def groups(model: nn.Module, rates: list[Rate], lr: float, weight_decay: float | None,
-           scale_weight_decay: bool = True) -> list[dict]:
+def groups(
+    model: nn.Module, rates: list[Rate], lr: float, weight_decay: float | None, scale_weight_decay: bool = True
+) -> list[dict]:
     """Merge per-parameter rates into torch param groups keyed by (lr, weight_decay)."""
     params = dict(_named_parameters(model))
     out: dict[tuple, dict] = {}
@@ -134,8 +143,15 @@ def groups(model: nn.Module, rates: list[Rate], lr: float, weight_decay: float |
     return list(out.values())
 
 
-def assign(model: nn.Module, base: nn.Module | None = None, *, optimizer: str = "adamw",
-           input_lr_mult: float = 1.0, structured: bool = True, delta: nn.Module | None = None) -> list[Rate]:
+def assign(
+    model: nn.Module,
+    base: nn.Module | None = None,
+    *,
+    optimizer: str = "adamw",
+    input_lr_mult: float = 1.0,
+    structured: bool = True,
+    delta: nn.Module | None = None,
+) -> list[Rate]:
     """The multiplier of every trainable parameter of ``model``, in named_parameters order.
 
     ``structured=False`` gives the naive rates (cores get the dense multiplier of their layer, no kappa):
@@ -149,8 +165,10 @@ def assign(model: nn.Module, base: nn.Module | None = None, *, optimizer: str = 
         raise SpecError(f"param_groups() needs an nn.Module, got {type(model).__name__}")
     for what, other in (("base", base), ("delta", delta)):
         if other is not None and not isinstance(other, nn.Module):
-            raise SpecError(f"{what} must be an nn.Module (the model at {'its base' if what == 'base' else 'another'} "
-                            f"width), got {type(other).__name__}")
+            raise SpecError(
+                f"{what} must be an nn.Module (the model at {'its base' if what == 'base' else 'another'} "
+                f"width), got {type(other).__name__}"
+            )
     key = optimizer.lower() if isinstance(optimizer, str) else optimizer
     if key not in OPTIMIZERS:
         raise SpecError(f"optimizer {optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}")
@@ -196,10 +214,14 @@ def assign(model: nn.Module, base: nn.Module | None = None, *, optimizer: str = 
     # At the base width (every shape equal to base's, no delta) shapes cannot tell which fan-ins grow: a
     # fan-in is then taken to grow iff some layer of the model outputs that size (the data's size is no
     # layer's output).
-    at_base = delta is None and all(
-        sizes(m) is None or name not in base_modules or sizes(base_modules[name]) == sizes(m)
-        for name, m in _named_modules(model)
-    ) and all(base_params.get(n, tuple(p.shape)) == tuple(p.shape) for n, p in _named_parameters(model))
+    at_base = (
+        delta is None
+        and all(
+            sizes(m) is None or name not in base_modules or sizes(base_modules[name]) == sizes(m)
+            for name, m in _named_modules(model)
+        )
+        and all(base_params.get(n, tuple(p.shape)) == tuple(p.shape) for n, p in _named_parameters(model))
+    )
     outputs: set[int] = set()
     for _, m in _named_modules(model):
         s = sizes(m)
@@ -242,8 +264,12 @@ def assign(model: nn.Module, base: nn.Module | None = None, *, optimizer: str = 
             for core in m.core_names:
                 c = m.expert_structure.core(core)
                 kappa = (c.kappa if rule == "adam" else c.kappa_sgd) if structured else 1.0
-                claim(getattr(m, core), mult * kappa * inp, f"core {core} of {where} (rank-1 kappa {kappa:g})",
-                      1 / (mult * kappa))
+                claim(
+                    getattr(m, core),
+                    mult * kappa * inp,
+                    f"core {core} of {where} (rank-1 kappa {kappa:g})",
+                    1 / (mult * kappa),
+                )
             e = m.num_experts
             rmult = dense(m.in_features, e, fans(b)[0], e)
             claim(m.router.weight, rmult * inp, f"router of {where}", 1 / rmult)
@@ -254,15 +280,23 @@ def assign(model: nn.Module, base: nn.Module | None = None, *, optimizer: str = 
                 for core in m.core_names:
                     c = m.structure.core(core)
                     kappa = (c.kappa if rule == "adam" else c.kappa_sgd) if structured else 1.0
-                    claim(getattr(m, core), mult * kappa * inp, f"core {core} of {where} (kappa {kappa:g})",
-                          1 / (mult * kappa))
+                    claim(
+                        getattr(m, core),
+                        mult * kappa * inp,
+                        f"core {core} of {where} (kappa {kappa:g})",
+                        1 / (mult * kappa),
+                    )
             else:
                 claim(m.weight, mult * inp, f"weight of {where}", 1 / mult)
         elif isinstance(m, nn.MultiheadAttention):  # its out_proj is an nn.Linear, with the rule above
             _, inp, is_input, b = layer_rule(name, m, lambda b: isinstance(b, nn.MultiheadAttention))
             where = f"{'input ' if is_input else ''}attention {name!r}"
-            for pname, fan_in, outs in (("in_proj_weight", "embed_dim", 3), ("q_proj_weight", "embed_dim", 1),
-                                        ("k_proj_weight", "kdim", 1), ("v_proj_weight", "vdim", 1)):
+            for pname, fan_in, outs in (
+                ("in_proj_weight", "embed_dim", 3),
+                ("q_proj_weight", "embed_dim", 1),
+                ("k_proj_weight", "kdim", 1),
+                ("v_proj_weight", "vdim", 1),
+            ):
                 p = getattr(m, pname, None)
                 if p is not None:
                     mult = dense(getattr(m, fan_in), outs * m.embed_dim, getattr(b, fan_in), outs * b.embed_dim)
@@ -305,8 +339,10 @@ def _no_weight_decay(model: nn.Module):
                 continue
             got = getattr(m, attr)()
             if isinstance(got, str) or not hasattr(got, "__iter__"):
-                raise SpecError(f"{type(m).__name__}.{attr}() of module {prefix or '<root>'!r} must return a set of "
-                                f"parameter names, got {type(got).__name__}")
+                raise SpecError(
+                    f"{type(m).__name__}.{attr}() of module {prefix or '<root>'!r} must return a set of "
+                    f"parameter names, got {type(got).__name__}"
+                )
             for n in got:
                 if not isinstance(n, str):
                     raise SpecError(f"{type(m).__name__}.{attr}() returned {n!r}; it must return strings")
@@ -316,8 +352,9 @@ def _no_weight_decay(model: nn.Module):
                     globs.append(_clean(f"{prefix}.{n}" if prefix else n))
                 else:
                     names.add(_clean(f"{prefix}.{n}" if prefix else n))
-    return lambda name: (name in names or any(fnmatch.fnmatchcase(name, g) for g in globs)
-                         or any(k in name for k in keywords))
+    return lambda name: (
+        name in names or any(fnmatch.fnmatchcase(name, g) for g in globs) or any(k in name for k in keywords)
+    )
 
 
 # ---- initialisation ------------------------------------------------------------------------------------
@@ -396,8 +433,12 @@ def mup_init(model: nn.Module, *, zero_head: bool = True, zero=None, generator: 
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
     if tied:
-        warnings.warn(f"mup_init(): left {len(tied)} weight-tied layer(s) as they are, since re-drawing them would "
-                      f"re-draw the module they share a weight with: {'; '.join(tied)}", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"mup_init(): left {len(tied)} weight-tied layer(s) as they are, since re-drawing them would "
+            f"re-draw the module they share a weight with: {'; '.join(tied)}",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
@@ -414,11 +455,15 @@ def _matching(zero, layers) -> set[str]:
     if isinstance(zero, (list, tuple, set, frozenset)):
         unknown = [z for z in zero if z not in names]
         if unknown:
-            raise SpecError(f"zero names {unknown[0]!r}, which is not a linear layer of the model (those are "
-                            f"{', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''})")
+            raise SpecError(
+                f"zero names {unknown[0]!r}, which is not a linear layer of the model (those are "
+                f"{', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''})"
+            )
         return set(zero)
-    raise SpecError(f"zero must be a glob, a compiled regex, a callable(name, module) or a list of module names, "
-                    f"got {type(zero).__name__}")
+    raise SpecError(
+        f"zero must be a glob, a compiled regex, a callable(name, module) or a list of module names, "
+        f"got {type(zero).__name__}"
+    )
 
 
 def _clean(name: str) -> str:

@@ -56,8 +56,15 @@ def min_cut(spec, capacity: Callable[[str], int | Fraction], *, product: bool = 
     return cut(spec.x, spec.y, [c.axes for c in spec.cores], capacity, product=product)
 
 
-def cut(x: str, y: str, core_axes: Sequence[str], capacity: Callable[[str], int | Fraction], *,
-        product: bool = False, sink_cores: Sequence[int] = ()) -> tuple:
+def cut(
+    x: str,
+    y: str,
+    core_axes: Sequence[str],
+    capacity: Callable[[str], int | Fraction],
+    *,
+    product: bool = False,
+    sink_cores: Sequence[int] = (),
+) -> tuple:
     """Minimum cut between x and y (together with the cores at positions ``sink_cores``).
 
     The value is the least total capacity of a set of axes whose removal leaves no path from x to y or

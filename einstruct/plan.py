@@ -113,7 +113,7 @@ class _Net:
         w = [weight[a] for a in names]
         self.tables = []
         for lo in range(0, len(names), 8):
-            chunk = w[lo:lo + 8]
+            chunk = w[lo : lo + 8]
             table = [1 if product else 0] * (1 << len(chunk))
             for v in range(1, len(table)):
                 low = (v & -v).bit_length() - 1
@@ -162,8 +162,7 @@ class _Net:
         return out
 
 
-def step_bounds(x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, int], *,
-                product: bool) -> list[int]:
+def step_bounds(x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, int], *, product: bool) -> list[int]:
     """For each core, the least cost its step can have in any chain (exact; see the module docstring).
 
     The activation core i meets is act(S) for some S without i, and act(S) with i's axes removed is a
@@ -173,13 +172,13 @@ def step_bounds(x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, i
     for i, c in enumerate(core_axes):
         own = set(c)
         if product:
-            value, _ = network.cut(x, y, core_axes, lambda a, own=own: 1 if a in own else weight[a],
-                                   product=True, sink_cores=(i,))
+            value, _ = network.cut(
+                x, y, core_axes, lambda a, own=own: 1 if a in own else weight[a], product=True, sink_cores=(i,)
+            )
             for a in own:
                 value *= weight[a]
         else:
-            value, _ = network.cut(x, y, core_axes, lambda a, own=own: 0 if a in own else weight[a],
-                                   sink_cores=(i,))
+            value, _ = network.cut(x, y, core_axes, lambda a, own=own: 0 if a in own else weight[a], sink_cores=(i,))
             value += sum(weight[a] for a in own)
         out.append(value)
     return out
@@ -260,8 +259,9 @@ def _frontier(net: _Net, layer: dict, keep, room: int) -> dict | None:
     return out
 
 
-def cheapest_chain(x: str, y: str, core_axes: Sequence[str], sizes: Mapping[str, int], *,
-                   max_states: int | None = None) -> Chain:
+def cheapest_chain(
+    x: str, y: str, core_axes: Sequence[str], sizes: Mapping[str, int], *, max_states: int | None = None
+) -> Chain:
     """The cheapest chain order (total MACs per example), ties to spec order; exact unless ``exact=False``.
 
     ``max_states`` defaults to ``MAX_STATES``.
@@ -278,7 +278,7 @@ def cheapest_chain(x: str, y: str, core_axes: Sequence[str], sizes: Mapping[str,
     def keep(g, c, seq, i, h):
         g2, h2 = g + c, h - bound[i]
         f = g2 + h2  # every completion costs at least this: it must beat the seed or tie it earlier in spec order
-        if f > ub or (f == ub and seq > ub_order[:len(seq)]):
+        if f > ub or (f == ub and seq > ub_order[: len(seq)]):
             return None
         return g2, h2
 
@@ -286,8 +286,9 @@ def cheapest_chain(x: str, y: str, core_axes: Sequence[str], sizes: Mapping[str,
     return _search(net, {0: (0, (), 0, sum(bound))}, keep, k, max_states, Chain(ub, ub_order, False, max_states))
 
 
-def bottleneck_chain(x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, int], *,
-                     max_states: int | None = None) -> Chain:
+def bottleneck_chain(
+    x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, int], *, max_states: int | None = None
+) -> Chain:
     """The least possible largest step of a chain, with additive ``weight`` (exponents of d).
 
     As d grows, a chain's MACs are dominated by its largest step, so this is the leading exponent of

@@ -35,14 +35,24 @@ def kron() -> Spec:
 
 def tt(rank=1) -> Spec:
     return Spec(
-        "ab,acr,bdr->cd", a="d_in^1/2", b="d_in^1/2", c="d_out^1/2", d="d_out^1/2", r=_rank(rank),
+        "ab,acr,bdr->cd",
+        a="d_in^1/2",
+        b="d_in^1/2",
+        c="d_out^1/2",
+        d="d_out^1/2",
+        r=_rank(rank),
         label=f"tt(rank={rank})",
     )
 
 
 def btt(rank=1) -> Spec:
     return Spec(
-        "ga,R:gafr,L:fgre->fe", g="d_in^1/2", a="d_in^1/2", f="d_out^1/2", e="d_out^1/2", r=_rank(rank),
+        "ga,R:gafr,L:fgre->fe",
+        g="d_in^1/2",
+        a="d_in^1/2",
+        f="d_out^1/2",
+        e="d_out^1/2",
+        r=_rank(rank),
         label=f"btt(rank={rank})",
     )
 
@@ -51,7 +61,12 @@ def monarch(blocks=4) -> Spec:
     """P L P^T R with b blocks; middle width min(d_in, d_out), so r = d/b^2 (THEORY 1)."""
     b = _positive_int("blocks", blocks)
     return Spec(
-        "ga,R:gafr,L:fgre->ef", g=b, f=b, a=f"d_in/{b}", e=f"d_out/{b}", r=f"d/{b * b}",
+        "ga,R:gafr,L:fgre->ef",
+        g=b,
+        f=b,
+        a=f"d_in/{b}",
+        e=f"d_out/{b}",
+        r=f"d/{b * b}",
         label=f"monarch(blocks={b})",
     )
 

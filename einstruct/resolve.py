@@ -112,6 +112,7 @@ def resolve(spec, d_in: int, d_out: int, pad_tolerance: float = 0.15) -> Resolut
     if block:
         candidates = _pad_pairs(d_in, d_out, lim_in, lim_out)
     else:  # the two sides are independent: pad each alone to its nearest good size
+
         def first(lo, hi, good):
             return next((p for p in range(lo, hi + 1) if good(p)), None)
 

@@ -151,8 +151,11 @@ def parse_size(value, axis: str = "?") -> Size:
 def _checked_size(s: Size, where: str) -> Size:
     """A Size built directly (not parsed) obeys the same rules as a parsed one."""
     ok = (
-        isinstance(s.coef, Fraction) and isinstance(s.exp, Fraction) and s.coef > 0
-        and (s.base is None or s.base in BASES) and 0 <= s.exp <= _MAX_EXPONENT
+        isinstance(s.coef, Fraction)
+        and isinstance(s.exp, Fraction)
+        and s.coef > 0
+        and (s.base is None or s.base in BASES)
+        and 0 <= s.exp <= _MAX_EXPONENT
     )
     if not ok:
         raise SpecError(f"{where} is {s!r}, which is not a valid size; {_HINT}")

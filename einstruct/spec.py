@@ -51,8 +51,9 @@ class Spec:
         if not isinstance(label, str):
             raise SpecError(f"label= must be a string, got {type(label).__name__}")
         if sizes is not None and not isinstance(sizes, dict):
-            raise SpecError(f"sizes= must be a dict of axis -> size, e.g. sizes={{'g': 'd_in^1/2'}}, got "
-                            f"{type(sizes).__name__}")
+            raise SpecError(
+                f"sizes= must be a dict of axis -> size, e.g. sizes={{'g': 'd_in^1/2'}}, got {type(sizes).__name__}"
+            )
         given = dict(sizes or {})
         for k, v in axis_sizes.items():
             if k in given:
@@ -62,8 +63,7 @@ class Spec:
         unknown = [k for k in given if k not in all_axes]
         if unknown:
             raise SpecError(
-                f"size given for axis '{unknown[0]}', which is not in {einsum!r}; "
-                f"its axes are {', '.join(all_axes)}"
+                f"size given for axis '{unknown[0]}', which is not in {einsum!r}; its axes are {', '.join(all_axes)}"
             )
         missing = [a for a in all_axes if a not in given]
         if missing:
@@ -138,9 +138,7 @@ def _parse_einsum(einsum, names):
             f"{MAX_CORES} cores of single-letter axes, so shorten the core names or use fewer cores"
         )
     if text.count("->") != 1:
-        raise SpecError(
-            f"{einsum!r} needs exactly one '->' between the operands and the output, e.g. 'ga,gaf,fge->fe'"
-        )
+        raise SpecError(f"{einsum!r} needs exactly one '->' between the operands and the output, e.g. 'ga,gaf,fge->fe'")
     lhs, y = text.split("->")
     ops = lhs.split(",")
     if len(ops) < 2:

@@ -33,14 +33,39 @@ def format_table(st) -> str:
     rows = []
     for step, c in enumerate(st.cores, 1):
         s = c.step
-        rows.append([
-            step, f"{c.name}[{c.axes}]", "x".join(map(str, c.shape)), s.contracted or "-", s.produced or "-",
-            s.batch or "-", c.d_in, c.d_out, c.batch, f"{c.init_std:.4g}", f"{c.kappa:.4g}", f"{c.kappa_sgd:.4g}",
-            _num(c.macs),
-        ])
+        rows.append(
+            [
+                step,
+                f"{c.name}[{c.axes}]",
+                "x".join(map(str, c.shape)),
+                s.contracted or "-",
+                s.produced or "-",
+                s.batch or "-",
+                c.d_in,
+                c.d_out,
+                c.batch,
+                f"{c.init_std:.4g}",
+                f"{c.kappa:.4g}",
+                f"{c.kappa_sgd:.4g}",
+                _num(c.macs),
+            ]
+        )
     lines += _rows(
-        ["step", "core", "shape", "contracted", "produced", "batch", "d_in", "d_out", "nbatch", "init_std",
-         "kappa", "kappa_sgd", "MACs"],
+        [
+            "step",
+            "core",
+            "shape",
+            "contracted",
+            "produced",
+            "batch",
+            "d_in",
+            "d_out",
+            "nbatch",
+            "init_std",
+            "kappa",
+            "kappa_sgd",
+            "MACs",
+        ],
         rows,
     )
     lines.append("")

@@ -46,15 +46,19 @@ def main() -> None:
     text = args.text or generated_text(os.path.join(folder, "generated.txt"))
     runs = [(n, tasks.get("regression") if n == "regression" else tasks.get("lm", data=text)) for n in chosen]
     specs = {"dense": None, "btt r=1": es.presets.btt(rank=1)}
-    print(f"{'task':10s} {'structure':9s} {'loss':>8s} {'train FLOPs':>12s} {'fwd MACs x ex':>13s} "
-          f"{'steps':>6s} {'seconds':>8s}")
+    print(
+        f"{'task':10s} {'structure':9s} {'loss':>8s} {'train FLOPs':>12s} {'fwd MACs x ex':>13s} "
+        f"{'steps':>6s} {'seconds':>8s}"
+    )
     for name, task in runs:
         for label, spec in specs.items():
             t0 = time.perf_counter()
             r = train.run(task, spec, width=args.width, train_flops=args.flops, seed=args.seed)
             status = f"  diverged: {r.reason}" if r.diverged else ""
-            print(f"{name:10s} {label:9s} {r.loss:8.4f} {r.train_flops:12.3e} {r.train_flops / 6:13.3e} "
-                  f"{r.steps:6d} {time.perf_counter() - t0:8.1f}{status}")
+            print(
+                f"{name:10s} {label:9s} {r.loss:8.4f} {r.train_flops:12.3e} {r.train_flops / 6:13.3e} "
+                f"{r.steps:6d} {time.perf_counter() - t0:8.1f}{status}"
+            )
         if name == "lm":
             print(f"{'':10s} unigram entropy of the training text: {task.unigram_entropy():.4f} nats")
 

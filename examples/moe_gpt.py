@@ -37,24 +37,36 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    task = tasks.get("lm", data=args.data, depth=args.depth, context=args.context, batch=args.batch,
-                     d_head=min(64, args.dense_width))
+    task = tasks.get(
+        "lm", data=args.data, depth=args.depth, context=args.context, batch=args.batch, d_head=min(64, args.dense_width)
+    )
     moe = es.MoEConfig(experts=args.experts, active=args.active, dispatch=args.dispatch)
-    models = [("dense", None, args.dense_width), ("btt (rank 1)", es.presets.btt(rank=1), args.btt_width),
-              (f"btt_moe (E={args.experts}, k={args.active}, {args.dispatch})", moe, args.moe_width)]
-    print(f"data {args.data}: {len(task.train_tokens):,} training tokens; unigram entropy "
-          f"{task.unigram_entropy():.3f} nats; {args.train_flops:.3g} training FLOPs per model\n")
-    head = f"{'model':34s} {'width':>5s} {'params':>9s} {'FLOPs/step':>10s} {'steps':>6s} {'train FLOPs':>11s} " \
-           f"{'loss':>6s} {'seconds':>7s}"
+    models = [
+        ("dense", None, args.dense_width),
+        ("btt (rank 1)", es.presets.btt(rank=1), args.btt_width),
+        (f"btt_moe (E={args.experts}, k={args.active}, {args.dispatch})", moe, args.moe_width),
+    ]
+    print(
+        f"data {args.data}: {len(task.train_tokens):,} training tokens; unigram entropy "
+        f"{task.unigram_entropy():.3f} nats; {args.train_flops:.3g} training FLOPs per model\n"
+    )
+    head = (
+        f"{'model':34s} {'width':>5s} {'params':>9s} {'FLOPs/step':>10s} {'steps':>6s} {'train FLOPs':>11s} "
+        f"{'loss':>6s} {'seconds':>7s}"
+    )
     print(head)
     print("-" * len(head))
     for name, spec, width in models:
         r = train.run(task, spec, width=width, train_flops=args.train_flops, seed=args.seed, device="cpu", evals=4)
         loss = "diverged" if r.diverged else f"{r.loss:.3f}"
-        print(f"{name:34s} {width:5d} {r.params:9,d} {r.flops_per_step:10.3g} {r.steps:6d} {r.train_flops:11.4g} "
-              f"{loss:>6s} {r.seconds:7.1f}")
-    print("\nloss: held-out cross-entropy in nats per character; train FLOPs: forward + backward of the linear "
-          "layers (routers included) and attention, as counted by search.flops")
+        print(
+            f"{name:34s} {width:5d} {r.params:9,d} {r.flops_per_step:10.3g} {r.steps:6d} {r.train_flops:11.4g} "
+            f"{loss:>6s} {r.seconds:7.1f}"
+        )
+    print(
+        "\nloss: held-out cross-entropy in nats per character; train FLOPs: forward + backward of the linear "
+        "layers (routers included) and attention, as counted by search.flops"
+    )
 
 
 if __name__ == "__main__":

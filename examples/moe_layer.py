@@ -61,8 +61,10 @@ def main() -> None:
         t = seconds(step, args.reps)
         rows.append((name, layer.flops(n), fwd, layer.train_flops(n), counted(step), t))
     for name, rep, cnt, train, train_cnt, t in rows:
-        print(f"  {name:6s} forward {rep:.4g} (counted {cnt:.4g})  forward+backward {train:.4g} "
-              f"(counted {train_cnt:.4g})  {t * 1e3:.1f} ms per forward+backward")
+        print(
+            f"  {name:6s} forward {rep:.4g} (counted {cnt:.4g})  forward+backward {train:.4g} "
+            f"(counted {train_cnt:.4g})  {t * 1e3:.1f} ms per forward+backward"
+        )
     print(f"  sparse / dense FLOPs: {rows[1][1] / rows[0][1]:.3f}; time: {rows[1][5] / rows[0][5]:.2f}")
 
     with torch.no_grad():

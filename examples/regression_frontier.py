@@ -32,14 +32,26 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=3.0, help="compute factor between levels (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="study folder (default runs/<study>)")
-    p.add_argument("--results", default="docs/results/regression-frontier",
-                   help="where the report, plots and trials.csv are copied (default docs/results/regression-frontier)")
+    p.add_argument(
+        "--results",
+        default="docs/results/regression-frontier",
+        help="where the report, plots and trials.csv are copied (default docs/results/regression-frontier)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; train nothing")
     args = p.parse_args()
     rep = TqdmReporter(enabled=sys.stderr.isatty())
     try:
-        study = run_search(args.study, out=args.out, reporter=rep, task="regression", budget=args.budget,
-                           levels=args.levels, ratio=args.ratio, seed=args.seed, dry_run=args.dry_run)
+        study = run_search(
+            args.study,
+            out=args.out,
+            reporter=rep,
+            task="regression",
+            budget=args.budget,
+            levels=args.levels,
+            ratio=args.ratio,
+            seed=args.seed,
+            dry_run=args.dry_run,
+        )
     except SearchError as e:
         print(f"regression_frontier: error: {e}", file=sys.stderr)
         return 2

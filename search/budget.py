@@ -161,8 +161,9 @@ def cheapest(task, cands) -> Cheapest | None:
     return best
 
 
-def check_plan(task, space, refs, budget: float, min_steps: int, levels: int = 3, ratio: float = 4.0,
-               top_trials: int = 8) -> Feasibility:
+def check_plan(
+    task, space, refs, budget: float, min_steps: int, levels: int = 3, ratio: float = 4.0, top_trials: int = 8
+) -> Feasibility:
     """Which levels of ``plan_levels(budget, levels, ratio, top_trials)`` can train a candidate of ``space`` (or one
     of its references ``refs``) for ``min_steps`` steps. Raises SearchError, naming the budget that would do, when
     no level can train anything."""
@@ -171,8 +172,11 @@ def check_plan(task, space, refs, budget: float, min_steps: int, levels: int = 3
 
     def short(low):
         need = low.need(min_steps)
-        return tuple(Shortfall(lv.index, lv.allowance, need, budget_for(lv.index, need, levels, ratio, top_trials))
-                     for lv in plan if lv.allowance < need)
+        return tuple(
+            Shortfall(lv.index, lv.allowance, need, budget_for(lv.index, need, levels, ratio, top_trials))
+            for lv in plan
+            if lv.allowance < need
+        )
 
     low = cheapest(task, candidates(space, refs, width))
     if low is None:  # nothing builds at the smallest width: each trial says why

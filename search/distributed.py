@@ -37,8 +37,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
     except ValueError:
-        raise SearchError(f"environment variable {name}={os.environ[name]!r} is not an integer (set by torchrun)") \
-            from None
+        raise SearchError(
+            f"environment variable {name}={os.environ[name]!r} is not an integer (set by torchrun)"
+        ) from None
 
 
 def setup(device: torch.device) -> tuple[World, torch.device]:
@@ -71,8 +72,10 @@ def shard(batch, world: World, rows: int):
     if not world.active:
         return batch
     if rows % world.size:
-        raise SearchError(f"the task's batch of {rows} does not split over {world.size} ranks; use a batch that "
-                          f"is a multiple of the number of processes")
+        raise SearchError(
+            f"the task's batch of {rows} does not split over {world.size} ranks; use a batch that "
+            f"is a multiple of the number of processes"
+        )
     n = rows // world.size
     lo = world.rank * n
 

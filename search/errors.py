@@ -17,8 +17,12 @@ class DataError(SearchError):
 
 # What drivers say, in their own words, when the disk under a database is full or a database file is damaged.
 _FULL = ("database or disk is full", "no space left on device", "disk quota exceeded", "could not extend file")
-_DAMAGED = ("database disk image is malformed", "file is not a database", "malformed database schema",
-            "database corruption")
+_DAMAGED = (
+    "database disk image is malformed",
+    "file is not a database",
+    "malformed database schema",
+    "database corruption",
+)
 
 
 def causes(e: BaseException):
@@ -86,19 +90,28 @@ def machine_problem(e: BaseException, folder: str, url: str | None = None) -> st
     full = disk_full(e)
     if full:
         if server:
-            return (f"the database server's disk is full ({redact(full, url)}); free space on the server of "
-                    f"{redact(url, url)}, then run the same command to resume")
-        return (f"the disk holding {where} is full ({full}); free some space there (or give --out a folder on "
-                "another disk), then run the same command to resume: finished trials are stored")
+            return (
+                f"the database server's disk is full ({redact(full, url)}); free space on the server of "
+                f"{redact(url, url)}, then run the same command to resume"
+            )
+        return (
+            f"the disk holding {where} is full ({full}); free some space there (or give --out a folder on "
+            "another disk), then run the same command to resume: finished trials are stored"
+        )
     bad = damaged_database(e)
     if bad:
         if server:
-            return (f"the study's database at {redact(url, url)} is damaged ({redact(bad, url)}); restore it from a "
-                    "backup")
-        return (f"the study's database {db} is damaged ({bad}); restore it from a backup, or start afresh with a new "
-                f"--study or --out (trials.csv in {where} lists the trials finished so far)")
+            return (
+                f"the study's database at {redact(url, url)} is damaged ({redact(bad, url)}); restore it from a backup"
+            )
+        return (
+            f"the study's database {db} is damaged ({bad}); restore it from a backup, or start afresh with a new "
+            f"--study or --out (trials.csv in {where} lists the trials finished so far)"
+        )
     oom = out_of_memory(e)
     if oom:
-        return (f"out of memory ({oom[:200]}); the task's models do not fit on this device at their widths: give "
-                "smaller widths or batch in the task's settings, or use a device with more memory")
+        return (
+            f"out of memory ({oom[:200]}); the task's models do not fit on this device at their widths: give "
+            "smaller widths or batch in the task's settings, or use a device with more memory"
+        )
     return ""

@@ -36,6 +36,7 @@ MATCH_TOL = 0.011  # the papers write .33 and .67
 
 # ---------------------------------------------------------------- points and the frontier
 
+
 def _xy(points) -> tuple[list, np.ndarray, np.ndarray]:
     items = list(points)
     c, loss = [], []
@@ -45,8 +46,10 @@ def _xy(points) -> tuple[list, np.ndarray, np.ndarray]:
         except (TypeError, ValueError, IndexError):
             raise SearchError(f"point {i} is {p!r}; a point starts with (compute, loss), two numbers") from None
         if not (math.isfinite(ci) and math.isfinite(li) and ci > 0 and li > 0):
-            raise SearchError(f"point {i} has compute {ci!r} and loss {li!r}; both must be finite and > 0 "
-                              "(log-log frontiers and fits)")
+            raise SearchError(
+                f"point {i} has compute {ci!r} and loss {li!r}; both must be finite and > 0 "
+                "(log-log frontiers and fits)"
+            )
         c.append(ci)
         loss.append(li)
     return items, np.asarray(c, dtype=float), np.asarray(loss, dtype=float)
@@ -100,6 +103,7 @@ def pareto_frontier(points, tol: float = 0.02) -> list:
 
 # ---------------------------------------------------------------- power laws
 
+
 @dataclass(frozen=True)
 class PowerLaw:
     """L = L0 + e^b C^-a fitted to points; L0 = 0 unless fitted with a floor. Standard errors are nan when
@@ -134,16 +138,31 @@ class PowerLaw:
         loss_arr = np.asarray(loss, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             gap = loss_arr - self.L0
-            out = np.where(gap > 0, np.exp((self.b - np.log(np.where(gap > 0, gap, 1.0))) / self.a), np.inf) \
-                if self.a != 0 else np.full(loss_arr.shape, np.inf)
+            out = (
+                np.where(gap > 0, np.exp((self.b - np.log(np.where(gap > 0, gap, 1.0))) / self.a), np.inf)
+                if self.a != 0
+                else np.full(loss_arr.shape, np.inf)
+            )
         return float(out) if out.ndim == 0 else out
 
     def shifted(self, factor: float) -> PowerLaw:
         """The same law on the compute axis C / factor (e.g. factor 6: forward MACs x examples from training
         FLOPs); only b changes: b' = b - a ln(factor)."""
         lo, hi = self.compute_range
-        return PowerLaw(self.a, self.b - self.a * math.log(factor), self.a_se, self.b_se, self.n, self.rms, self.r2,
-                        (lo / factor, hi / factor), self.loss_range, self.floor, self.L0, self.L0_se)
+        return PowerLaw(
+            self.a,
+            self.b - self.a * math.log(factor),
+            self.a_se,
+            self.b_se,
+            self.n,
+            self.rms,
+            self.r2,
+            (lo / factor, hi / factor),
+            self.loss_range,
+            self.floor,
+            self.L0,
+            self.L0_se,
+        )
 
     def __str__(self) -> str:
         head = f"L = {self.L0:.4g} + " if self.floor else "L = "
@@ -160,8 +179,10 @@ def fit_power_law(points, floor: bool = False) -> PowerLaw:
     _, c, loss = _xy(points)
     need = 3 if floor else 2
     if len(c) < need or len(np.unique(c)) < need:
-        raise SearchError(f"a power law{' with a floor' if floor else ''} needs at least {need} points at distinct "
-                          f"computes, got {len(c)} point(s) at {len(np.unique(c))} compute(s)")
+        raise SearchError(
+            f"a power law{' with a floor' if floor else ''} needs at least {need} points at distinct "
+            f"computes, got {len(c)} point(s) at {len(np.unique(c))} compute(s)"
+        )
     x, y = np.log(c), np.log(loss)
     ranges = ((float(c.min()), float(c.max())), (float(loss.min()), float(loss.max())))
     if floor:
@@ -202,8 +223,9 @@ def _fit_floor(x, y, loss, ranges) -> PowerLaw:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OptimizeWarning)
-                popt, pcov = curve_fit(model, x, y, p0=p0, bounds=([0.0, 0.0, -np.inf], [lmin, 20.0, np.inf]),
-                                       maxfev=20000)
+                popt, pcov = curve_fit(
+                    model, x, y, p0=p0, bounds=([0.0, 0.0, -np.inf], [lmin, 20.0, np.inf]), maxfev=20000
+                )
         except (RuntimeError, ValueError):
             continue
         resid = y - model(x, *popt)
@@ -216,8 +238,19 @@ def _fit_floor(x, y, loss, ranges) -> PowerLaw:
     dof = len(x) - 3
     se = np.sqrt(np.diag(pcov)) if dof > 0 and np.all(np.isfinite(pcov)) else np.full(3, math.nan)
     L0, a, b = (float(v) for v in popt)
-    return PowerLaw(a, b, float(se[1]), float(se[2]), len(x), _rms(resid), _r2(y, resid), *ranges, floor=True,
-                    L0=L0, L0_se=float(se[0]))
+    return PowerLaw(
+        a,
+        b,
+        float(se[1]),
+        float(se[2]),
+        len(x),
+        _rms(resid),
+        _r2(y, resid),
+        *ranges,
+        floor=True,
+        L0=L0,
+        L0_se=float(se[0]),
+    )
 
 
 def _rms(resid) -> float:
@@ -230,6 +263,7 @@ def _r2(y, resid) -> float:
 
 
 # ---------------------------------------------------------------- compute multipliers
+
 
 def compute_multiplier(fit_struct: PowerLaw, fit_dense: PowerLaw, loss: float) -> float:
     """C_dense(L) / C_struct(L) at loss L (THEORY 8): how many times less compute the structure needs than
@@ -294,4 +328,5 @@ def group_of(row: dict) -> str:
         except (KeyError, TypeError, ValueError):
             return "theta"
     return {"dense": "dense", "monarch": "Monarch", "btt": "BTT", "btt_moe": "BTT-MoE", "moe": "MoE"}.get(
-        family, family or "other")
+        family, family or "other"
+    )

@@ -44,18 +44,21 @@ from .errors import SearchError
 
 _META = sa.MetaData()
 BUDGET = sa.Table(
-    "einstruct_budget", _META,
+    "einstruct_budget",
+    _META,
     sa.Column("search", sa.String(200), primary_key=True),
     sa.Column("budget", sa.Float, nullable=False),
     sa.Column("version", sa.BigInteger, nullable=False, default=0),
 )
 STUDY = sa.Table(
-    "einstruct_study", _META,
+    "einstruct_study",
+    _META,
     sa.Column("search", sa.String(200), primary_key=True),
     sa.Column("settings", sa.Text, nullable=False),  # JSON: the settings that must match on every resume
 )
 RESERVATION = sa.Table(
-    "einstruct_reservation", _META,
+    "einstruct_reservation",
+    _META,
     sa.Column("trial_id", sa.BigInteger, primary_key=True),  # Optuna's trial id: unique in the storage
     sa.Column("search", sa.String(200), nullable=False, index=True),
     sa.Column("level", sa.Integer, nullable=False),
@@ -69,12 +72,14 @@ RESERVATION = sa.Table(
     sa.Column("point", sa.String(64), nullable=True),  # digest of the candidate
 )
 CLAIM = sa.Table(
-    "einstruct_claim", _META,
+    "einstruct_claim",
+    _META,
     sa.Column("key", sa.String(300), primary_key=True),
     sa.Column("owner", sa.String(64), nullable=True),  # the worker token doing the job (NULL: before owners)
 )
 WORKER = sa.Table(
-    "einstruct_worker", _META,
+    "einstruct_worker",
+    _META,
     sa.Column("token", sa.String(64), primary_key=True),
     sa.Column("search", sa.String(200), nullable=False, index=True),
     sa.Column("ordinal", sa.Integer, nullable=False),  # distinct among live workers: offsets sampler seeds
@@ -117,8 +122,9 @@ def _add_columns(engine) -> None:
             if name not in have:
                 col = _META.tables[table].c[name]
                 with engine.begin() as c:
-                    c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {quote(name)} "
-                                      f"{col.type.compile(engine.dialect)}"))
+                    c.execute(
+                        sa.text(f"ALTER TABLE {table} ADD COLUMN {quote(name)} {col.type.compile(engine.dialect)}")
+                    )
 
 
 def stored(engine, search: str) -> dict:
@@ -135,8 +141,14 @@ def stored(engine, search: str) -> dict:
             out["budget"] = c.execute(sa.select(BUDGET.c.budget).where(BUDGET.c.search == search)).scalar()
         if "studies" in tables:
             studies = sa.table("studies", sa.column("study_name"))
-            out["studies"] = c.execute(sa.select(sa.func.count()).select_from(studies).where(
-                studies.c.study_name.like(search.replace("_", r"\_") + ".L%", escape="\\"))).scalar() > 0
+            out["studies"] = (
+                c.execute(
+                    sa.select(sa.func.count())
+                    .select_from(studies)
+                    .where(studies.c.study_name.like(search.replace("_", r"\_") + ".L%", escape="\\"))
+                ).scalar()
+                > 0
+            )
     return out
 
 
@@ -161,8 +173,10 @@ class Ledger:
                         stored_budget = float(budget)
                     else:
                         stored_budget = float(row.budget)
-                    if settings is not None and c.execute(sa.select(STUDY.c.search).where(
-                            STUDY.c.search == search)).first() is None:
+                    if (
+                        settings is not None
+                        and c.execute(sa.select(STUDY.c.search).where(STUDY.c.search == search)).first() is None
+                    ):
                         c.execute(STUDY.insert().values(search=search, settings=json.dumps(settings, sort_keys=True)))
                 break
             except sa.exc.DBAPIError:  # a concurrent create or insert won: look again
@@ -170,8 +184,10 @@ class Ledger:
                     raise
                 time.sleep(0.2 * (attempt + 1))
         if budget is not None and abs(stored_budget - float(budget)) > 1e-9 * max(abs(stored_budget), 1.0):
-            raise SearchError(f"study {search!r} already exists with budget={stored_budget!r} (in its storage), not "
-                              f"{float(budget)!r}; run it with the same settings to resume, or pick a new --study name")
+            raise SearchError(
+                f"study {search!r} already exists with budget={stored_budget!r} (in its storage), not "
+                f"{float(budget)!r}; run it with the same settings to resume, or pick a new --study name"
+            )
         self.budget = stored_budget
 
     def _lock(self, c) -> None:
@@ -196,8 +212,19 @@ class Ledger:
 
     # ---- reservations ------------------------------------------------------------------------------
 
-    def reserve(self, trial_id: int, level: int, amount: int, slots: int | None, bound: int, *, number=None,
-                owner=None, point=None, retry_of=None) -> str:
+    def reserve(
+        self,
+        trial_id: int,
+        level: int,
+        amount: int,
+        slots: int | None,
+        bound: int,
+        *,
+        number=None,
+        owner=None,
+        point=None,
+        retry_of=None,
+    ) -> str:
         """Hold ``amount`` FLOPs for a trial; '' when granted, else why not:
 
         'budget: ...', 'level: ...' (its ``slots`` are taken), 'same: N' (trial number N holds this ``point``),
@@ -218,8 +245,17 @@ class Ledger:
                     what = f"trial {pred.number} is {pred.status}" if pred is not None else "its trial has no row"
                     return f"retried: {what}"
             if point is not None:
-                twin = next((r for r in rows if r.level == level and r.point == point and r.trial_id != retry_of
-                             and r.status in ("running", "done", "lost")), None)  # lost: its retry will continue it
+                twin = next(
+                    (
+                        r
+                        for r in rows
+                        if r.level == level
+                        and r.point == point
+                        and r.trial_id != retry_of
+                        and r.status in ("running", "done", "lost")
+                    ),
+                    None,
+                )  # lost: its retry will continue it
                 if twin is not None:
                     return f"same: {twin.number}"
             held = sum(r.amount + (r.spare or 0) for r in rows) - ((pred.spare or 0) if pred is not None else 0)
@@ -231,9 +267,21 @@ class Ledger:
                 return f"level: level {level} already has its {slots} trials"
             if pred is not None:
                 self._set(c, pred.trial_id, status="retried", spare=0)
-            c.execute(RESERVATION.insert().values(
-                trial_id=trial_id, search=self.search, level=level, amount=amount, bound=min(bound, amount),
-                status="running", number=number, owner=owner, spare=0, retry_of=retry_of, point=point))
+            c.execute(
+                RESERVATION.insert().values(
+                    trial_id=trial_id,
+                    search=self.search,
+                    level=level,
+                    amount=amount,
+                    bound=min(bound, amount),
+                    status="running",
+                    number=number,
+                    owner=owner,
+                    spare=0,
+                    retry_of=retry_of,
+                    point=point,
+                )
+            )
         return ""
 
     @staticmethod
@@ -247,10 +295,15 @@ class Ledger:
             return
         with self.engine.begin() as c:
             self._lock(c)
-            known = {r.trial_id for r in c.execute(sa.select(RESERVATION.c.trial_id)
-                                                  .where(RESERVATION.c.search == self.search))}
-            new = [dict(trial_id=t, search=self.search, level=lv, amount=int(f), bound=int(f), status="done", spare=0)
-                   for t, lv, f in finished if t not in known]
+            known = {
+                r.trial_id
+                for r in c.execute(sa.select(RESERVATION.c.trial_id).where(RESERVATION.c.search == self.search))
+            }
+            new = [
+                dict(trial_id=t, search=self.search, level=lv, amount=int(f), bound=int(f), status="done", spare=0)
+                for t, lv, f in finished
+                if t not in known
+            ]
             if new:
                 c.execute(RESERVATION.insert(), new)
 
@@ -260,8 +313,12 @@ class Ledger:
         False if the trial is no longer running in the ledger (another worker took it for dead): stop spending.
         """
         with self.engine.begin() as c:
-            done = c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
-                             .where(RESERVATION.c.status == "running").values(bound=int(bound)))
+            done = c.execute(
+                RESERVATION.update()
+                .where(RESERVATION.c.trial_id == trial_id)
+                .where(RESERVATION.c.status == "running")
+                .values(bound=int(bound))
+            )
             return done.rowcount > 0
 
     def settle(self, trial_id: int, spent: int) -> str:
@@ -272,9 +329,12 @@ class Ledger:
         what that worker recorded and the caller must discard its result. '' if the trial has no row.
         """
         with self.engine.begin() as c:
-            moved = c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
-                              .where(RESERVATION.c.status == "running")
-                              .values(amount=int(spent), bound=int(spent), status="done", spare=0))
+            moved = c.execute(
+                RESERVATION.update()
+                .where(RESERVATION.c.trial_id == trial_id)
+                .where(RESERVATION.c.status == "running")
+                .values(amount=int(spent), bound=int(spent), status="done", spare=0)
+            )
             if moved.rowcount:
                 return "done"
             row = c.execute(sa.select(RESERVATION.c.status).where(RESERVATION.c.trial_id == trial_id)).first()
@@ -290,37 +350,63 @@ class Ledger:
                 return 0
             if row.status != "running":
                 return int(row.amount)
-            self._set(c, trial_id, amount=row.bound, spare=(row.amount - row.bound) if retry else 0,
-                      status="lost" if retry else "dead")
+            self._set(
+                c,
+                trial_id,
+                amount=row.bound,
+                spare=(row.amount - row.bound) if retry else 0,
+                status="lost" if retry else "dead",
+            )
             return int(row.bound)
 
     def end_chain(self, trial_id: int) -> None:
         """A lost trial whose retry will not come: free what it held for it (its charge and slot stay)."""
         with self.engine.begin() as c:
             self._lock(c)
-            c.execute(RESERVATION.update().where(RESERVATION.c.trial_id == trial_id)
-                      .where(RESERVATION.c.status == "lost").values(status="dead", spare=0))
+            c.execute(
+                RESERVATION.update()
+                .where(RESERVATION.c.trial_id == trial_id)
+                .where(RESERVATION.c.status == "lost")
+                .values(status="dead", spare=0)
+            )
 
     def charges(self) -> dict[int, int]:
         """Trial id -> FLOPs charged, for every trial of this search with a reservation (a running one: its bound,
         what it may have spent so far)."""
         with self.engine.connect() as c:
-            return {r.trial_id: int(r.bound if r.status == "running" else r.amount) for r in c.execute(
-                sa.select(RESERVATION).where(RESERVATION.c.search == self.search))}
+            return {
+                r.trial_id: int(r.bound if r.status == "running" else r.amount)
+                for r in c.execute(sa.select(RESERVATION).where(RESERVATION.c.search == self.search))
+            }
 
     def spent(self) -> int:
         """FLOPs held or charged by all reservations of this search (what the budget check counts)."""
         with self.engine.connect() as c:
-            return int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(
-                RESERVATION.c.amount + sa.func.coalesce(RESERVATION.c.spare, 0)), 0))
-                .where(RESERVATION.c.search == self.search)).scalar())
+            return int(
+                c.execute(
+                    sa.select(
+                        sa.func.coalesce(
+                            sa.func.sum(RESERVATION.c.amount + sa.func.coalesce(RESERVATION.c.spare, 0)), 0
+                        )
+                    ).where(RESERVATION.c.search == self.search)
+                ).scalar()
+            )
 
     def used_slots(self, level: int) -> int:
         with self.engine.connect() as c:
             legacy_lost = sa.and_(RESERVATION.c.status == "lost", RESERVATION.c.owner.is_(None))
-            return int(c.execute(sa.select(sa.func.count()).select_from(RESERVATION)
-                                 .where(RESERVATION.c.search == self.search, RESERVATION.c.level == level,
-                                        RESERVATION.c.status.in_(HOLDS_SLOT), sa.not_(legacy_lost))).scalar())
+            return int(
+                c.execute(
+                    sa.select(sa.func.count())
+                    .select_from(RESERVATION)
+                    .where(
+                        RESERVATION.c.search == self.search,
+                        RESERVATION.c.level == level,
+                        RESERVATION.c.status.in_(HOLDS_SLOT),
+                        sa.not_(legacy_lost),
+                    )
+                ).scalar()
+            )
 
     def rows(self) -> list:
         with self.engine.connect() as c:
@@ -364,8 +450,11 @@ class Ledger:
             rows = c.execute(sa.select(WORKER).where(WORKER.c.search == self.search)).all()
             held = {r.ordinal for r in rows if not r.ended and busy(r)}
             ordinal = next(i for i in range(len(held) + 1) if i not in held)
-            c.execute(WORKER.insert().values(token=token, search=self.search, ordinal=ordinal, beats=0, asking=0,
-                                             ended=0, **values))
+            c.execute(
+                WORKER.insert().values(
+                    token=token, search=self.search, ordinal=ordinal, beats=0, asking=0, ended=0, **values
+                )
+            )
         return ordinal
 
     def workers(self) -> dict:

@@ -44,12 +44,37 @@ from .tasks import get as get_task
 log = logging.getLogger(__name__)
 
 DEFAULTS = {
-    "task": "regression", "data": None, "budget": 6e10, "levels": 3, "ratio": 3.0, "top_trials": 7,
-    "sampler": "tpe", "seed": 0, "space": "full", "min_steps": 20, "target_steps": 300, "device": "auto",
-    "task_settings": {}, "heartbeat": 10, "checkpoints": 10, "checkpoint_steps": 50,
+    "task": "regression",
+    "data": None,
+    "budget": 6e10,
+    "levels": 3,
+    "ratio": 3.0,
+    "top_trials": 7,
+    "sampler": "tpe",
+    "seed": 0,
+    "space": "full",
+    "min_steps": 20,
+    "target_steps": 300,
+    "device": "auto",
+    "task_settings": {},
+    "heartbeat": 10,
+    "checkpoints": 10,
+    "checkpoint_steps": 50,
 }
-KEYED = ("task", "data", "budget", "levels", "ratio", "top_trials", "sampler", "seed", "space", "min_steps",
-         "target_steps", "task_settings")  # must match when a study is resumed
+KEYED = (
+    "task",
+    "data",
+    "budget",
+    "levels",
+    "ratio",
+    "top_trials",
+    "sampler",
+    "seed",
+    "space",
+    "min_steps",
+    "target_steps",
+    "task_settings",
+)  # must match when a study is resumed
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp")
 # heartbeat: seconds between a running trial's heartbeats (a dead worker's trial is retried after 3 missed);
 # checkpoints: how many times a trial saves its state, so a retry repeats at most 1/checkpoints of it, but
@@ -147,8 +172,10 @@ def _study_json(path: str) -> dict:
         if not isinstance(stored, dict):
             raise ValueError("its settings are not a JSON object")
     except (OSError, ValueError, AttributeError) as e:
-        raise SearchError(f"{path} cannot be read as this study's settings ({e}); restore it, or delete it to "
-                          "start the study's settings afresh") from None
+        raise SearchError(
+            f"{path} cannot be read as this study's settings ({e}); restore it, or delete it to "
+            "start the study's settings afresh"
+        ) from None
     return stored
 
 
@@ -206,17 +233,25 @@ def _check_records(name: str, folder: str, url: str, stored: dict) -> None:
             spent = json.load(f).get("spent")
     if not n and not os.path.exists(meta):
         return
-    what = f"{n} trials in trials.csv" + (f", {spent:.4g} training FLOPs spent per study.json"
-                                          if isinstance(spent, (int, float)) else "")
+    what = f"{n} trials in trials.csv" + (
+        f", {spent:.4g} training FLOPs spent per study.json" if isinstance(spent, (int, float)) else ""
+    )
     if stored.get("file"):
         db = stored["file"]
-        state = "is empty (0 bytes)" if stored.get("empty") else ("is missing" if not os.path.exists(db)
-                                                                  else "holds no such study")
-        raise SearchError(f"{db} {state}, but {folder} records study {name!r} ({what}): restore study.db from a backup "
-                          f"(with its study.db-wal file, if any) and run again, or move {folder} away to start a new "
-                          "study; nothing was changed")
-    raise SearchError(f"storage {redact(url, url)} holds no study {name!r}, but {folder} records one ({what}): give "
-                      f"the --storage that holds it, or move {folder} away to start a new study; nothing was changed")
+        state = (
+            "is empty (0 bytes)"
+            if stored.get("empty")
+            else ("is missing" if not os.path.exists(db) else "holds no such study")
+        )
+        raise SearchError(
+            f"{db} {state}, but {folder} records study {name!r} ({what}): restore study.db from a backup "
+            f"(with its study.db-wal file, if any) and run again, or move {folder} away to start a new "
+            "study; nothing was changed"
+        )
+    raise SearchError(
+        f"storage {redact(url, url)} holds no study {name!r}, but {folder} records one ({what}): give "
+        f"the --storage that holds it, or move {folder} away to start a new study; nothing was changed"
+    )
 
 
 def _point(cand) -> str:
@@ -269,9 +304,17 @@ def probe(task, widths, device: str) -> dict:
     return {"flops_per_second": min(rates), "seconds_per_trial": overhead, "probe_width": w}
 
 
-def run_search(study: str = "default", *, storage: str | None = None, out: str | None = None,
-               dry_run: bool = False, reporter: Reporter | None = None, worker: int = 0, estimate: bool = True,
-               **given) -> SearchStudy:
+def run_search(
+    study: str = "default",
+    *,
+    storage: str | None = None,
+    out: str | None = None,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+    worker: int = 0,
+    estimate: bool = True,
+    **given,
+) -> SearchStudy:
     """Run (or resume, or join) a budgeted structure search; returns the SearchStudy. See search.run.
 
     ``worker`` is kept for callers that number their processes; workers tell themselves apart through the
@@ -291,18 +334,25 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
     known, store = _stored_study(url, name)
     _check_records(name, folder, url, known)
     cfg = settings_for(name, folder, given, known["settings"])
-    if known["settings"] is None and known["budget"] is not None and not os.path.exists(os.path.join(folder,
-                                                                                                    "study.json")):
-        raise SearchError(f"study {name!r} exists in its storage from before settings were kept there, and its "
-                          f"study.json is missing from {folder}: restore study.json from a backup to resume it")
+    if (
+        known["settings"] is None
+        and known["budget"] is not None
+        and not os.path.exists(os.path.join(folder, "study.json"))
+    ):
+        raise SearchError(
+            f"study {name!r} exists in its storage from before settings were kept there, and its "
+            f"study.json is missing from {folder}: restore study.json from a backup to resume it"
+        )
     rep = reporter or Reporter()
     if cfg["sampler"] not in SAMPLERS:
         raise SearchError(f"unknown sampler {cfg['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
     heartbeat = int(cfg["heartbeat"]) if cfg["heartbeat"] else 0
     if not heartbeat and _sqlite_file(url) is None:
-        raise SearchError("--heartbeat 0 (off) needs the embedded SQLite storage: without heartbeats a worker on "
-                          "another machine that dies is never found, and its trial would hold its budget forever; "
-                          "give --heartbeat 1 or more with --storage")
+        raise SearchError(
+            "--heartbeat 0 (off) needs the embedded SQLite storage: without heartbeats a worker on "
+            "another machine that dies is never found, and its trial would hold its budget forever; "
+            "give --heartbeat 1 or more with --storage"
+        )
     task_kwargs = dict(cfg["task_settings"] or {})
     if cfg["data"] is not None:
         task_kwargs["data"] = cfg["data"]
@@ -316,19 +366,38 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
         try:  # likewise an unusable output folder
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            raise SearchError(f"cannot create the study folder {folder!r}: {e.strerror or e}; give a writable "
-                              "folder with --out") from None
+            raise SearchError(
+                f"cannot create the study folder {folder!r}: {e.strerror or e}; give a writable folder with --out"
+            ) from None
     task.prepare(int(cfg["seed"]))
-    feasible = check_plan(task, search_space, refs, float(cfg["budget"]), int(cfg["min_steps"]), int(cfg["levels"]),
-                          float(cfg["ratio"]), top)  # SearchError when no level can train any candidate
+    feasible = check_plan(
+        task,
+        search_space,
+        refs,
+        float(cfg["budget"]),
+        int(cfg["min_steps"]),
+        int(cfg["levels"]),
+        float(cfg["ratio"]),
+        top,
+    )  # SearchError when no level can train any candidate
     est = {}
     if estimate or dry_run:
         est = probe(task, task.widths, cfg["device"])
         trials = sum(lv.trials for lv in levels)
         est["seconds"] = float(cfg["budget"]) / est["flops_per_second"] + trials * est["seconds_per_trial"]
     result = SearchStudy(name, folder, cfg, levels, estimate=est)
-    rep.plan({"study": name, "folder": folder, "settings": cfg, "levels": levels, "estimate": est,
-              "references": [r.label for r in refs], "dry_run": dry_run, "feasibility": feasible})
+    rep.plan(
+        {
+            "study": name,
+            "folder": folder,
+            "settings": cfg,
+            "levels": levels,
+            "estimate": est,
+            "references": [r.label for r in refs],
+            "dry_run": dry_run,
+            "feasibility": feasible,
+        }
+    )
     if dry_run:
         return result
 
@@ -339,13 +408,23 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
     saved = ledger.store_settings(keyed)  # the first worker's settings are the study's
     for k in KEYED:
         if k in saved and _differs(saved[k], keyed[k]):
-            raise SearchError(f"study {name!r} already exists with {k}={saved[k]!r}, not {keyed[k]!r}; run it with the "
-                              "same settings to resume (leave the option out to take the study's), or pick a new "
-                              "--study name")
+            raise SearchError(
+                f"study {name!r} already exists with {k}={saved[k]!r}, not {keyed[k]!r}; run it with the "
+                "same settings to resume (leave the option out to take the study's), or pick a new "
+                "--study name"
+            )
     me = Worker(ledger, heartbeat)
     try:
-        _work(result, ctx := _Context(task, cfg, folder, ledger, rep, store, heartbeat, me, Recoverer(ledger, me)),
-              url, storage, search_space, refs, levels, optuna)
+        _work(
+            result,
+            ctx := _Context(task, cfg, folder, ledger, rep, store, heartbeat, me, Recoverer(ledger, me)),
+            url,
+            storage,
+            search_space,
+            refs,
+            levels,
+            optuna,
+        )
     finally:
         me.end()
     del ctx
@@ -353,12 +432,22 @@ def run_search(study: str = "default", *, storage: str | None = None, out: str |
 
 
 def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None:
-    cfg, folder, ledger, rep, store, me, recover = (ctx.cfg, ctx.folder, ctx.ledger, ctx.rep, ctx.storage, ctx.worker,
-                                                    ctx.recover)
+    cfg, folder, ledger, rep, store, me, recover = (
+        ctx.cfg,
+        ctx.folder,
+        ctx.ledger,
+        ctx.rep,
+        ctx.storage,
+        ctx.worker,
+        ctx.recover,
+    )
     name, task = result.name, ctx.task
-    meta = {"settings": cfg, "storage": redact(url) if storage else "default (study.db in this folder)",
-            "levels": [{"index": lv.index, "allowance": lv.allowance, "trials": lv.trials} for lv in levels],
-            "version": es.__version__}
+    meta = {
+        "settings": cfg,
+        "storage": redact(url) if storage else "default (study.db in this folder)",
+        "levels": [{"index": lv.index, "allowance": lv.allowance, "trials": lv.trials} for lv in levels],
+        "version": es.__version__,
+    }
     outputs.write_json(os.path.join(folder, "study.json"), meta)
     clean_folder(folder, [], ledger)  # temporary files left by killed processes
     csv_path = os.path.join(folder, "trials.csv")
@@ -391,8 +480,11 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         live = recover.live
         if not ledger.claim(f"{name}.L{lv.index}.references", me.token, lambda o: (live.refresh(), live.dead(o))[1]):
             return False  # a live worker is queueing them
-        have = [t.system_attrs.get("fixed_params", t.params) for t in st.get_trials(deepcopy=False)
-                if t.user_attrs.get("reference")]
+        have = [
+            t.system_attrs.get("fixed_params", t.params)
+            for t in st.get_trials(deepcopy=False)
+            if t.user_attrs.get("reference")
+        ]
         for ref in refs:
             w = reference_width(task, ref.spec(), task.widths, lv.allowance, cfg["min_steps"], cfg["target_steps"])
             params = search_space.params_for(space_mod.Candidate(ref.family, w, ref.theta, ref.blocks, ref.rank))
@@ -405,11 +497,19 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
     explorers = {}
     for lv in levels:
         offset = seed * 1000 + lv.index + 7919 * me.ordinal
-        st = optuna.create_study(study_name=f"{name}.L{lv.index}", storage=store, direction="minimize",
-                                 sampler=make_sampler(cfg["sampler"], offset % 2**32), load_if_exists=True)
+        st = optuna.create_study(
+            study_name=f"{name}.L{lv.index}",
+            storage=store,
+            direction="minimize",
+            sampler=make_sampler(cfg["sampler"], offset % 2**32),
+            load_if_exists=True,
+        )
         result.studies.append((lv.index, st))
-        ledger.adopt((t._trial_id, lv.index, t.user_attrs["train_flops"]) for t in st.get_trials(deepcopy=False)
-                     if t.state.is_finished() and t.user_attrs.get("train_flops", 0) > 0)
+        ledger.adopt(
+            (t._trial_id, lv.index, t.user_attrs["train_flops"])
+            for t in st.get_trials(deepcopy=False)
+            if t.state.is_finished() and t.user_attrs.get("train_flops", 0) > 0
+        )
         recover(st, lv.index)
         references(st, lv)
         rep.level_start(lv, ledger.used_slots(lv.index))
@@ -465,8 +565,10 @@ def _twin(st, trial, cand):
     cols = cand.columns()
     for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         rec = t.user_attrs.get("record", {})
-        if t.number != trial.number and t.user_attrs.get("train_flops", 0) > 0 and all(
-            rec.get(k) == v for k, v in cols.items()
+        if (
+            t.number != trial.number
+            and t.user_attrs.get("train_flops", 0) > 0
+            and all(rec.get(k) == v for k, v in cols.items())
         ):
             return t
     return None
@@ -490,8 +592,13 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     pred = trial.user_attrs.get("retry_of_id")  # the lost trial this one continues
     history = list(trial.user_attrs.get("retry_history", []))
     first = retry_of(trial) if pred is not None else None
-    lost_row = {**attrs, "state": "FAIL", "loss": "", "reason": "lost: taken for dead by another worker (its "
-                "heartbeat stopped); its work is discarded and the charge is what that worker recorded"}
+    lost_row = {
+        **attrs,
+        "state": "FAIL",
+        "loss": "",
+        "reason": "lost: taken for dead by another worker (its "
+        "heartbeat stopped); its work is discarded and the charge is what that worker recorded",
+    }
 
     def finish(state, value=None, **more):
         """Record the outcome in the trial (what recovery completes it from after a kill), then tell Optuna."""
@@ -529,8 +636,10 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         return reject(f"invalid at width {cand.width}: {e}")
     attrs.update(omega=layer.omega, psi=layer.psi, nu=layer.nu)
     if steps < cfg["min_steps"]:
-        return reject(f"width {cand.width} gets only {steps} steps of {per_step:.3g} FLOPs within the allowance "
-                      f"(minimum {cfg['min_steps']})")
+        return reject(
+            f"width {cand.width} gets only {steps} steps of {per_step:.3g} FLOPs within the allowance "
+            f"(minimum {cfg['min_steps']})"
+        )
     seed = int(cfg["seed"])
     ckpt = checkpoint_path(ctx.folder, lv.index, trial.number)  # this attempt's own file
     start = 0
@@ -545,8 +654,17 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     bound = min(steps - start, every) * per_step
     if not set_attrs(st, tid, record=attrs):  # what the trial is, for its row if its worker dies while training
         return lost_row
-    why = ledger.reserve(tid, lv.index, need, None if pred is not None else lv.trials, bound, number=trial.number,
-                         owner=ctx.worker.token, point=_point(cand), retry_of=pred)
+    why = ledger.reserve(
+        tid,
+        lv.index,
+        need,
+        None if pred is not None else lv.trials,
+        bound,
+        number=trial.number,
+        owner=ctx.worker.token,
+        point=_point(cand),
+        retry_of=pred,
+    )
     faults.point("after_reserve")
     if why:
         _remove(ckpt)
@@ -556,8 +674,10 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     if why.startswith("level"):
         return reject(f"{why.split(': ', 1)[1]} (other workers took them)")
     if why.startswith("same"):
-        return reject(f"duplicate of trial {why.split(': ', 1)[1]}: the same point is trained there already (by "
-                      "another worker, at the same time); not trained twice")
+        return reject(
+            f"duplicate of trial {why.split(': ', 1)[1]}: the same point is trained there already (by "
+            "another worker, at the same time); not trained twice"
+        )
     if why.startswith("retried"):
         return reject(f"duplicate retry of trial {first}: another retry continues it; not trained")
     if why:  # 'taken': another worker runs this very trial
@@ -575,8 +695,19 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
 
     rep.trial_start(lv, cand.label, steps)
     try:
-        r = train.run(task, spec, cand.width, lv.allowance, seed=seed, device=cfg["device"], callback=rep.trial_step,
-                      checkpoint=ckpt, checkpoint_every=every, on_bound=on_bound, require_step=start)
+        r = train.run(
+            task,
+            spec,
+            cand.width,
+            lv.allowance,
+            seed=seed,
+            device=cfg["device"],
+            callback=rep.trial_step,
+            checkpoint=ckpt,
+            checkpoint_every=every,
+            on_bound=on_bound,
+            require_step=start,
+        )
     except TrialLost:  # charged its bound already, retried elsewhere: spend nothing more, leave the checkpoint
         log.warning("trial %s was taken for dead by another worker; stopped", trial.number)
         return lost_row
@@ -590,8 +721,14 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     faults.point("after_train")
     spent = r.train_flops - r.resumed_step * per_step
     note = "" if first is None else f"retry of trial {first}, resumed from step {r.resumed_step} of {steps}"
-    attrs.update(train_flops=spent, steps=r.steps, params=r.params, seconds=round(r.seconds, 3),
-                 curve=[list(p) for p in r.curve], reason=note)
+    attrs.update(
+        train_flops=spent,
+        steps=r.steps,
+        params=r.params,
+        seconds=round(r.seconds, 3),
+        curve=[list(p) for p in r.curve],
+        reason=note,
+    )
     if r.diverged:
         state = finish(TrialState.FAIL, reason=f"diverged: {r.reason}" + (f"; {note}" if note else ""), loss="")
     else:
@@ -601,8 +738,9 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     settled = ledger.settle(tid, spent)  # only if the reservation is still this trial's
     faults.point("after_settle")
     if settled != "done":
-        log.warning("trial %s was taken for dead by another worker while it trained; its result is discarded",
-                    trial.number)
+        log.warning(
+            "trial %s was taken for dead by another worker while it trained; its result is discarded", trial.number
+        )
         return lost_row
     row = told(state, None if r.diverged else r.loss)
     _remove(ckpt)

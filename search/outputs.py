@@ -8,9 +8,30 @@ import os
 
 from .space import THETA_KEYS
 
-COLUMNS = ["number", "level", "trial", "state", "train_flops", "allowance", "family", "structure", *THETA_KEYS,
-           "blocks", "rank", "experts", "active", "width",
-           "steps", "params", "omega", "psi", "nu", "loss", "seconds", "reason"]
+COLUMNS = [
+    "number",
+    "level",
+    "trial",
+    "state",
+    "train_flops",
+    "allowance",
+    "family",
+    "structure",
+    *THETA_KEYS,
+    "blocks",
+    "rank",
+    "experts",
+    "active",
+    "width",
+    "steps",
+    "params",
+    "omega",
+    "psi",
+    "nu",
+    "loss",
+    "seconds",
+    "reason",
+]
 
 
 def temp_path(path: str) -> str:
@@ -47,8 +68,9 @@ def trial_rows(level_studies, charges: dict | None = None) -> list[dict]:
         for t in study.get_trials(deepcopy=False):
             if t.state.name == "WAITING":
                 continue  # enqueued: not a trial yet
-            if t.state.name == "RUNNING" and (t._trial_id not in charges if charges is not None
-                                              else "train_flops" not in t.user_attrs):
+            if t.state.name == "RUNNING" and (
+                t._trial_id not in charges if charges is not None else "train_flops" not in t.user_attrs
+            ):
                 continue  # in progress and not yet charged
             a = {**t.user_attrs.get("record", {}), **t.user_attrs}
             row = {k: a.get(k, "") for k in COLUMNS}

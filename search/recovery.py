@@ -53,6 +53,7 @@ CHAIN_ATTRS = ("reference", "exploration", "retry_of", "retry_of_id", "retry_his
 
 # ---- this process, and others on this machine -------------------------------------------------------
 
+
 def host_id() -> str:
     """Where a process id means the same process: this boot of this machine and this pid namespace (Linux),
     else the host name."""
@@ -115,14 +116,22 @@ def stale_temporary(name: str) -> bool:
 
 # ---- workers ----------------------------------------------------------------------------------------
 
+
 class Worker:
     """This run_search call as the ledger knows it; ``with``-free: call ``end()`` when done."""
 
     def __init__(self, ledger, heartbeat: int | None):
         self.ledger, self.heartbeat = ledger, int(heartbeat or 0)
         self.token = uuid.uuid4().hex
-        self.ordinal = ledger.register(self.token, busy=_maybe_alive, host=HOST, hostname=socket.gethostname()[:200],
-                                       pid=os.getpid(), started=process_start(os.getpid()), heartbeat=self.heartbeat)
+        self.ordinal = ledger.register(
+            self.token,
+            busy=_maybe_alive,
+            host=HOST,
+            hostname=socket.gethostname()[:200],
+            pid=os.getpid(),
+            started=process_start(os.getpid()),
+            heartbeat=self.heartbeat,
+        )
         self._stop = threading.Event()
         self._thread = None
         if self.heartbeat:
@@ -199,6 +208,7 @@ class Liveness:
 
 
 # ---- trials ------------------------------------------------------------------------------------------
+
 
 class TrialLost(RuntimeError):
     """Another worker declared this trial's worker dead (its heartbeat stopped) and charged it: stop."""
@@ -280,7 +290,7 @@ class Recoverer:
             return
         row = self.ledger.row(tid)
         owner = (row.owner if row is not None else None) or t.system_attrs.get(OWNER)
-        if (self.live.asking() if owner is None else not self.live.dead(owner)):
+        if self.live.asking() if owner is None else not self.live.dead(owner):
             return  # alive after all (the claim stays with this worker: it looks again next time)
         rec = dict(t.user_attrs.get("record", {}))
         outcome = rec.pop("outcome", None)
@@ -315,8 +325,10 @@ class Recoverer:
             if not any(u.user_attrs.get("retry_of_id") == tid for u in trials):
                 self._enqueue_retry(st, t, history)
         what = "retried with the same parameters" if again else f"not retried ({self.max_retry} retries used)"
-        rec.update(train_flops=charged, reason=f"lost: its worker stopped during training; charged the FLOPs it "
-                                               f"may have spent, {what}")
+        rec.update(
+            train_flops=charged,
+            reason=f"lost: its worker stopped during training; charged the FLOPs it may have spent, {what}",
+        )
         set_attrs(st, tid, train_flops=charged, record=rec)
         if tell(st, t.number, TrialState.FAIL):
             self.lost.append((level, t.number, charged))
@@ -324,9 +336,15 @@ class Recoverer:
 
     def _enqueue_retry(self, st, t, history) -> None:
         keep = {k: v for k, v in t.user_attrs.items() if k in ("reference", "exploration")}
-        st.enqueue_trial(dict(t.params), user_attrs={
-            **keep, "retry_of": history[0] if history else t.number, "retry_of_id": t._trial_id,
-            "retry_history": [*history, t.number]})
+        st.enqueue_trial(
+            dict(t.params),
+            user_attrs={
+                **keep,
+                "retry_of": history[0] if history else t.number,
+                "retry_of_id": t._trial_id,
+                "retry_history": [*history, t.number],
+            },
+        )
         faults.point("recover_enqueued")
 
     def _chains(self, st, lost_ids) -> None:

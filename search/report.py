@@ -38,6 +38,7 @@ FLOOR_POINTS, FLOOR_SPAN = 5, 10.0  # a floor fit needs 5 frontier computes span
 
 # ---------------------------------------------------------------- reading a study
 
+
 @dataclass(frozen=True)
 class Study:
     """What is stored about a study: its settings (study.json), rows (trials.csv) and loss curves."""
@@ -79,8 +80,7 @@ def _parse_rows(path: str) -> tuple[dict, ...]:
         raise SearchError(f"cannot read {path}: {e}") from None
     missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise SearchError(f"{path} is not a trials.csv written by search.run: column(s) {', '.join(missing)} "
-                          "missing")
+        raise SearchError(f"{path} is not a trials.csv written by search.run: column(s) {', '.join(missing)} missing")
     rows = []
     for line, r in enumerate(raw, start=2):
         if None in r or any(v is None for v in r.values()):
@@ -126,11 +126,21 @@ def _read_curves(folder: str, name: str | None, meta: dict) -> tuple[dict, str, 
             if m:
                 prefixes.setdefault(m.group(1), []).append((int(m.group(2)), n))
         base = os.path.basename(os.path.normpath(folder))
-        pick = name if name in prefixes else base if base in prefixes else \
-            next(iter(prefixes)) if len(prefixes) == 1 else None
+        pick = (
+            name
+            if name in prefixes
+            else base
+            if base in prefixes
+            else next(iter(prefixes))
+            if len(prefixes) == 1
+            else None
+        )
         if pick is None:
-            return {}, (f"final losses only (study.db holds studies {', '.join(sorted(prefixes)) or 'none'}; "
-                        "give --study)"), None
+            return (
+                {},
+                (f"final losses only (study.db holds studies {', '.join(sorted(prefixes)) or 'none'}; give --study)"),
+                None,
+            )
         curves = {}
         for level, n in prefixes[pick]:
             for t in optuna.load_study(study_name=n, storage=st).get_trials(deepcopy=False):
@@ -152,12 +162,14 @@ def load(folder: str, name: str | None = None) -> Study:
     """Read a study folder (trials.csv required, study.json and study.db optional)."""
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
-        raise SearchError(f"no study folder {folder}; run `python -m search.run --study NAME` first, or give the "
-                          "folder with --out")
+        raise SearchError(
+            f"no study folder {folder}; run `python -m search.run --study NAME` first, or give the folder with --out"
+        )
     csv_path = os.path.join(folder, "trials.csv")
     if not os.path.exists(csv_path):
-        raise SearchError(f"{folder} has no trials.csv; the study has not finished a trial yet, or this is not a "
-                          "study folder")
+        raise SearchError(
+            f"{folder} has no trials.csv; the study has not finished a trial yet, or this is not a study folder"
+        )
     meta = {}
     meta_path = os.path.join(folder, "study.json")
     if os.path.exists(meta_path):
@@ -174,6 +186,7 @@ def load(folder: str, name: str | None = None) -> Study:
 
 
 # ---------------------------------------------------------------- analysis
+
 
 @dataclass(frozen=True)
 class Group:
@@ -236,8 +249,15 @@ def multiplier_losses(dense: fr.PowerLaw, n: int = 3) -> list[float]:
 
 # ---------------------------------------------------------------- plots
 
-COLOURS = {"dense": "#000000", "low rank": "#1f77b4", "Kronecker": "#ff7f0e", "Tensor-Train": "#2ca02c",
-           "Monarch": "#9467bd", "BTT": "#d62728", "theta": "#7f7f7f"}
+COLOURS = {
+    "dense": "#000000",
+    "low rank": "#1f77b4",
+    "Kronecker": "#ff7f0e",
+    "Tensor-Train": "#2ca02c",
+    "Monarch": "#9467bd",
+    "BTT": "#d62728",
+    "theta": "#7f7f7f",
+}
 
 
 def _figure(w=7.0, h=5.0, rows=1):
@@ -285,8 +305,9 @@ def plot_frontiers(study: Study, gs: list[Group], path: str) -> None:
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("held-out loss")
     _macs_axis(ax)
-    ax.set_title("Loss vs compute: all points (faint), frontier (dots) and fitted L = e^b C^-a (dashed)",
-                 fontsize=10, pad=36)
+    ax.set_title(
+        "Loss vs compute: all points (faint), frontier (dots) and fitted L = e^b C^-a (dashed)", fontsize=10, pad=36
+    )
     ax.grid(True, which="both", alpha=0.3)
     if gs:
         ax.legend(fontsize=8, loc="best")
@@ -315,8 +336,17 @@ def plot_taxonomy(study: Study, path: str) -> None:
     if rows:
         losses = [r["loss"] for r in rows]
         norm = LogNorm(min(losses), max(losses)) if max(losses) > min(losses) else None
-        sc = ax.scatter([r["omega"] for r in rows], [r["psi"] for r in rows], c=losses, norm=norm, cmap="viridis_r",
-                        s=[30 + 120 * r["nu"] for r in rows], edgecolors="k", linewidths=0.5, alpha=0.85)
+        sc = ax.scatter(
+            [r["omega"] for r in rows],
+            [r["psi"] for r in rows],
+            c=losses,
+            norm=norm,
+            cmap="viridis_r",
+            s=[30 + 120 * r["nu"] for r in rows],
+            edgecolors="k",
+            linewidths=0.5,
+            alpha=0.85,
+        )
         fig.colorbar(sc, ax=ax, label=f"best held-out loss at level {top}")
         for r in rows:
             g = fr.group_of(r)
@@ -370,6 +400,7 @@ def plot_history(study: Study, path: str) -> None:
 
 # ---------------------------------------------------------------- report.md
 
+
 def _g(v, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if _finite(v) else "—"
 
@@ -418,15 +449,29 @@ def _budget_section(study: Study) -> list[str]:
     budget = study.settings.get("budget")
     out = ["## Budget", ""]
     if _finite(budget) and budget > 0:
-        out.append(f"Spent **{spent:.4g}** of {budget:.4g} training FLOPs ({100 * spent / budget:.1f}%), i.e. "
-                   f"{spent / MACS:.4g} of {budget / MACS:.4g} forward MACs × examples.")
+        out.append(
+            f"Spent **{spent:.4g}** of {budget:.4g} training FLOPs ({100 * spent / budget:.1f}%), i.e. "
+            f"{spent / MACS:.4g} of {budget / MACS:.4g} forward MACs × examples."
+        )
     else:
-        out.append(f"Spent **{spent:.4g}** training FLOPs ({spent / MACS:.4g} forward MACs × examples); the "
-                   "budget is unknown.")
+        out.append(
+            f"Spent **{spent:.4g}** training FLOPs ({spent / MACS:.4g} forward MACs × examples); the budget is unknown."
+        )
     out.append("")
     planned = {lv["index"]: lv for lv in study.meta.get("levels", []) if isinstance(lv, dict) and "index" in lv}
-    head = ["level", "allowance (training FLOPs)", "allowance (fwd MACs × examples)", "planned", "trained",
-            "duplicates", "pruned", "failed", "spent", "best loss", "best structure"]
+    head = [
+        "level",
+        "allowance (training FLOPs)",
+        "allowance (fwd MACs × examples)",
+        "planned",
+        "trained",
+        "duplicates",
+        "pruned",
+        "failed",
+        "spent",
+        "best loss",
+        "best structure",
+    ]
     body = []
     for lv in sorted({r["level"] for r in study.rows} | set(planned)):
         rows = [r for r in study.rows if r["level"] == lv]
@@ -435,13 +480,21 @@ def _budget_section(study: Study) -> list[str]:
         if not _finite(allowance):
             allowance = next((r["allowance"] for r in rows if _finite(r["allowance"])), math.nan)
         b = min(trained, key=lambda r: r["loss"]) if trained else None
-        body.append([str(lv), _g(allowance), _g(allowance / MACS) if _finite(allowance) else "—",
-                     str(planned.get(lv, {}).get("trials", "—")), str(len(trained)),
-                     str(sum(1 for r in rows if _duplicate(r))),
-                     str(sum(1 for r in rows if r["state"] == "PRUNED" and not _duplicate(r))),
-                     str(sum(1 for r in rows if r["state"] == "FAIL")),
-                     _g(sum(r["train_flops"] for r in rows)), _g(b["loss"]) if b else "—",
-                     f"`{b['structure']}` at width {b['width']}" if b else "—"])
+        body.append(
+            [
+                str(lv),
+                _g(allowance),
+                _g(allowance / MACS) if _finite(allowance) else "—",
+                str(planned.get(lv, {}).get("trials", "—")),
+                str(len(trained)),
+                str(sum(1 for r in rows if _duplicate(r))),
+                str(sum(1 for r in rows if r["state"] == "PRUNED" and not _duplicate(r))),
+                str(sum(1 for r in rows if r["state"] == "FAIL")),
+                _g(sum(r["train_flops"] for r in rows)),
+                _g(b["loss"]) if b else "—",
+                f"`{b['structure']}` at width {b['width']}" if b else "—",
+            ]
+        )
     return out + _table(head, body)
 
 
@@ -458,39 +511,69 @@ def _winners_section(study: Study) -> list[str]:
             pick.append(r)
         if len(pick) == TOP_TABLES:
             break
-    out += [f"The best {len(pick)} distinct structures at the top level ({top}), each at the width it was trained "
-            "at:", ""]
+    out += [
+        f"The best {len(pick)} distinct structures at the top level ({top}), each at the width it was trained at:",
+        "",
+    ]
     for k, r in enumerate(pick, 1):
-        out += [f"### {k}. `{r['structure']}` (group {fr.group_of(r)}), width {r['width']}: loss {_g(r['loss'])}", "",
-                f"Trial {r['number']} (level {r['level']}, Optuna trial {r['trial']}); {_g(r['train_flops'])} "
-                f"training FLOPs, {r['steps'] if r['steps'] is not None else '—'} steps, "
-                f"{r['params'] if r['params'] is not None else '—'} parameters; "
-                f"omega {_g(r['omega'], 3)}, psi {_g(r['psi'], 3)}, nu {_g(r['nu'], 3)}.", "",
-                "```text", structure_table(r).rstrip("\n"), "```", ""]
+        out += [
+            f"### {k}. `{r['structure']}` (group {fr.group_of(r)}), width {r['width']}: loss {_g(r['loss'])}",
+            "",
+            f"Trial {r['number']} (level {r['level']}, Optuna trial {r['trial']}); {_g(r['train_flops'])} "
+            f"training FLOPs, {r['steps'] if r['steps'] is not None else '—'} steps, "
+            f"{r['params'] if r['params'] is not None else '—'} parameters; "
+            f"omega {_g(r['omega'], 3)}, psi {_g(r['psi'], 3)}, nu {_g(r['nu'], 3)}.",
+            "",
+            "```text",
+            structure_table(r).rstrip("\n"),
+            "```",
+            "",
+        ]
     return out
 
 
 def _frontier_section(gs: list[Group]) -> list[str]:
-    out = ["## Frontiers and scaling laws", "",
-           f"![Loss vs training FLOPs per group, with frontiers and fitted laws]({PLOTS['frontier']})", "",
-           "Per group: the compute-loss Pareto frontier (lower convex hull in log-log plus points within 2% of it) "
-           "and the least-squares law L = e^b C^-a fitted to it in log-log, with standard errors. The exponent a "
-           "is the same on both compute axes; b is given for C = training FLOPs and for C = forward MACs × "
-           "examples (b - a ln 6). The floor fit L = L0 + e^b C^-a (scipy curve_fit) is tried when the frontier has "
-           f"{FLOOR_POINTS} or more computes spanning a factor of {FLOOR_SPAN:g} or more.",
-           ""]
-    head = ["group", "runs", "points", "frontier", "a ± SE", "b ± SE (FLOPs)", "b (MACs × ex.)", "rms log L",
-            "floor fit: L0 ± SE, a ± SE", "compute range (training FLOPs)"]
+    out = [
+        "## Frontiers and scaling laws",
+        "",
+        f"![Loss vs training FLOPs per group, with frontiers and fitted laws]({PLOTS['frontier']})",
+        "",
+        "Per group: the compute-loss Pareto frontier (lower convex hull in log-log plus points within 2% of it) "
+        "and the least-squares law L = e^b C^-a fitted to it in log-log, with standard errors. The exponent a "
+        "is the same on both compute axes; b is given for C = training FLOPs and for C = forward MACs × "
+        "examples (b - a ln 6). The floor fit L = L0 + e^b C^-a (scipy curve_fit) is tried when the frontier has "
+        f"{FLOOR_POINTS} or more computes spanning a factor of {FLOOR_SPAN:g} or more.",
+        "",
+    ]
+    head = [
+        "group",
+        "runs",
+        "points",
+        "frontier",
+        "a ± SE",
+        "b ± SE (FLOPs)",
+        "b (MACs × ex.)",
+        "rms log L",
+        "floor fit: L0 ± SE, a ± SE",
+        "compute range (training FLOPs)",
+    ]
     body = []
     for g in gs:
         f, fl = g.fit, g.floor_fit
-        body.append([
-            g.name, str(g.runs), str(len(g.points)), str(len(g.frontier)),
-            f"{_g(f.a, 3)} ± {_se(f.a_se)}" if f else "—", f"{_g(f.b, 4)} ± {_se(f.b_se)}" if f else "—",
-            _g(f.shifted(MACS).b, 4) if f else "—", _g(f.rms, 2) if f else "—",
-            f"{_g(fl.L0, 3)} ± {_se(fl.L0_se)}, {_g(fl.a, 3)} ± {_se(fl.a_se)}" if fl else "—",
-            f"{_g(f.compute_range[0], 3)} – {_g(f.compute_range[1], 3)}" if f else "—",
-        ])
+        body.append(
+            [
+                g.name,
+                str(g.runs),
+                str(len(g.points)),
+                str(len(g.frontier)),
+                f"{_g(f.a, 3)} ± {_se(f.a_se)}" if f else "—",
+                f"{_g(f.b, 4)} ± {_se(f.b_se)}" if f else "—",
+                _g(f.shifted(MACS).b, 4) if f else "—",
+                _g(f.rms, 2) if f else "—",
+                f"{_g(fl.L0, 3)} ± {_se(fl.L0_se)}, {_g(fl.a, 3)} ± {_se(fl.a_se)}" if fl else "—",
+                f"{_g(f.compute_range[0], 3)} – {_g(f.compute_range[1], 3)}" if f else "—",
+            ]
+        )
     if not body:
         return [*out, "No trained trials yet.", ""]
     return out + _table(head, body)
@@ -501,21 +584,28 @@ def _multiplier_section(gs: list[Group]) -> list[str]:
     dense = next((g.fit for g in gs if g.name == "dense" and g.fit is not None), None)
     others = [g for g in gs if g.name != "dense" and g.fit is not None]
     if dense is None:
-        return [*out, "No fitted dense law (dense needs frontier points at 2 or more computes), so no multipliers.",
-                ""]
+        return [*out, "No fitted dense law (dense needs frontier points at 2 or more computes), so no multipliers.", ""]
     if not others:
         return [*out, "No other group has a fitted law yet.", ""]
     losses = multiplier_losses(dense)
-    out += ["C_dense(L) / C_group(L) from the fitted laws (THEORY 8): above 1, the group reaches loss L with that "
-            "many times less compute than dense. Ratios are the same in training FLOPs and in forward MACs × "
-            "examples. Losses span dense's frontier; * marks a loss outside the group's own frontier losses "
-            "(extrapolated).", ""]
+    out += [
+        "C_dense(L) / C_group(L) from the fitted laws (THEORY 8): above 1, the group reaches loss L with that "
+        "many times less compute than dense. Ratios are the same in training FLOPs and in forward MACs × "
+        "examples. Losses span dense's frontier; * marks a loss outside the group's own frontier losses "
+        "(extrapolated).",
+        "",
+    ]
     head = ["group", "a ± SE", *[f"at L = {_g(v, 3)}" for v in losses]]
     body = []
     for g in others:
         ms = fr.multipliers(g.fit, dense, losses)
-        body.append([g.name, f"{_g(g.fit.a, 3)} ± {_se(g.fit.a_se)}",
-                     *[_g(m.value, 3) + ("*" if m.extrapolated and _finite(m.value) else "") for m in ms]])
+        body.append(
+            [
+                g.name,
+                f"{_g(g.fit.a, 3)} ± {_se(g.fit.a_se)}",
+                *[_g(m.value, 3) + ("*" if m.extrapolated and _finite(m.value) else "") for m in ms],
+            ]
+        )
     dense_row = ["dense (reference)", f"{_g(dense.a, 3)} ± {_se(dense.a_se)}", *["1" for _ in losses]]
     return out + _table(head, [dense_row, *body])
 
@@ -526,30 +616,43 @@ def render(study: Study, gs: list[Group]) -> str:
     for r in study.rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
     counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-    lines = [f"# Structure search report: {study.name}", "",
-             f"Study folder `{_shown(study.folder)}`; {len(study.rows)} trials ({counts or 'none'}); "
-             f"{len(study.trained())} trained. Frontier points: {study.curve_note}.", ""]
+    lines = [
+        f"# Structure search report: {study.name}",
+        "",
+        f"Study folder `{_shown(study.folder)}`; {len(study.rows)} trials ({counts or 'none'}); "
+        f"{len(study.trained())} trained. Frontier points: {study.curve_note}.",
+        "",
+    ]
     lines += _settings_section(study)
     lines += _budget_section(study)
     lines += _winners_section(study)
     lines += _frontier_section(gs)
     lines += _multiplier_section(gs)
     top = top_level(study)
-    lines += ["## Taxonomy", "",
-              f"![omega against psi, colour = loss at the top level, size = nu]({PLOTS['taxonomy']})", "",
-              f"Each structure's best loss at the top compute level ({top if top is not None else '—'}); "
-              "omega = parameter sharing, psi = rank exponent, nu = compute intensity (THEORY 3). The papers "
-              "find small omega and large psi scale best.", ""]
+    lines += [
+        "## Taxonomy",
+        "",
+        f"![omega against psi, colour = loss at the top level, size = nu]({PLOTS['taxonomy']})",
+        "",
+        f"Each structure's best loss at the top compute level ({top if top is not None else '—'}); "
+        "omega = parameter sharing, psi = rank exponent, nu = compute intensity (THEORY 3). The papers "
+        "find small omega and large psi scale best.",
+        "",
+    ]
     lines += ["## Search history", "", f"![Loss by trial number and cumulative budget spent]({PLOTS['history']})", ""]
-    lines += ["## How this was computed", "",
-              "- Groups: the family (dense, Monarch, BTT), and for theta the THEORY 2 named point it matches "
-              "within 0.011 per entry (dense, low rank, Kronecker, Tensor-Train, BTT); other theta are 'theta'.",
-              "- Points: every held-out evaluation of every trained COMPLETE trial when curves are stored (the "
-              "schedule is warmup + constant learning rate, so intermediate points are fair), else final losses; "
-              "duplicate trials (0 FLOPs, 'same as trial N') and failed or pruned trials are not points.",
-              "- Compute: training FLOPs actually spent; forward MACs × examples ≈ training FLOPs / 6 (the papers' "
-              "axis; the first layer's backward is cheaper, so this slightly overstates it).",
-              f"- Regenerate: `python -m search.report --study {study.name}`.", ""]
+    lines += [
+        "## How this was computed",
+        "",
+        "- Groups: the family (dense, Monarch, BTT), and for theta the THEORY 2 named point it matches "
+        "within 0.011 per entry (dense, low rank, Kronecker, Tensor-Train, BTT); other theta are 'theta'.",
+        "- Points: every held-out evaluation of every trained COMPLETE trial when curves are stored (the "
+        "schedule is warmup + constant learning rate, so intermediate points are fair), else final losses; "
+        "duplicate trials (0 FLOPs, 'same as trial N') and failed or pruned trials are not points.",
+        "- Compute: training FLOPs actually spent; forward MACs × examples ≈ training FLOPs / 6 (the papers' "
+        "axis; the first layer's backward is cheaper, so this slightly overstates it).",
+        f"- Regenerate: `python -m search.report --study {study.name}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -570,12 +673,15 @@ def write_report(folder: str, name: str | None = None) -> str:
         path = os.path.join(study.folder, "report.md")
         write_atomic(path, render(study, gs))
     except OSError as e:
-        raise SearchError(f"cannot write the report into {study.folder}: {e.strerror or e}; copy the study to a "
-                          "writable folder and give it with --out") from None
+        raise SearchError(
+            f"cannot write the report into {study.folder}: {e.strerror or e}; copy the study to a "
+            "writable folder and give it with --out"
+        ) from None
     return path
 
 
 # ---------------------------------------------------------------- command line
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -583,8 +689,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m search.report", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m search.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--study", default="default", help="study name (default: default)")
     p.add_argument("--out", help="the study's folder, if not runs/<study> (as given to search.run --out)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -611,12 +718,16 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         why = redact((str(e).strip().splitlines() or [""])[0])
-        print(f"search.report: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, "
-              "and please report it)", file=sys.stderr)
+        print(
+            f"search.report: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, "
+            "and please report it)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the study is untouched (the report only reads it)
-        print("\ninterrupted: the report may be incomplete; run the same command again to write it whole",
-              file=sys.stderr)
+        print(
+            "\ninterrupted: the report may be incomplete; run the same command again to write it whole", file=sys.stderr
+        )
         return 130
     try:
         print(f"report: {path}")

@@ -1,11 +1,11 @@
 """`python -m search.run`: a budgeted structure search (the project's main job).
 
-    python -m search.run                                   # embedded default: regression, minutes on a CPU
-    python -m search.run --budget 1e17 --task lm --data corpus.txt --device cuda --study owt-small
-    python -m search.run --study owt-small                 # the same command again resumes the study
-    python -m search.run --budget 1e17 --dry-run           # the plan and its estimated wall time only
-    python -m search.run --study s --workers 4             # four worker processes on this machine
-    python -m search.run --study s --storage postgresql://user:pass@db-host/einstruct   # on every machine
+python -m search.run                                   # embedded default: regression, minutes on a CPU
+python -m search.run --budget 1e17 --task lm --data corpus.txt --device cuda --study owt-small
+python -m search.run --study owt-small                 # the same command again resumes the study
+python -m search.run --budget 1e17 --dry-run           # the plan and its estimated wall time only
+python -m search.run --study s --workers 4             # four worker processes on this machine
+python -m search.run --study s --storage postgresql://user:pass@db-host/einstruct   # on every machine
 """
 
 from __future__ import annotations
@@ -36,24 +36,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default="default", help="study name; runs/<study>/ holds everything (default: default)")
     p.add_argument("--task", choices=NAMES, help=f"task (default {DEFAULTS['task']})")
     p.add_argument("--data", help="data path for lm (text or .bin) and cifar (folder)")
-    p.add_argument("--budget", type=float,
-                   help=f"total training FLOPs over all trials (default {DEFAULTS['budget']:g})")
+    p.add_argument(
+        "--budget", type=float, help=f"total training FLOPs over all trials (default {DEFAULTS['budget']:g})"
+    )
     p.add_argument("--levels", type=int, help="compute levels, >= 3 (default 3)")
     p.add_argument("--ratio", type=float, help="compute factor between levels, >= 2 (default 3)")
     p.add_argument("--top-trials", type=int, help="trials at the top level (default 7; each level below x ratio)")
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default tpe, multivariate)")
     p.add_argument("--seed", type=int, help="seed for sampling and training (default 0)")
-    p.add_argument("--space", choices=tuple(SPACES),
-                   help="search space: full, theta, btt (beta = delta = 0), moe (dense, BTT, BTT-MoE, MoE; opt-in)")
+    p.add_argument(
+        "--space",
+        choices=tuple(SPACES),
+        help="search space: full, theta, btt (beta = delta = 0), moe (dense, BTT, BTT-MoE, MoE; opt-in)",
+    )
     p.add_argument("--min-steps", type=int, help="reject candidates with fewer steps (default 20)")
     p.add_argument("--target-steps", type=int, help="steps the references' widths aim for (default 300)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--storage", help="Optuna storage URL (default: SQLite file in runs/<study>/); workers on "
-                                     "several machines share one postgresql://user:pass@host/db")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: SQLite file in runs/<study>/); workers on "
+        "several machines share one postgresql://user:pass@host/db",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
-    p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats; a worker that misses 3 "
-                                                 "is taken for dead and its trial retried from its checkpoint; "
-                                                 "0: off (embedded storage only) (default 10)")
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        help="seconds between a worker's heartbeats; a worker that misses 3 "
+        "is taken for dead and its trial retried from its checkpoint; "
+        "0: off (embedded storage only) (default 10)",
+    )
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set for the processes --workers starts
     p.add_argument("--out", help="output folder (default runs/<study>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimated wall time, train nothing")
@@ -74,8 +85,10 @@ class TqdmReporter:
 
         cfg, est = info["settings"], info["estimate"]
         print(f"study {info['study']} -> {info['folder']}")
-        print(f"task {cfg['task']}, budget {cfg['budget']:.3g} training FLOPs, sampler {cfg['sampler']}, "
-              f"seed {cfg['seed']}, space {cfg['space']}")
+        print(
+            f"task {cfg['task']}, budget {cfg['budget']:.3g} training FLOPs, sampler {cfg['sampler']}, "
+            f"seed {cfg['seed']}, space {cfg['space']}"
+        )
         print(f"{'level':>5s} {'FLOPs per trial':>16s} {'trials':>7s} {'level FLOPs':>12s}")
         for lv in info["levels"]:
             print(f"{lv.index:5d} {lv.allowance:16.3e} {lv.trials:7d} {lv.planned_flops:12.3e}")
@@ -83,15 +96,24 @@ class TqdmReporter:
         for line in feasibility_warnings(info.get("feasibility")):
             print(line, file=sys.stderr)
         secs = est["seconds"]
-        print(f"throughput probe: {est['flops_per_second']:.3g} FLOP/s, {est['seconds_per_trial']:.2f} s overhead "
-              f"per trial -> estimated wall time {_human(secs)}")
+        print(
+            f"throughput probe: {est['flops_per_second']:.3g} FLOP/s, {est['seconds_per_trial']:.2f} s overhead "
+            f"per trial -> estimated wall time {_human(secs)}"
+        )
         if info["dry_run"]:
             print("dry run: nothing trained")
             return
         from tqdm import tqdm
 
-        self.total = tqdm(total=float(cfg["budget"]), desc="budget", unit="FLOP", unit_scale=True,
-                          disable=not self.enabled, position=0, dynamic_ncols=True)
+        self.total = tqdm(
+            total=float(cfg["budget"]),
+            desc="budget",
+            unit="FLOP",
+            unit_scale=True,
+            disable=not self.enabled,
+            position=0,
+            dynamic_ncols=True,
+        )
 
     def level_start(self, level, done):
         if self.total is not None:
@@ -100,8 +122,15 @@ class TqdmReporter:
     def trial_start(self, level, label, steps):
         from tqdm import tqdm
 
-        self.trial = tqdm(total=steps, desc=f"  L{level.index} {label}"[:40], unit="step", leave=False,
-                          disable=not self.enabled, position=1, dynamic_ncols=True)
+        self.trial = tqdm(
+            total=steps,
+            desc=f"  L{level.index} {label}"[:40],
+            unit="step",
+            leave=False,
+            disable=not self.enabled,
+            position=1,
+            dynamic_ncols=True,
+        )
 
     def trial_step(self, info):
         if self.trial is not None:
@@ -138,18 +167,22 @@ def feasibility_warnings(f) -> list[str]:
     if f.infeasible:
         allow = ", ".join(f"{s.allowance:.3g}" for s in f.infeasible)
         fix = round_up(f.infeasible[0].budget)  # the lowest level needs the largest budget
-        out.append(f"warning: {_levels(f.infeasible)} ({allow} FLOPs per trial) cannot train any candidate: the "
-                   f"cheapest, {low.label} at width {low.width}, needs {n} steps x {low.flops_per_step:.3g} = "
-                   f"{low.need(n):.3g} training FLOPs, so every trial there is rejected; --budget {fix:.3g} or more "
-                   f"makes {'it' if len(f.infeasible) == 1 else 'them'} feasible")
+        out.append(
+            f"warning: {_levels(f.infeasible)} ({allow} FLOPs per trial) cannot train any candidate: the "
+            f"cheapest, {low.label} at width {low.width}, needs {n} steps x {low.flops_per_step:.3g} = "
+            f"{low.need(n):.3g} training FLOPs, so every trial there is rejected; --budget {fix:.3g} or more "
+            f"makes {'it' if len(f.infeasible) == 1 else 'them'} feasible"
+        )
     if f.no_references:
         ref, fix = f.cheapest_reference, round_up(f.no_references[0].budget)
         allow = ", ".join(f"{s.allowance:.3g}" for s in f.no_references)
         under = ", ".join(f"{s.allowance / n:.3g}" for s in f.no_references)
-        out.append(f"warning: at {_levels(f.no_references)} ({allow} FLOPs per trial) no reference structure gets "
-                   f"{n} steps (the cheapest, {ref.label} at width {ref.width}, needs {ref.need(n):.3g}) and only "
-                   f"candidates under {under} training FLOPs per step can train: expect many rejected trials; "
-                   f"--budget {fix:.3g} or more lets the references train there")
+        out.append(
+            f"warning: at {_levels(f.no_references)} ({allow} FLOPs per trial) no reference structure gets "
+            f"{n} steps (the cheapest, {ref.label} at width {ref.width}, needs {ref.need(n):.3g}) and only "
+            f"candidates under {under} training FLOPs per step can train: expect many rejected trials; "
+            f"--budget {fix:.3g} or more lets the references train there"
+        )
     return out
 
 
@@ -187,15 +220,18 @@ def check_settings(cfg: dict) -> None:
 
     budget, levels, ratio, top = cfg["budget"], cfg["levels"], cfg["ratio"], cfg["top_trials"]
     if _number(budget) and 0 < budget < 1:
-        raise SearchError(f"--budget {budget!r} is less than one FLOP; it is the total training FLOPs of all "
-                          "trials, e.g. --budget 1e13")
+        raise SearchError(
+            f"--budget {budget!r} is less than one FLOP; it is the total training FLOPs of all "
+            "trials, e.g. --budget 1e13"
+        )
     if _number(ratio) and ratio >= 2 and isinstance(levels, int) and levels >= 3 and isinstance(top, int) and top >= 1:
         n = _plan_trials(top, levels, ratio, MAX_TRIALS)  # at least: search.loop raises top to the references + 1
         if n is None:
             raise SearchError(
                 f"--top-trials {top} with --levels {levels} and --ratio {ratio:g} plans more than the {MAX_TRIALS:,} "
                 f"trials a study may run (the top level runs {top}, each level below {ratio:g} times as many as the "
-                "one above); lower --top-trials, --levels or --ratio")
+                "one above); lower --top-trials, --levels or --ratio"
+            )
     plan_levels(budget, levels, ratio, top)  # each value's type and range; nothing overflows any more
     seed = cfg["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -203,10 +239,14 @@ def check_settings(cfg: dict) -> None:
     for key in ("min_steps", "target_steps"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            what = ("candidates with fewer steps are rejected" if key == "min_steps"
-                    else "the references' widths aim for this many steps")
-            raise SearchError(f"--{key.replace('_', '-')} must be a whole number of steps, 1 or more ({what}), "
-                              f"got {v!r}")
+            what = (
+                "candidates with fewer steps are rejected"
+                if key == "min_steps"
+                else "the references' widths aim for this many steps"
+            )
+            raise SearchError(
+                f"--{key.replace('_', '-')} must be a whole number of steps, 1 or more ({what}), got {v!r}"
+            )
     from .train import check_device
 
     check_device(cfg["device"])
@@ -216,8 +256,11 @@ def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
     from .storage import redact
 
     why = redact((str(e).strip().splitlines() or [""])[0], url)
-    print(f"{prog}: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, and please "
-          "report it)", file=sys.stderr)
+    print(
+        f"{prog}: internal error: {type(e).__name__}: {why} (rerun with --debug for the traceback, and please "
+        "report it)",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -250,8 +293,9 @@ def _failed(e: BaseException, args) -> int:
         print(f"search.run: error: {redact(why, args.storage)}", file=sys.stderr)
         return 2
     if isinstance(e, OSError):  # a folder or file the study needs: a setup problem, not a bug
-        print(f"search.run: error: {redact(e, args.storage)}; check the paths given to --out and --data",
-              file=sys.stderr)
+        print(
+            f"search.run: error: {redact(e, args.storage)}; check the paths given to --out and --data", file=sys.stderr
+        )
         return 2
     return _internal_error("search.run", e, args.storage)
 
@@ -284,8 +328,14 @@ def _start_workers(args, given: dict, base: int) -> list:
     children = []
     for i in range(1, args.workers):
         log = open(os.path.join(folder, f"worker-{i}.log"), "w")  # the child writes to it
-        children.append((i, subprocess.Popen([*cmd, "--worker-index", str(base + i)], stdout=log,
-                                             stderr=subprocess.STDOUT, env=env)))
+        children.append(
+            (
+                i,
+                subprocess.Popen(
+                    [*cmd, "--worker-index", str(base + i)], stdout=log, stderr=subprocess.STDOUT, env=env
+                ),
+            )
+        )
         log.close()
     return children
 
@@ -300,14 +350,32 @@ def _stop(children) -> None:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    given = {k: getattr(args, k) for k in ("task", "data", "budget", "levels", "ratio", "top_trials", "sampler",
-                                            "seed", "space", "min_steps", "target_steps", "device", "heartbeat")}
+    given = {
+        k: getattr(args, k)
+        for k in (
+            "task",
+            "data",
+            "budget",
+            "levels",
+            "ratio",
+            "top_trials",
+            "sampler",
+            "seed",
+            "space",
+            "min_steps",
+            "target_steps",
+            "device",
+            "heartbeat",
+        )
+    }
     if args.workers < 1:
         print(f"search.run: error: --workers must be 1 or more, got {args.workers}", file=sys.stderr)
         return 2
     if args.heartbeat is not None and args.heartbeat < 0:
-        print(f"search.run: error: --heartbeat must be a number of seconds >= 1 (0: off), got {args.heartbeat}",
-              file=sys.stderr)
+        print(
+            f"search.run: error: --heartbeat must be a number of seconds >= 1 (0: off), got {args.heartbeat}",
+            file=sys.stderr,
+        )
         return 2
     if args.storage is None:  # the URL may come from the environment, keeping its password off command lines
         args.storage = os.environ.get("EINSTRUCT_STORAGE") or None
@@ -316,8 +384,15 @@ def main(argv=None) -> int:
 
         try:
             _check(args, given)
-            r = run_search(args.study, storage=args.storage, out=args.out, worker=args.worker_index, estimate=False,
-                           reporter=Reporter(), **given)
+            r = run_search(
+                args.study,
+                storage=args.storage,
+                out=args.out,
+                worker=args.worker_index,
+                estimate=False,
+                reporter=Reporter(),
+                **given,
+            )
         except Exception as e:
             return _failed(e, args)
         except KeyboardInterrupt:
@@ -334,8 +409,9 @@ def main(argv=None) -> int:
         children = [] if args.dry_run else _start_workers(args, given, base)
         from .loop import run_search
 
-        result = run_search(args.study, storage=args.storage, out=args.out, dry_run=args.dry_run, reporter=rep,
-                            worker=base, **given)
+        result = run_search(
+            args.study, storage=args.storage, out=args.out, dry_run=args.dry_run, reporter=rep, worker=base, **given
+        )
     except BrokenPipeError:  # the reader of stdout went away (`... | head`): not a bug, end quietly
         _stop(children)
         return closed_pipe()
@@ -354,8 +430,11 @@ def main(argv=None) -> int:
         return _finish(result, children)
     except KeyboardInterrupt:  # the study is stored: only the summary or the report was cut short
         _stop(children)
-        print(f"\ninterrupted: the study is stored; write its report with python -m search.report --study "
-              f"{result.name} --out {result.folder}", file=sys.stderr)
+        print(
+            f"\ninterrupted: the study is stored; write its report with python -m search.report --study "
+            f"{result.name} --out {result.folder}",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -364,8 +443,11 @@ def _finish(result, children) -> int:
     if children:
         failed = [i for i, p in children if p.wait() != 0]
         if failed:
-            print(f"warning: worker(s) {', '.join(map(str, failed))} stopped with an error; see worker-<i>.log in "
-                  f"{result.folder}", file=sys.stderr)
+            print(
+                f"warning: worker(s) {', '.join(map(str, failed))} stopped with an error; see worker-<i>.log in "
+                f"{result.folder}",
+                file=sys.stderr,
+            )
         from . import outputs
 
         outputs.write_trials_csv(os.path.join(result.folder, "trials.csv"), result.rows())  # every worker's trials
@@ -380,8 +462,11 @@ def _finish(result, children) -> int:
         path = write_report(result.folder, result.name)
     except Exception as e:
         why = (str(e).splitlines() or [""])[0]
-        print(f"warning: no report ({type(e).__name__}: {why}); retry with python -m search.report --study "
-              f"{result.name} --out {result.folder}", file=sys.stderr)
+        print(
+            f"warning: no report ({type(e).__name__}: {why}); retry with python -m search.report --study "
+            f"{result.name} --out {result.folder}",
+            file=sys.stderr,
+        )
         return code
     try:
         print(f"\nreport: {path}")
@@ -396,13 +481,17 @@ def _summary(result) -> None:
 
     from .space import Candidate
 
-    print(f"\nspent {result.spent:.4g} of {result.settings['budget']:.4g} training FLOPs; "
-          f"trials in {result.folder}/trials.csv")
+    print(
+        f"\nspent {result.spent:.4g} of {result.settings['budget']:.4g} training FLOPs; "
+        f"trials in {result.folder}/trials.csv"
+    )
     for lv in result.levels:
         b = result.best(lv.index)
         if b:
-            print(f"level {lv.index} ({lv.allowance:.3g} FLOPs): best {b['structure']} width {b['width']} "
-                  f"loss {float(b['loss']):.4g}")
+            print(
+                f"level {lv.index} ({lv.allowance:.3g} FLOPs): best {b['structure']} width {b['width']} "
+                f"loss {float(b['loss']):.4g}"
+            )
     b = result.best()
     if b:
         cand = Candidate.from_row(b)

@@ -95,12 +95,12 @@ def parse(url: str) -> ParsedURL | None:
     user, password, rest = "", None, body
     # user: up to the first ':' or '/'; then either '@' (no password) or ':' and a password up to the first '@'
     cut = re.match(r"[^:/]*", body).end()
-    if cut < len(body) and body[cut] == ":" and "@" in body[cut + 1:]:
+    if cut < len(body) and body[cut] == ":" and "@" in body[cut + 1 :]:
         at = body.index("@", cut + 1)
-        user, password, rest = body[:cut], body[cut + 1: at], body[at + 1:]
+        user, password, rest = body[:cut], body[cut + 1 : at], body[at + 1 :]
         last = body.rindex("@")
         if last != at:  # a raw '@' in the password (the driver takes what follows the first one for the host):
-            password, rest = body[cut + 1: last], body[last + 1:]  # hide up to the last '@', and each piece
+            password, rest = body[cut + 1 : last], body[last + 1 :]  # hide up to the last '@', and each piece
         spans.append((head + cut + 1, head + cut + 1 + len(password)))
         raw.append(password)
         decoded.append(unquote(password))
@@ -109,7 +109,7 @@ def parse(url: str) -> ParsedURL | None:
             decoded.append(unquote(piece))
     elif "@" in body[:cut]:
         at = body.rindex("@", 0, cut)
-        user, rest = body[:at], body[at + 1:]
+        user, rest = body[:at], body[at + 1 :]
     elif not m:
         return None  # neither a URL nor user:password@host
     # the query: after the first '?' that follows the user part (the driver's reading), and, in case the user
@@ -150,8 +150,15 @@ def forms(secret: str) -> set[str]:
     out = set()
     for s in base:
         out |= {s, quote(s, safe=""), quote(s), quote(s, safe=" +"), quote_plus(s), s.replace(" ", "+")}
-        out |= {repr(s)[1:-1], ascii(s)[1:-1], json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1],
-                repr(s.encode("utf-8", "backslashreplace"))[2:-1], s.replace("'", "''"), s.replace('"', '""')}
+        out |= {
+            repr(s)[1:-1],
+            ascii(s)[1:-1],
+            json.dumps(s)[1:-1],
+            json.dumps(s, ensure_ascii=False)[1:-1],
+            repr(s.encode("utf-8", "backslashreplace"))[2:-1],
+            s.replace("'", "''"),
+            s.replace('"', '""'),
+        }
         for bs in (s, s.replace("\\", "\\\\")):
             for quotes in ("'", '"', "'\""):
                 t = bs
@@ -170,16 +177,15 @@ def _plan(url: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
         return (), ()
     whole = {}
     red = p.redacted()
-    tail = p.text[len(p.scheme) + 3:] if p.scheme else p.text
-    red_tail = red[len(p.scheme) + 3:] if p.scheme else red
+    tail = p.text[len(p.scheme) + 3 :] if p.scheme else p.text
+    red_tail = red[len(p.scheme) + 3 :] if p.scheme else red
     for text, masked in ((p.text, red), (tail, red_tail)):  # the tail: a driver may rewrite the scheme
         for f in (text, repr(text)[1:-1], ascii(text)[1:-1], json.dumps(text)[1:-1], text.replace("\\", "\\\\")):
             whole.setdefault(f, masked)
     free = set()
     for s in p.secrets:
         free |= {f for f in forms(s) if len(f) >= MIN_FREE}
-    return (tuple(sorted(whole.items(), key=lambda kv: -len(kv[0]))),
-            tuple(sorted(free, key=lambda f: (-len(f), f))))
+    return (tuple(sorted(whole.items(), key=lambda kv: -len(kv[0]))), tuple(sorted(free, key=lambda f: (-len(f), f))))
 
 
 def redact(text, url: str | None = None) -> str:

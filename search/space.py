@@ -54,8 +54,7 @@ class Candidate:
         family = str(row["family"])
         theta = tuple(float(row[k]) for k in THETA_KEYS) if family == "theta" else None
         num = lambda k: int(float(row.get(k) or 0)) or None
-        return cls(family, int(float(row["width"])), theta, num("blocks"), num("rank"), num("experts"),
-                   num("active"))
+        return cls(family, int(float(row["width"])), theta, num("blocks"), num("rank"), num("experts"), num("active"))
 
     def spec(self) -> es.Spec | es.MoEConfig | None:
         """The einstruct Spec (None for dense), or an es.MoEConfig for the MoE families (sparse dispatch).
@@ -63,8 +62,12 @@ class Candidate:
         if self.family == "dense":
             return None
         if self.family in MOE_FAMILIES:
-            return es.MoEConfig(experts=self.experts, active=self.active, dispatch="sparse",
-                                kind="btt" if self.family == "btt_moe" else "ffn")
+            return es.MoEConfig(
+                experts=self.experts,
+                active=self.active,
+                dispatch="sparse",
+                kind="btt" if self.family == "btt_moe" else "ffn",
+            )
         if self.family == "theta":
             return es.theta(*self.theta)
         if self.family == "monarch":
@@ -95,8 +98,14 @@ class Candidate:
 
     def columns(self) -> dict:
         t = dict(zip(THETA_KEYS, self.theta)) if self.theta else dict.fromkeys(THETA_KEYS, "")
-        out = {"family": self.family, "structure": self.label, **t, "blocks": self.blocks or "",
-               "rank": self.rank or "", "width": self.width}
+        out = {
+            "family": self.family,
+            "structure": self.label,
+            **t,
+            "blocks": self.blocks or "",
+            "rank": self.rank or "",
+            "width": self.width,
+        }
         if self.family in MOE_FAMILIES:
             out.update(experts=self.experts, active=self.active)
         return out
@@ -111,8 +120,9 @@ class Space:
 
     def suggest(self, trial) -> Candidate:
         """Define-by-run sampling on an Optuna trial."""
-        family = trial.suggest_categorical("family", list(self.families)) if len(self.families) > 1 \
-            else self.families[0]
+        family = (
+            trial.suggest_categorical("family", list(self.families)) if len(self.families) > 1 else self.families[0]
+        )
         width = trial.suggest_categorical("width", list(self.widths))
         if family == "theta":
             if self.fix_beta_delta_zero:

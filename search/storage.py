@@ -41,11 +41,15 @@ def password_of(url) -> str:
 
 def check_url(url) -> str:
     if not isinstance(url, str) or not re.match(r"^[a-z][a-z0-9+]*://", url):
-        raise SearchError(f"storage {redact(str(url), str(url))!r} is not a URL; use e.g. sqlite:///runs/s/study.db "
-                          "or postgresql://USER:PASSWORD@HOST/DB")
+        raise SearchError(
+            f"storage {redact(str(url), str(url))!r} is not a URL; use e.g. sqlite:///runs/s/study.db "
+            "or postgresql://USER:PASSWORD@HOST/DB"
+        )
     if "@" in password_of(url):
-        raise SearchError(f"the password in storage {redact(url, url)!r} holds a raw '@' (or the URL has two); "
-                          "percent-encode it as %40")
+        raise SearchError(
+            f"the password in storage {redact(url, url)!r} holds a raw '@' (or the URL has two); "
+            "percent-encode it as %40"
+        )
     return url
 
 
@@ -62,15 +66,18 @@ def check_storage(url: str) -> str:
         path = url.split(":///", 1)[1] if ":///" in url else ""
         folder = os.path.dirname(os.path.abspath(path)) if path and not path.startswith(":memory:") else ""
         if folder and not os.path.isdir(folder):
-            raise SearchError(f"cannot open storage {redact(url)!r}: the folder {folder!r} does not exist; create it "
-                              "or leave out --storage to use runs/<study>/study.db")
+            raise SearchError(
+                f"cannot open storage {redact(url)!r}: the folder {folder!r} does not exist; create it "
+                "or leave out --storage to use runs/<study>/study.db"
+            )
         return url
     import sqlalchemy
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        engine = sqlalchemy.create_engine(driver_url(url), connect_args=_connect_args(url),
-                                          poolclass=sqlalchemy.pool.NullPool)
+        engine = sqlalchemy.create_engine(
+            driver_url(url), connect_args=_connect_args(url), poolclass=sqlalchemy.pool.NullPool
+        )
         try:
             with engine.connect():
                 pass
@@ -88,21 +95,25 @@ def _connect_args(url: str) -> dict:
 
 
 def _driver_error(url: str, e: ImportError) -> SearchError:
-    return SearchError(f"cannot open storage {redact(url)!r}: no database driver ({redact(str(e.name or e), url)}); "
-                       "for PostgreSQL install it with pip install 'einstruct[postgres]'")
+    return SearchError(
+        f"cannot open storage {redact(url)!r}: no database driver ({redact(str(e.name or e), url)}); "
+        "for PostgreSQL install it with pip install 'einstruct[postgres]'"
+    )
 
 
 def _open_error(url: str, e: Exception) -> SearchError:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return SearchError(f"cannot open storage {redact(url)!r}: {redact(reason, url)}; check the URL and that the "
-                       "database server is running and reachable")
+    return SearchError(
+        f"cannot open storage {redact(url)!r}: {redact(reason, url)}; check the URL and that the "
+        "database server is running and reachable"
+    )
 
 
 def driver_url(url: str) -> str:
     """``postgresql://`` (and ``postgres://``) go through psycopg 3, the driver the ``postgres`` extra installs."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -147,8 +158,11 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
         kwargs = {"pool_pre_ping": True, "connect_args": _connect_args(url)}
     beat = {}
     if heartbeat:
-        beat = {"heartbeat_interval": int(heartbeat), "grace_period": int(grace or 3 * heartbeat),
-                "heartbeat_stale_trial_callback": on_stale}
+        beat = {
+            "heartbeat_interval": int(heartbeat),
+            "grace_period": int(grace or 3 * heartbeat),
+            "heartbeat_stale_trial_callback": on_stale,
+        }
     try:
         import warnings
 

@@ -121,14 +121,48 @@ def run(
     lr = hp.lr if lr is None else check_positive("lr", lr, float)
     world, dev = distributed.setup(resolve_device(device))
     try:
-        return _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals, check_every, callback,
-                    checkpoint, checkpoint_every, on_bound, world, require_step)
+        return _run(
+            task,
+            spec,
+            width,
+            train_flops,
+            seed,
+            lr,
+            schedule,
+            warmup,
+            dev,
+            evals,
+            check_every,
+            callback,
+            checkpoint,
+            checkpoint_every,
+            on_bound,
+            world,
+            require_step,
+        )
     finally:
         distributed.teardown(world)
 
 
-def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals, check_every, callback,
-         checkpoint, checkpoint_every, on_bound, world, require_step=None) -> Result:
+def _run(
+    task,
+    spec,
+    width,
+    train_flops,
+    seed,
+    lr,
+    schedule,
+    warmup,
+    dev,
+    evals,
+    check_every,
+    callback,
+    checkpoint,
+    checkpoint_every,
+    on_bound,
+    world,
+    require_step=None,
+) -> Result:
     hp = task.hyper
 
     # 1. Data (reported, not charged) and the model with its muP parameter groups.
@@ -143,15 +177,16 @@ def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals,
             f"({per_step:.3g} FLOPs); raise train_flops or lower the width"
         )
     warmup = _warmup(hp, steps, warmup)
-    opt = torch.optim.AdamW(task.param_groups(model, lr), lr=lr, betas=hp.betas, weight_decay=hp.weight_decay,
-                            foreach=True)  # one kernel per group, not per tensor: most of a small model's step on CPU
+    opt = torch.optim.AdamW(
+        task.param_groups(model, lr), lr=lr, betas=hp.betas, weight_decay=hp.weight_decay, foreach=True
+    )  # one kernel per group, not per tensor: most of a small model's step on CPU
     base_lrs = [g["lr"] for g in opt.param_groups]
     net = model
     if world.active:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     marks = sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
 
     # 2. The loop, from a checkpoint if there is a matching one.
@@ -203,8 +238,10 @@ def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals,
             if not math.isfinite(mean):
                 reason = f"training loss is {mean} at step {done}"
             elif first_loss > 0 and mean > BLOWUP * first_loss:
-                reason = (f"training loss blew up to {mean:.4g} (> {BLOWUP:g}x its first value {first_loss:.4g}) "
-                          f"at step {done}")
+                reason = (
+                    f"training loss blew up to {mean:.4g} (> {BLOWUP:g}x its first value {first_loss:.4g}) "
+                    f"at step {done}"
+                )
             if callback is not None:
                 callback({"step": done, "steps": steps, "train_flops": done * per_step, "loss": mean})
             if reason:
@@ -219,10 +256,20 @@ def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals,
             if world.main:
                 if on_bound is not None:  # before spending the next stretch, and before saving: a revoked run stops
                     on_bound(min(steps, done + every) * per_step)
-                save_checkpoint(checkpoint, {
-                    "key": key, "step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "first_loss": first_loss,
-                    "curve": [list(p) for p in curve], "train_curve": [list(p) for p in train_curve]})
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "key": key,
+                        "step": done,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "first_loss": first_loss,
+                        "curve": [list(p) for p in curve],
+                        "train_curve": [list(p) for p in train_curve],
+                    },
+                )
             distributed.barrier(world)
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
@@ -240,8 +287,14 @@ def _run(task, spec, width, train_flops, seed, lr, schedule, warmup, dev, evals,
         data_seconds=data_seconds,
         diverged=bool(reason),
         reason=reason,
-        settings={"lr": lr, "schedule": schedule, "warmup": warmup, "seed": seed, "device": str(dev),
-                  **task.describe()},
+        settings={
+            "lr": lr,
+            "schedule": schedule,
+            "warmup": warmup,
+            "seed": seed,
+            "device": str(dev),
+            **task.describe(),
+        },
         resumed_step=start,
         ranks=world.size,
     )
@@ -258,8 +311,18 @@ def fingerprint(*parts) -> str:
     return repr(parts)
 
 
-def checkpoint_key(task: Task, spec, width: int, train_flops: float, seed: int = 0, *, lr: float | None = None,
-                   schedule: str = "constant", warmup: int | None = None, ranks: int = 1) -> str:
+def checkpoint_key(
+    task: Task,
+    spec,
+    width: int,
+    train_flops: float,
+    seed: int = 0,
+    *,
+    lr: float | None = None,
+    schedule: str = "constant",
+    warmup: int | None = None,
+    ranks: int = 1,
+) -> str:
     """The fingerprint ``run`` gives its checkpoints for these arguments (computed without training)."""
     steps, per_step = plan(task, spec, width, train_flops)
     hp = task.hyper
@@ -336,11 +399,15 @@ def check_device(device) -> torch.device:
     that is not there, and a device kind this torch cannot allocate on. For command lines."""
     dev = resolve_device(device)
     if dev.type == "meta":
-        raise SearchError(f"device {device!r} holds tensor shapes only, no data, so nothing can be trained on it; "
-                          "use auto, cpu or cuda")
+        raise SearchError(
+            f"device {device!r} holds tensor shapes only, no data, so nothing can be trained on it; "
+            "use auto, cpu or cuda"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SearchError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
-                          f"from 0; use cuda or cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        raise SearchError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+            f"from 0; use cuda or cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
     if dev.type not in ("cpu", "cuda"):
         try:
             torch.empty(1, device=dev)
@@ -370,7 +437,7 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m search.train", description=main.__doc__)
     p.add_argument("--task", choices=NAMES, default="regression")
     p.add_argument("--data", help="data path for lm and cifar")
-    p.add_argument("--task-settings", default="{}", help='task overrides as JSON, e.g. \'{"batch": 64}\'')
+    p.add_argument("--task-settings", default="{}", help="task overrides as JSON, e.g. '{\"batch\": 64}'")
     p.add_argument("--spec", default="dense", help="a preset name: dense, low_rank, kron, tt, btt, monarch, block_diag")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--train-flops", type=float, default=1e9)
@@ -390,26 +457,44 @@ def main(argv=None) -> int:
         if not 0 <= args.seed <= MAX_SEED:
             raise SearchError(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")
         if args.checkpoint_every < 0:
-            raise SearchError(f"--checkpoint-every must be a number of steps >= 1 (0: never), got "
-                              f"{args.checkpoint_every}")
+            raise SearchError(
+                f"--checkpoint-every must be a number of steps >= 1 (0: never), got {args.checkpoint_every}"
+            )
         check_device(args.device)
         try:
             kwargs = json.loads(args.task_settings)
         except ValueError as e:
-            raise SearchError(f"--task-settings is not JSON ({e}); give an object such as "
-                              "'{\"batch\": 64}'") from None
+            raise SearchError(
+                f"--task-settings is not JSON ({e}); give an object such as '{{\"batch\": 64}}'"
+            ) from None
         if not isinstance(kwargs, dict):
-            raise SearchError("--task-settings must be a JSON object such as '{\"batch\": 64}', got "
-                              f"{args.task_settings!r}")
+            raise SearchError(
+                f"--task-settings must be a JSON object such as '{{\"batch\": 64}}', got {args.task_settings!r}"
+            )
         if args.data:
             kwargs["data"] = args.data
         task = get_task(args.task, **kwargs)
         spec = None if args.spec == "dense" else es.presets.get(args.spec)
-        r = run(task, spec, args.width, args.train_flops, args.seed, device=args.device, checkpoint=args.checkpoint,
-                checkpoint_every=args.checkpoint_every)
+        r = run(
+            task,
+            spec,
+            args.width,
+            args.train_flops,
+            args.seed,
+            device=args.device,
+            checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+        )
     except KeyboardInterrupt:
-        return fail("interrupted" + (f"; the run continues from {args.checkpoint} when started again"
-                                     if args.checkpoint and args.checkpoint_every else ""), 130)
+        return fail(
+            "interrupted"
+            + (
+                f"; the run continues from {args.checkpoint} when started again"
+                if args.checkpoint and args.checkpoint_every
+                else ""
+            ),
+            130,
+        )
     except Exception as e:  # bad input, a machine's failure or a bug: one line each
         if args.debug:
             raise
@@ -420,8 +505,9 @@ def main(argv=None) -> int:
         full, oom = disk_full(e), out_of_memory(e)
         if full:
             where = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else "the working folder"
-            return fail(f"the disk holding {where} is full ({full}); free some space there, then run the same "
-                        "command again")
+            return fail(
+                f"the disk holding {where} is full ({full}); free some space there, then run the same command again"
+            )
         if oom:
             return fail(f"out of memory ({oom[:200]}); use a smaller --width, or a smaller batch in --task-settings")
         if isinstance(e, OSError):
@@ -429,9 +515,20 @@ def main(argv=None) -> int:
         why = (str(e).strip().splitlines() or [""])[0]
         return fail(f"{type(e).__name__}: {why} (rerun with --debug for the traceback, and please report it)", 1)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"loss": r.loss, "train_flops": r.train_flops, "steps": r.steps, "ranks": r.ranks,
-                          "flops_per_step": r.flops_per_step, "resumed_step": r.resumed_step,
-                          "curve": [list(c) for c in r.curve], "seconds": round(r.seconds, 3)}))
+        print(
+            json.dumps(
+                {
+                    "loss": r.loss,
+                    "train_flops": r.train_flops,
+                    "steps": r.steps,
+                    "ranks": r.ranks,
+                    "flops_per_step": r.flops_per_step,
+                    "resumed_step": r.resumed_step,
+                    "curve": [list(c) for c in r.curve],
+                    "seconds": round(r.seconds, 3),
+                }
+            )
+        )
     return 0
 
 

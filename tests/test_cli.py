@@ -18,8 +18,23 @@ def test_show_preset_prints_the_table(capsys):
 
 
 def test_show_einsum_with_sizes_and_symbolic(capsys):
-    argv = ["show", "ga,gafr,fgre->fe", "--size", "g=d_in^1/2", "--size", "a=d_in^1/2", "--size", "f=d_out^1/2",
-            "--size", "e=d_out^1/2", "--size", "r=4", "--d", "1024", "--symbolic"]
+    argv = [
+        "show",
+        "ga,gafr,fgre->fe",
+        "--size",
+        "g=d_in^1/2",
+        "--size",
+        "a=d_in^1/2",
+        "--size",
+        "f=d_out^1/2",
+        "--size",
+        "e=d_out^1/2",
+        "--size",
+        "r=4",
+        "--d",
+        "1024",
+        "--symbolic",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "macs        = 8*d**(3/2)" in out

@@ -58,40 +58,84 @@ def assert_one_line_error(code, out, err, needle="", prog=""):
 
 # ---- python -m einstruct -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, needle", [
-    ([], "required: command"),
-    (["show"], "required: spec"),
-    (["list", "extra"], "unrecognized arguments"),
-    (["show", "btt", "--rank", "abc"], "'abc' is not a size"),
-    (["show", "btt", "--rank", "\u00b2"], "is not a size"),  # '²'.isdigit() is True, int('²') a ValueError
-    (["show", "btt", "--blocks", "0"], "takes rank"),
-    (["show", "monarch", "--blocks", "x"], "invalid int"),
-    (["show", "btt", "--pad-tolerance", "nan"], "pad_tolerance"),
-    (["show", "btt", "--d", "99999999999"], "out of range"),
-    (["show", "theta", "--theta", "1e-1000000000,0,1,0,1,0,0"], "not a number"),
-    (["show", "theta", "--theta", ".5,0,.5,0,.5,.5,0", "--rank", "4"], "apply to presets, not to theta"),
-    (["show", "btt", "--theta", ".5,0,.5,0,.5,.5,0"], "--theta applies to the spec 'theta'"),
-    (["show", "i,io->o", "--size", "i=d_in", "--size", "o=d_out", "--rank", "4"], "not to an einsum"),
-    (["show", "i,io->o", "--size", "i=d_in", "--size", "o=d_out", "--name", "bias"], "not allowed"),
-    (["show", "i,io->o", "--size", "=", "--size", "o=d_out"], "not in 'i,io->o'"),
-    (["show", "i,io->o", "--size", "i=__import__('os').system('x')", "--size", "o=d_out"], "is not a size"),
-    (["show", "dense", "--name", "W"], "--name applies to an einsum"),
-    (["show", "butterfly"], "unknown preset"),
-])
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([], "required: command"),
+        (["show"], "required: spec"),
+        (["list", "extra"], "unrecognized arguments"),
+        (["show", "btt", "--rank", "abc"], "'abc' is not a size"),
+        (["show", "btt", "--rank", "\u00b2"], "is not a size"),  # '²'.isdigit() is True, int('²') a ValueError
+        (["show", "btt", "--blocks", "0"], "takes rank"),
+        (["show", "monarch", "--blocks", "x"], "invalid int"),
+        (["show", "btt", "--pad-tolerance", "nan"], "pad_tolerance"),
+        (["show", "btt", "--d", "99999999999"], "out of range"),
+        (["show", "theta", "--theta", "1e-1000000000,0,1,0,1,0,0"], "not a number"),
+        (["show", "theta", "--theta", ".5,0,.5,0,.5,.5,0", "--rank", "4"], "apply to presets, not to theta"),
+        (["show", "btt", "--theta", ".5,0,.5,0,.5,.5,0"], "--theta applies to the spec 'theta'"),
+        (["show", "i,io->o", "--size", "i=d_in", "--size", "o=d_out", "--rank", "4"], "not to an einsum"),
+        (["show", "i,io->o", "--size", "i=d_in", "--size", "o=d_out", "--name", "bias"], "not allowed"),
+        (["show", "i,io->o", "--size", "=", "--size", "o=d_out"], "not in 'i,io->o'"),
+        (["show", "i,io->o", "--size", "i=__import__('os').system('x')", "--size", "o=d_out"], "is not a size"),
+        (["show", "dense", "--name", "W"], "--name applies to an einsum"),
+        (["show", "butterfly"], "unknown preset"),
+    ],
+)
 def test_einstruct_bad_input(argv, needle, capsys):
     assert_one_line_error(*call(cli.main, argv, capsys), needle, "einstruct")
 
 
-TOKENS = st.sampled_from([
-    "show", "list", "btt", "dense", "theta", "monarch", "i,io->o", "ga,gae->ge", "--rank", "--blocks", "--theta",
-    "--size", "--name", "--d", "--d-in", "--d-out", "--json", "--pad-tolerance", "i=d_in", "o=d_out", "g=4",
-    "a=d_in/4", "e=d_out/4", "4", "0", "-1", "64", "nan", "1e9", "x", ".5,0,.5,0,.5,.5,0", "1,2,3", "", "=",
-    "d^1/2", "R", "bias",
-])
+TOKENS = st.sampled_from(
+    [
+        "show",
+        "list",
+        "btt",
+        "dense",
+        "theta",
+        "monarch",
+        "i,io->o",
+        "ga,gae->ge",
+        "--rank",
+        "--blocks",
+        "--theta",
+        "--size",
+        "--name",
+        "--d",
+        "--d-in",
+        "--d-out",
+        "--json",
+        "--pad-tolerance",
+        "i=d_in",
+        "o=d_out",
+        "g=4",
+        "a=d_in/4",
+        "e=d_out/4",
+        "4",
+        "0",
+        "-1",
+        "64",
+        "nan",
+        "1e9",
+        "x",
+        ".5,0,.5,0,.5,.5,0",
+        "1,2,3",
+        "",
+        "=",
+        "d^1/2",
+        "R",
+        "bias",
+    ]
+)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(argv=st.lists(TOKENS, max_size=7))
 def test_einstruct_random_command_lines(argv, capsys):
     code, out, err = call(cli.main, argv, capsys)
@@ -110,6 +154,7 @@ def test_einstruct_internal_errors_are_one_line_too(capsys, monkeypatch):
 
 
 # ---- python -m search.run ----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -209,6 +254,7 @@ def test_search_run_internal_errors_are_one_line_and_redacted(capsys, monkeypatc
 
 # ---- python -m search.report -------------------------------------------------------------------------
 
+
 def test_search_report_bad_input(files, capsys, tmp_path):
     cases = [
         (["--study", "../x"], "not allowed"),
@@ -227,8 +273,17 @@ def test_search_report_bad_input(files, capsys, tmp_path):
 # ---- secrets: nowhere in what a study writes or prints ---------------------------------------------
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32])
-SETTINGS = dict(budget=4e7, levels=3, ratio=2.0, top_trials=3, min_steps=4, target_steps=10, task_settings=TINY,
-                device="cpu", space="btt")
+SETTINGS = dict(
+    budget=4e7,
+    levels=3,
+    ratio=2.0,
+    top_trials=3,
+    min_steps=4,
+    target_steps=10,
+    task_settings=TINY,
+    device="cpu",
+    space="btt",
+)
 
 
 def _check_no_secret(folder, *texts):
@@ -246,8 +301,7 @@ def _run_with_password(url, folder, capsys, caplog, name="secret"):
     from search.loop import run_search
 
     caplog.set_level(logging.INFO)
-    result = run_search(name, storage=url, out=str(folder), reporter=search_run.TqdmReporter(enabled=True),
-                        **SETTINGS)
+    result = run_search(name, storage=url, out=str(folder), reporter=search_run.TqdmReporter(enabled=True), **SETTINGS)
     path = report.write_report(str(folder), name)
     out, err = capsys.readouterr()
     meta = json.load(open(folder / "study.json"))
@@ -278,20 +332,25 @@ def test_password_never_written_or_printed_on_a_real_postgres(tmp_path, capsys, 
 
 # ---- real processes ----------------------------------------------------------------------------------
 
+
 def _proc(*argv, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     env.pop("EINSTRUCT_STORAGE", None)
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=timeout, env=env,
-                       cwd=ROOT, check=False)
+    p = subprocess.run(
+        [sys.executable, "-m", *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False
+    )
     return p, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["einstruct", "show", "butterfly"], "unknown preset"),
-    (["search.run", "--no-progress", "--storage", PG, "--study", "hostile-pg"], "Connection refused"),
-    (["search.report", "--study", "../x"], "no path characters"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["einstruct", "show", "butterfly"], "unknown preset"),
+        (["search.run", "--no-progress", "--storage", PG, "--study", "hostile-pg"], "Connection refused"),
+        (["search.report", "--study", "../x"], "no path characters"),
+    ],
+)
 def test_real_processes_fail_with_one_line(argv, needle):
     p, seconds = _proc(*argv)
     assert p.returncode == 2, p.stderr
@@ -310,17 +369,20 @@ def test_debug_shows_the_traceback():
         cli.main(["show", "butterfly", "--debug"])
 
 
-@pytest.mark.parametrize("text, want", [
-    (f"postgresql://user:{SECRET}@host:5432/db", "postgresql://user:***@host:5432/db"),
-    (f"postgresql+psycopg://user:a/b@{SECRET}@host/db", "postgresql+psycopg://user:***@host/db"),
-    (f"cannot open 'mysql://u:{SECRET}@h/db': refused", "cannot open 'mysql://u:***@h/db': refused"),
-    (f"user:{SECRET}@host", "user:***@host"),
-    (f"postgresql://u@h/db?password={SECRET}&x=1", "postgresql://u@h/db?password=***&x=1"),
-    (f"host=h password={SECRET} dbname=d", "host=h password=*** dbname=d"),
-    ("sqlite:///runs/s/study.db", "sqlite:///runs/s/study.db"),
-    ("postgresql://user@host/db", "postgresql://user@host/db"),
-    ("error at 12:30: a:b", "error at 12:30: a:b"),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        (f"postgresql://user:{SECRET}@host:5432/db", "postgresql://user:***@host:5432/db"),
+        (f"postgresql+psycopg://user:a/b@{SECRET}@host/db", "postgresql+psycopg://user:***@host/db"),
+        (f"cannot open 'mysql://u:{SECRET}@h/db': refused", "cannot open 'mysql://u:***@h/db': refused"),
+        (f"user:{SECRET}@host", "user:***@host"),
+        (f"postgresql://u@h/db?password={SECRET}&x=1", "postgresql://u@h/db?password=***&x=1"),
+        (f"host=h password={SECRET} dbname=d", "host=h password=*** dbname=d"),
+        ("sqlite:///runs/s/study.db", "sqlite:///runs/s/study.db"),
+        ("postgresql://user@host/db", "postgresql://user@host/db"),
+        ("error at 12:30: a:b", "error at 12:30: a:b"),
+    ],
+)
 def test_redact(text, want):
     from search.storage import redact
 

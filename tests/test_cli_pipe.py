@@ -26,8 +26,16 @@ def run_into_closed_pipe(args, cwd, unbuffered: bool) -> tuple[int, str]:
     r, w = os.pipe()
     os.close(r)
     try:
-        proc = subprocess.run([sys.executable, *args], stdout=w, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                              env=_env(unbuffered), timeout=300, check=False)
+        proc = subprocess.run(
+            [sys.executable, *args],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=_env(unbuffered),
+            timeout=300,
+            check=False,
+        )
     finally:
         os.close(w)
     return proc.returncode, proc.stderr
@@ -50,8 +58,13 @@ def test_einstruct_into_a_closed_pipe_is_quiet(argv, unbuffered, tmp_path):
 def test_einstruct_list_into_head_1_is_quiet(tmp_path):
     """The reported case: the reader takes one line and closes the pipe; whether the writer had finished by
     then is a race, and either way there is no message."""
-    proc = subprocess.Popen([sys.executable, "-m", "einstruct", "list"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=tmp_path, env=_env(True))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "einstruct", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=_env(True),
+    )
     first = proc.stdout.readline()
     proc.stdout.close()
     err = proc.stderr.read()
@@ -77,15 +90,18 @@ def test_run_command_catches_the_flush_at_exit(monkeypatch, capsys):
     assert e.value.code == PIPE_CLOSED and capsys.readouterr().err == ""
 
 
-STUB_PROBE = ("import runpy, sys, search.loop as loop; loop.probe = lambda task, widths, device: "
-              "{'flops_per_second': 1e9, 'seconds_per_trial': 0.01, 'probe_width': min(widths)}; "
-              "sys.argv = ['search.run'] + sys.argv[1:]; runpy.run_module('search.run', run_name='__main__')")
+STUB_PROBE = (
+    "import runpy, sys, search.loop as loop; loop.probe = lambda task, widths, device: "
+    "{'flops_per_second': 1e9, 'seconds_per_trial': 0.01, 'probe_width': min(widths)}; "
+    "sys.argv = ['search.run'] + sys.argv[1:]; runpy.run_module('search.run', run_name='__main__')"
+)
 
 
 def test_search_run_dry_run_into_a_closed_pipe_is_quiet(tmp_path):
     """`python -m search.run --dry-run` as it runs (its __main__), with the throughput probe stubbed for speed."""
-    code, err = run_into_closed_pipe(["-c", STUB_PROBE, "--dry-run", "--no-progress", "--out",
-                                      str(tmp_path / "study")], tmp_path, unbuffered=False)
+    code, err = run_into_closed_pipe(
+        ["-c", STUB_PROBE, "--dry-run", "--no-progress", "--out", str(tmp_path / "study")], tmp_path, unbuffered=False
+    )
     assert (code, err) == (PIPE_CLOSED, "")
 
 
@@ -93,8 +109,15 @@ def test_search_run_main_returns_141_when_the_plan_print_breaks(monkeypatch, cap
     import search.loop
     from search import run
 
-    monkeypatch.setattr(search.loop, "probe", lambda task, widths, device: {  # the plan, not the probe, is tested
-        "flops_per_second": 1e9, "seconds_per_trial": 0.01, "probe_width": min(widths)})
+    monkeypatch.setattr(
+        search.loop,
+        "probe",
+        lambda task, widths, device: {  # the plan, not the probe, is tested
+            "flops_per_second": 1e9,
+            "seconds_per_trial": 0.01,
+            "probe_width": min(widths),
+        },
+    )
     monkeypatch.setattr(sys, "stdout", ClosedStdout())
     assert run.main(["--dry-run", "--no-progress", "--out", str(tmp_path / "study")]) == PIPE_CLOSED
     assert capsys.readouterr().err == ""
@@ -109,8 +132,9 @@ def study(tmp_path):
 
 
 def test_search_report_into_a_closed_pipe_is_quiet_and_still_writes(study, tmp_path):
-    code, err = run_into_closed_pipe(["-m", "search.report", "--study", "s", "--out", str(study)], tmp_path,
-                                     unbuffered=False)
+    code, err = run_into_closed_pipe(
+        ["-m", "search.report", "--study", "s", "--out", str(study)], tmp_path, unbuffered=False
+    )
     assert (code, err) == (PIPE_CLOSED, "")
     assert (study / "report.md").exists()
 

@@ -115,9 +115,17 @@ def _opt_cost(st):
 
 @pytest.mark.parametrize(
     "spec",
-    [es.presets.dense(), es.presets.low_rank(rank=4), es.presets.kron(), es.presets.tt(rank=2),
-     es.presets.btt(rank=1), es.presets.btt(rank=3), es.presets.monarch(blocks=4),
-     es.theta(0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25), es.theta(0.33, 0.67, 0, 0.33, 0.67, 0, 0)],
+    [
+        es.presets.dense(),
+        es.presets.low_rank(rank=4),
+        es.presets.kron(),
+        es.presets.tt(rank=2),
+        es.presets.btt(rank=1),
+        es.presets.btt(rank=3),
+        es.presets.monarch(blocks=4),
+        es.theta(0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25),
+        es.theta(0.33, 0.67, 0, 0.33, 0.67, 0, 0),
+    ],
     ids=lambda s: s.label,
 )
 @pytest.mark.parametrize("d_in, d_out", [(256, 256), (1024, 4096)])
@@ -155,16 +163,34 @@ def test_symbolic_square_flag_and_min():
 def test_table_shows_sizes_roles_and_costs():
     st = es.compile(es.presets.btt(rank=4), 1024, 4096)
     text = st.table()
-    for needle in ("bond", "input", "output", "contracted", "kappa", "init_std", f"{st.macs:,}", f"{st.params:,}",
-                   "omega=0", "psi=1", "nu=0.5", "rank       1024"):
+    for needle in (
+        "bond",
+        "input",
+        "output",
+        "contracted",
+        "kappa",
+        "init_std",
+        f"{st.macs:,}",
+        f"{st.params:,}",
+        "omega=0",
+        "psi=1",
+        "nu=0.5",
+        "rank       1024",
+    ):
         assert needle in text
 
 
 @pytest.mark.parametrize(
     "spec",
-    [es.presets.low_rank(rank=4), es.presets.kron(), es.presets.tt(rank=2), es.presets.btt(rank=3),
-     es.presets.monarch(blocks=4), es.theta(0.2, 0.5, 0.3, 0.5, 0.2, 0.3, 0),
-     es.Spec("ga,L:fgre,R:gafr->fe", g="d_in^1/2", a="d_in^1/2", f="d_out^1/2", e="d_out^1/2", r=2)],
+    [
+        es.presets.low_rank(rank=4),
+        es.presets.kron(),
+        es.presets.tt(rank=2),
+        es.presets.btt(rank=3),
+        es.presets.monarch(blocks=4),
+        es.theta(0.2, 0.5, 0.3, 0.5, 0.2, 0.3, 0),
+        es.Spec("ga,L:fgre,R:gafr->fe", g="d_in^1/2", a="d_in^1/2", f="d_out^1/2", e="d_out^1/2", r=2),
+    ],
     ids=lambda s: s.label or s.einsum,
 )
 @pytest.mark.parametrize("d_in, d_out", [(256, 256), (1024, 4096), (4096, 1024)])

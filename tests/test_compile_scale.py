@@ -19,7 +19,7 @@ LETTERS = string.ascii_letters
 
 
 def tensor_train(k, in_size=None, out_size=None, rank=4, sizes=None):
-    a, e, b = LETTERS[:k], LETTERS[k:2 * k], LETTERS[2 * k:3 * k - 1]
+    a, e, b = LETTERS[:k], LETTERS[k : 2 * k], LETTERS[2 * k : 3 * k - 1]
     cores = [a[j] + e[j] + (b[j - 1] if j else "") + (b[j] if j < k - 1 else "") for j in range(k)]
     given = {c: in_size or f"d_in^1/{k}" for c in a} | {c: out_size or f"d_out^1/{k}" for c in e}
     given |= {c: rank for c in b}
@@ -28,8 +28,8 @@ def tensor_train(k, in_size=None, out_size=None, rank=4, sizes=None):
 
 
 def butterfly(levels):
-    a, b = LETTERS[:levels], LETTERS[levels:2 * levels]
-    cores = [b[:t] + a[t] + b[t] + a[t + 1:] for t in range(levels)]
+    a, b = LETTERS[:levels], LETTERS[levels : 2 * levels]
+    cores = [b[:t] + a[t] + b[t] + a[t + 1 :] for t in range(levels)]
     return es.Spec(a + "," + ",".join(cores) + "->" + b, **{c: 2 for c in a + b})
 
 
@@ -55,7 +55,7 @@ def brute_force(x, y, core_axes, sizes, combine=lambda total, step: total + step
 
 
 def random_tt(rng, k):
-    a, e, b = LETTERS[:k], LETTERS[k:2 * k], LETTERS[2 * k:3 * k - 1]
+    a, e, b = LETTERS[:k], LETTERS[k : 2 * k], LETTERS[2 * k : 3 * k - 1]
     cores = [a[j] + e[j] + (b[j - 1] if j else "") + (b[j] if j < k - 1 else "") for j in range(k)]
     sizes = {c: rng.randint(1, 6) for c in a + e} | {c: rng.randint(2, 6) for c in b}
     return a, e, cores, sizes
@@ -65,7 +65,7 @@ def random_network(rng, k):
     """x, y and k cores over random axes (input, output, block or bond, shared by 1-3 cores)."""
     while True:
         x, y, cores = set(), set(), [set() for _ in range(k)]
-        for a in LETTERS[:rng.randint(k, min(2 * k, 14))]:
+        for a in LETTERS[: rng.randint(k, min(2 * k, 14))]:
             role = rng.choice(["in", "out", "block", "bond"])
             if role in ("in", "block"):
                 x.add(a)

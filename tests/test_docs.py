@@ -69,7 +69,13 @@ def test_example_runs_with_a_tiny_budget(name, tmp_path):
     corpus = _corpus(tmp_path / "corpus.txt")
     args = [a.format(corpus=corpus, tmp=tmp_path) for a in EXAMPLES[name]]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip(), f"{name} printed nothing"

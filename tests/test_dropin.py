@@ -180,8 +180,11 @@ def test_recurrent_layers_are_named():
 
 def test_a_tied_head_is_left_dense_with_a_warning_and_untie_forces_it():
     model = MiniGPT(tie=True)
-    with pytest.warns(UserWarning, match=r"left 1 weight-tied layer\(s\) dense.*'lm_head' \(shared with 'wte'\)"
-                      r".*tied='untie'"):
+    with pytest.warns(
+        UserWarning,
+        match=r"left 1 weight-tied layer\(s\) dense.*'lm_head' \(shared with 'wte'\)"
+        r".*tied='untie'",
+    ):
         es.structure(model, BTT, "all")
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.wte.weight
     assert isinstance(model.c_fc, StructuredLinear)
@@ -241,14 +244,23 @@ def test_a_mode_that_keeps_every_layer_says_nothing_was_structured():
 
 def _gpt2(tie=True):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                  tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-GPT2_PROJ = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
-                                                                   "mlp.c_proj")]
+GPT2_PROJ = [
+    f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+]
 
 
 def test_hf_gpt2_conv1d_projections_are_structured_and_the_tied_head_kept():
@@ -284,9 +296,17 @@ def test_hf_gpt2_trains_with_param_groups_after_structure():
 
 def test_hf_llama_tied_head():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True,
-                                   bos_token_id=0, eos_token_id=0)
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with warnings.catch_warnings():

@@ -28,8 +28,13 @@ SMALL_MEMORY = 2**26  # 64 MiB: anything larger is refused quickly instead of al
 
 
 def fuzz(n: int):
-    return settings(max_examples=max(1, int(n * SCALE)), deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    return settings(
+        max_examples=max(1, int(n * SCALE)),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
 
 
 @contextlib.contextmanager
@@ -56,10 +61,20 @@ def spec_error_or(fn):
 # ---- strategies --------------------------------------------------------------------------------------
 
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.binary(max_size=6), st.fractions(), st.decimals(allow_nan=True),
-    st.complex_numbers(), st.lists(st.integers(0, 9), max_size=3), st.just(object()), st.just(Size(Fraction(0))),
-    st.just(Size(Fraction(2), "d_zz", Fraction(1))), st.just(Size(Fraction(1, 3))),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.binary(max_size=6),
+    st.fractions(),
+    st.decimals(allow_nan=True),
+    st.complex_numbers(),
+    st.lists(st.integers(0, 9), max_size=3),
+    st.just(object()),
+    st.just(Size(Fraction(0))),
+    st.just(Size(Fraction(2), "d_zz", Fraction(1))),
+    st.just(Size(Fraction(1, 3))),
 )
 SIZE_TEXT = st.one_of(
     st.text(alphabet="d_inout^/*()0123456789.-+ eE", max_size=18),
@@ -67,8 +82,25 @@ SIZE_TEXT = st.one_of(
         lambda coef, base, exp, div: f"{coef}{base}{exp}{div}",
         st.sampled_from(["", "2*", "0*", "0.5*", "1/3*", "1/0*", "99999999999999999999999*", "-1*", ".*", "1e5*"]),
         st.sampled_from(["d_in", "d_out", "d", "D", "d_", "x", "d_inn"]),
-        st.sampled_from(["", "^1/2", "^0.25", "**(1/3)", "^(1/2", "^-1", "^0", "^9", "^1/0", "^4", "^0.0000001",
-                         "^.5", "^1/2/3", "^^2", "**"]),
+        st.sampled_from(
+            [
+                "",
+                "^1/2",
+                "^0.25",
+                "**(1/3)",
+                "^(1/2",
+                "^-1",
+                "^0",
+                "^9",
+                "^1/0",
+                "^4",
+                "^0.0000001",
+                "^.5",
+                "^1/2/3",
+                "^^2",
+                "**",
+            ]
+        ),
         st.sampled_from(["", "/4", "/0", "/16", "/", "/-2", "/99999999999999999999"]),
     ),
 )
@@ -78,6 +110,7 @@ DIMS = st.one_of(JUNK, st.integers(-3, 300), st.sampled_from([64, 96, 128, 2**24
 
 
 # ---- valid random specs and near misses ---------------------------------------------------------------
+
 
 @st.composite
 def valid_parts(draw):
@@ -130,13 +163,13 @@ def mutated_parts(draw):
         kind = draw(st.sampled_from(["delete", "insert", "swap", "resize", "unsize", "extra"]))
         if kind == "delete" and einsum:
             i = draw(st.integers(0, len(einsum) - 1))
-            einsum = einsum[:i] + einsum[i + 1:]
+            einsum = einsum[:i] + einsum[i + 1 :]
         elif kind == "insert":
             i = draw(st.integers(0, len(einsum)))
             einsum = einsum[:i] + draw(st.sampled_from(list("abcxyz,->:.1 ") + ["->", "R:"])) + einsum[i:]
         elif kind == "swap" and len(einsum) > 1:
             i = draw(st.integers(0, len(einsum) - 2))
-            einsum = einsum[:i] + einsum[i + 1] + einsum[i] + einsum[i + 2:]
+            einsum = einsum[:i] + einsum[i + 1] + einsum[i] + einsum[i + 2 :]
         elif kind == "resize" and sizes:
             sizes[draw(st.sampled_from(sorted(sizes)))] = draw(SIZES)
         elif kind == "unsize" and sizes:
@@ -146,12 +179,14 @@ def mutated_parts(draw):
     return einsum, sizes, d_in, d_out
 
 
-
-
 # ---- malformed and random input: SpecError only -------------------------------------------------------
 
-RANDOM_PARTS = st.tuples(st.one_of(EINSUM_TEXT, JUNK), st.dictionaries(st.sampled_from("abcxyABz"), SIZES, max_size=6),
-                         st.sampled_from([8, 16, 36, 64, 18]), st.sampled_from([8, 16, 48, 64, 27]))
+RANDOM_PARTS = st.tuples(
+    st.one_of(EINSUM_TEXT, JUNK),
+    st.dictionaries(st.sampled_from("abcxyABz"), SIZES, max_size=6),
+    st.sampled_from([8, 16, 36, 64, 18]),
+    st.sampled_from([8, 16, 48, 64, 27]),
+)
 
 
 @fuzz(1200)
@@ -184,8 +219,11 @@ def test_random_specs_compile_or_raise_spec_error(parts):
 
 
 @fuzz(300)
-@given(sizes=st.one_of(JUNK, st.integers(), st.text(max_size=5), st.lists(st.tuples(st.text(max_size=2), SIZES))),
-       names=st.one_of(JUNK, st.lists(st.one_of(st.text(max_size=4), JUNK), max_size=3)), label=JUNK)
+@given(
+    sizes=st.one_of(JUNK, st.integers(), st.text(max_size=5), st.lists(st.tuples(st.text(max_size=2), SIZES))),
+    names=st.one_of(JUNK, st.lists(st.one_of(st.text(max_size=4), JUNK), max_size=3)),
+    label=JUNK,
+)
 @example(sizes=5, names=None, label="")  # was a TypeError from dict(5)
 @example(sizes="ab", names=None, label="")  # was a ValueError from dict("ab")
 @example(sizes={"i": "d_in", "o": "d_out"}, names=None, label=7)  # was a TypeError in str(spec)
@@ -217,8 +255,11 @@ def test_any_size_value_gives_a_spec_or_a_spec_error(size, d):
 
 
 THETA_ENTRY = st.one_of(
-    st.floats(0, 1), st.fractions(0, 1, max_denominator=10**30), st.sampled_from([0, 1, 0.5, "0.5", "1/3", " 1 "]),
-    JUNK, st.text(alphabet="0123456789./eE+-", max_size=12),
+    st.floats(0, 1),
+    st.fractions(0, 1, max_denominator=10**30),
+    st.sampled_from([0, 1, 0.5, "0.5", "1/3", " 1 "]),
+    JUNK,
+    st.text(alphabet="0123456789./eE+-", max_size=12),
     st.sampled_from(["1e-1000000000", "1e400", "nan", "inf", "1/0", "0x1", "1_0", "½", "0.5" * 20]),
     st.sampled_from([5e-324, 1e-300, float("nan"), float("-inf"), Decimal("0.5"), Decimal("1e-999999")]),
 )
@@ -227,6 +268,7 @@ THETA_ENTRY = st.one_of(
 @st.composite
 def theta_points(draw):
     """Valid theta: two 3-simplices (on a grid of 1/12, or any float) and rho in [0, 1]."""
+
     def simplex():
         if draw(st.booleans()):
             a = draw(st.integers(0, 12))
@@ -249,8 +291,10 @@ def theta_near_misses(draw):
 
 
 @fuzz(600)
-@given(t=st.one_of(st.lists(THETA_ENTRY, min_size=7, max_size=7), theta_near_misses()),
-       d=st.sampled_from([16, 36, 64, 100]))
+@given(
+    t=st.one_of(st.lists(THETA_ENTRY, min_size=7, max_size=7), theta_near_misses()),
+    d=st.sampled_from([16, 36, 64, 100]),
+)
 @example(t=["1e-1000000000", 0, 1, 0, 1, 0, 0], d=64)  # hung: Fraction computed 10**1000000000
 @example(t=[5e-324, 0, 1, 0, 1, 0, 0], d=64)  # OverflowError in the min-cut (huge exponent denominators)
 @example(t=[Fraction(1, 10**50), 0, 1 - Fraction(1, 10**50), 0, 1, 0, 0], d=64)  # was "107 characters long"
@@ -277,8 +321,12 @@ def test_valid_theta_compiles_or_explains(t, d):
 
 
 @fuzz(500)
-@given(d_in=DIMS, d_out=st.one_of(st.none(), DIMS), pad=st.one_of(st.floats(allow_nan=True), JUNK),
-       preset=st.sampled_from(["dense", "btt", "monarch", "kron", "low_rank", "block_diag", "tt", "nope", 3]))
+@given(
+    d_in=DIMS,
+    d_out=st.one_of(st.none(), DIMS),
+    pad=st.one_of(st.floats(allow_nan=True), JUNK),
+    preset=st.sampled_from(["dense", "btt", "monarch", "kron", "low_rank", "block_diag", "tt", "nope", 3]),
+)
 @example(d_in=10**7, d_out=None, pad=0.15, preset="dense")
 def test_any_layer_dimensions_compile_or_raise_spec_error(d_in, d_out, pad, preset):
     t0 = time.perf_counter()
@@ -290,14 +338,25 @@ LAYER_DIMS = st.one_of(st.sampled_from([8, 16, 18, 32, 36, 64, 100, 128, 4096]),
 
 
 @fuzz(300)
-@given(d_in=LAYER_DIMS, d_out=LAYER_DIMS, preset=st.sampled_from(["dense", "btt", "monarch", "low_rank", "block_diag"]),
-       kwargs=st.fixed_dictionaries({}, optional={
-           "bias": st.booleans(), "zero_init": st.booleans(), "normalize": st.booleans(),
-           "init_scale": st.one_of(st.none(), st.floats(0.001, 2), st.floats(allow_nan=True, allow_infinity=True),
-                                   JUNK),
-           "low_rank_init": st.booleans(),
-           "dtype": st.sampled_from([None, None, torch.float64, torch.bfloat16, torch.int64, "float"]),
-           "pad_tolerance": st.one_of(st.floats(0, 1), JUNK)}))
+@given(
+    d_in=LAYER_DIMS,
+    d_out=LAYER_DIMS,
+    preset=st.sampled_from(["dense", "btt", "monarch", "low_rank", "block_diag"]),
+    kwargs=st.fixed_dictionaries(
+        {},
+        optional={
+            "bias": st.booleans(),
+            "zero_init": st.booleans(),
+            "normalize": st.booleans(),
+            "init_scale": st.one_of(
+                st.none(), st.floats(0.001, 2), st.floats(allow_nan=True, allow_infinity=True), JUNK
+            ),
+            "low_rank_init": st.booleans(),
+            "dtype": st.sampled_from([None, None, torch.float64, torch.bfloat16, torch.int64, "float"]),
+            "pad_tolerance": st.one_of(st.floats(0, 1), JUNK),
+        },
+    ),
+)
 def test_any_structured_linear_arguments(d_in, d_out, preset, kwargs):
     with memory_limit(SMALL_MEMORY):
         layer = spec_error_or(lambda: es.StructuredLinear(d_in, d_out, preset, **kwargs))
@@ -321,6 +380,7 @@ def test_forward_with_the_wrong_input_shape(shape, last):
 
 
 # ---- valid random specs run as the matrix they declare ---------------------------------------------
+
 
 def reference(layer, x):
     """y by one torch.einsum over the layer's (effective) cores: independent of the planned chain."""
@@ -353,12 +413,17 @@ def test_valid_random_specs_compile_and_match_their_matrix(case, normalize, n):
 
 # ---- resource limits ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", ["dense", es.presets.btt(rank=4), es.presets.low_rank(rank="d^1/2")],
-                         ids=["dense", "btt4", "low_rank_sqrt"])
+
+@pytest.mark.parametrize(
+    "spec", ["dense", es.presets.btt(rank=4), es.presets.low_rank(rank="d^1/2")], ids=["dense", "btt4", "low_rank_sqrt"]
+)
 def test_huge_layer_is_refused_with_its_size_before_allocating(spec):
     t0 = time.perf_counter()
-    with pytest.raises(es.SpecError, match=r"parameters of StructuredLinear\(10000000 -> 10000000.*need [0-9.]+ "
-                                           r"[TGP]iB \([0-9.e+]+ bytes\), more than the"):
+    with pytest.raises(
+        es.SpecError,
+        match=r"parameters of StructuredLinear\(10000000 -> 10000000.*need [0-9.]+ "
+        r"[TGP]iB \([0-9.e+]+ bytes\), more than the",
+    ):
         es.StructuredLinear(10**7, 10**7, spec)
     assert time.perf_counter() - t0 < 5
 

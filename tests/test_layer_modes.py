@@ -14,8 +14,6 @@ from .test_linear_fast import _seed, counted  # noqa: F401 (_seed: the autouse s
 P = es.presets
 
 
-
-
 def truth(layer, x):
     with torch.no_grad():
         return einsum_reference(layer, x) + layer.bias
@@ -91,8 +89,9 @@ def test_inference_cache_scope_is_fast_path_and_ends_with_the_scope():
 
 
 def test_inference_cache_takes_a_model_and_nests():
-    model = torch.nn.Sequential(StructuredLinear(64, 64, P.btt(rank=1)), torch.nn.ReLU(),
-                                StructuredLinear(64, 32, P.kron()))
+    model = torch.nn.Sequential(
+        StructuredLinear(64, 64, P.btt(rank=1)), torch.nn.ReLU(), StructuredLinear(64, 32, P.kron())
+    )
     x = torch.randn(3, 64)
     with torch.no_grad():
         ref = model(x)
@@ -180,9 +179,11 @@ def test_moe_flops_equal_the_counter_in_every_mode(spec, dispatch):
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 @pytest.mark.parametrize("kind", ["btt_moe", "moe_btt", "moe_dense"])
 def test_moe_layers_run_under_bf16_autocast_in_both_grad_modes(kind, dispatch, grad):
-    make = {"btt_moe": lambda: es.BTTMoE(64, 64, experts=4, active=2, dispatch=dispatch),
-            "moe_btt": lambda: es.MoE(64, 64, experts=4, active=2, spec="btt", dispatch=dispatch),
-            "moe_dense": lambda: es.MoE(64, 64, experts=4, active=2, dispatch=dispatch)}
+    make = {
+        "btt_moe": lambda: es.BTTMoE(64, 64, experts=4, active=2, dispatch=dispatch),
+        "moe_btt": lambda: es.MoE(64, 64, experts=4, active=2, spec="btt", dispatch=dispatch),
+        "moe_dense": lambda: es.MoE(64, 64, experts=4, active=2, dispatch=dispatch),
+    }
     layer = make[kind]()
     x = torch.randn(33, 64)
     with torch.no_grad():

@@ -97,8 +97,12 @@ def check_cell(layer32: StructuredLinear, mode: str, precision: str, rows: str) 
     n = rows_of(layer, rows)
     x = torch.randn(n, layer.in_features, dtype=dtype, requires_grad=mode == "train")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast")
-    grad_mode = {"train": torch.enable_grad(), "no_grad": torch.no_grad(),
-                 "inference_mode": torch.inference_mode(), "cached": torch.no_grad()}[mode]
+    grad_mode = {
+        "train": torch.enable_grad(),
+        "no_grad": torch.no_grad(),
+        "inference_mode": torch.inference_mode(),
+        "cached": torch.no_grad(),
+    }[mode]
     scope = es.inference_cache(layer) if mode == "cached" else torch.autocast("cpu", enabled=False)
     where = f"{mode}, {precision}, {n} rows"
     with scope:

@@ -181,8 +181,9 @@ def test_summary_totals_and_baseline_ratios():
     torch.manual_seed(4)
     model = Net()
     before = es.summary(model)
-    assert before.flops == sum(2 * m.in_features * m.out_features for _, m in model.named_modules()
-                               if isinstance(m, nn.Linear))
+    assert before.flops == sum(
+        2 * m.in_features * m.out_features for _, m in model.named_modules() if isinstance(m, nn.Linear)
+    )
     es.structure(model, BTT, "all_but_last")
     after = es.summary(model, baseline=before)
     layers = [m for _, m in model.named_modules() if isinstance(m, StructuredLinear)]

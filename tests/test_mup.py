@@ -95,8 +95,10 @@ def test_rectangular_btt_core_rates():
     class Up(nn.Module):
         def __init__(self, width, structured):
             super().__init__()
-            self.fc = StructuredLinear(width, 4 * width, es.presets.btt(rank=2)) if structured else nn.Linear(
-                width, 4 * width, device="meta"
+            self.fc = (
+                StructuredLinear(width, 4 * width, es.presets.btt(rank=2))
+                if structured
+                else nn.Linear(width, 4 * width, device="meta")
             )
 
     r = rates(es.param_groups(Up(D, True), LR, base=Up(D0, False)))

@@ -84,8 +84,11 @@ def test_delta_decides_where_the_base_width_guess_cannot():
     layer hidden; a delta model (another width) tells exactly, as at any other width."""
     guess = lr_of(es.param_groups(autoencoder(D0), LR, base=meta(autoencoder, D0), input_lr_mult=0.1))
     assert guess["0.weight"] == pytest.approx(LR)  # the documented limit of the guess
-    exact = lr_of(es.param_groups(autoencoder(D0), LR, base=meta(autoencoder, D0), delta=meta(autoencoder, 128),
-                                  input_lr_mult=0.1))
+    exact = lr_of(
+        es.param_groups(
+            autoencoder(D0), LR, base=meta(autoencoder, D0), delta=meta(autoencoder, 128), input_lr_mult=0.1
+        )
+    )
     wide = lr_of(es.param_groups(autoencoder(256), LR, base=meta(autoencoder, D0), input_lr_mult=0.1))
     assert exact["0.weight"] == pytest.approx(0.1 * LR) and wide["0.weight"] == pytest.approx(0.1 * LR)
     assert exact["2.weight"] == exact["4.weight"] == pytest.approx(LR)
@@ -119,8 +122,7 @@ def test_lr_times_weight_decay_is_constant_across_widths_as_in_mup(width):
         lr, wd = r[f"blocks.0.fc1.{core}"]
         assert lr * wd == pytest.approx(LR * WD) and lr != pytest.approx(LR / wm)
     # plain torch convention on request: one weight decay for every decayed tensor
-    plain = rates(es.param_groups(model, LR, base=meta(ResMLP, D0, depth=1), weight_decay=WD,
-                                  scale_weight_decay=False))
+    plain = rates(es.param_groups(model, LR, base=meta(ResMLP, D0, depth=1), weight_decay=WD, scale_weight_decay=False))
     assert {wd for _, wd in plain.values()} == {0.0, WD}
 
 
@@ -166,8 +168,15 @@ class ViT(nn.Module):
 
 def test_no_weight_decay_and_keywords_of_the_model_and_its_submodules_are_honoured():
     model = ViT()
-    want_off = {"cls_token", "pos_embed", "blocks.0.table", "blocks.1.table", "blocks.0.relative_position_bias",
-                "blocks.1.relative_position_bias", "blocks.1.fc.weight"}
+    want_off = {
+        "cls_token",
+        "pos_embed",
+        "blocks.0.table",
+        "blocks.1.table",
+        "blocks.0.relative_position_bias",
+        "blocks.1.relative_position_bias",
+        "blocks.1.fc.weight",
+    }
     for m in (model, torch.compile(model, backend="eager")):
         r = rates(es.param_groups(m, LR, base=meta(ViT), weight_decay=WD))
         matrices = {n for n, p in model.named_parameters() if p.dim() >= 2}
@@ -254,8 +263,9 @@ def test_mup_init_gives_the_spectral_std_and_a_zero_head():
     assert stds[0] == pytest.approx(math.sqrt(10) / 256, rel=0.05)  # sqrt(fan_out) / fan_in: muP's 1/width head
     assert stds[1] == pytest.approx(math.sqrt(10) / 1024, rel=0.05)
     g = lambda: torch.Generator().manual_seed(3)
-    assert torch.equal(es.mup_init(MLP(64), generator=g()).hidden.weight,
-                       es.mup_init(MLP(64), generator=g()).hidden.weight)
+    assert torch.equal(
+        es.mup_init(MLP(64), generator=g()).hidden.weight, es.mup_init(MLP(64), generator=g()).hidden.weight
+    )
 
 
 def test_mup_init_keeps_zero_weights_structured_layers_embeddings_and_tied_heads():

@@ -92,9 +92,7 @@ def test_monarch_error_is_the_per_block_svd_optimum():
     W = torch.randn(d, d, dtype=torch.float64)
     p = es.from_dense(W, es.presets.monarch(blocks=b))
     blocks = W.reshape(e, b, b, a)
-    best = sum(
-        float((torch.linalg.svdvals(blocks[:, fi, gi, :])[r:] ** 2).sum()) for fi in range(b) for gi in range(b)
-    )
+    best = sum(float((torch.linalg.svdvals(blocks[:, fi, gi, :])[r:] ** 2).sum()) for fi in range(b) for gi in range(b))
     assert float((p.to_dense().detach() - W).norm() ** 2) == pytest.approx(best, rel=1e-9)
 
 

@@ -42,8 +42,12 @@ def test_named_theta_taxonomy_equals_paper_formulas(t):
 
 def test_taxonomy_table_values_of_theory_3():
     expect = {  # (omega, psi, nu)
-        "dense A": (0, 1, 1), "kronecker": (0.5, 1, 0.5), "btt": (0, 1, 0.5), "btt rho=.25": (0, 1, 0.75),
-        "tensor-train rho=.25": (0.5, 1, 0.75), "low rank rho=.25": (0, 0.25, 0.25),
+        "dense A": (0, 1, 1),
+        "kronecker": (0.5, 1, 0.5),
+        "btt": (0, 1, 0.5),
+        "btt rho=.25": (0, 1, 0.75),
+        "tensor-train rho=.25": (0.5, 1, 0.75),
+        "low rank rho=.25": (0, 0.25, 0.25),
     }
     for name, want in expect.items():
         st = es.compile(es.theta(*NAMED[name]), 4096)

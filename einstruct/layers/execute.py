@@ -53,8 +53,15 @@ def core_operands(route: Route, cores: tuple, copy: bool = False) -> tuple[torch
     return tuple(out)
 
 
-def forward(route: Route, x: torch.Tensor, n: int, bias: torch.Tensor | None, ws: tuple,
-            saved: list | None = None, copied: bool = False) -> torch.Tensor:
+def forward(
+    route: Route,
+    x: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+    ws: tuple,
+    saved: list | None = None,
+    copied: bool = False,
+) -> torch.Tensor:
     """(n, d_in) -> (n, d_out) through the route, plus ``bias``; no autograd. ``x`` is contiguous (``copied``:
     already permuted to the first step's layout) and every operand in one dtype. With ``saved``, appends each
     step's (activation, core) operands."""
@@ -100,8 +107,15 @@ def forward(route: Route, x: torch.Tensor, n: int, bias: torch.Tensor | None, ws
     return y
 
 
-def backward(route: Route, saved: tuple, gy: torch.Tensor, n: int, need_x: bool,
-             need_cores: tuple[bool, ...], copied: bool = False) -> tuple[torch.Tensor | None, list]:
+def backward(
+    route: Route,
+    saved: tuple,
+    gy: torch.Tensor,
+    n: int,
+    need_x: bool,
+    need_cores: tuple[bool, ...],
+    copied: bool = False,
+) -> tuple[torch.Tensor | None, list]:
     """Gradients of :func:`forward` for the output gradient ``gy``: (input, [core per execution index]); with
     ``copied``, the input's gradient is laid out like the permuted input the forward was given.
 

@@ -117,18 +117,31 @@ def _step(s, core: int, core_full: tuple[int, ...], src: tuple, prev_matrix: tup
     act_view = s.act_perm is not None and strides.blas_readable(view)
     core_dims = core_full if s.core_perm is None else tuple(core_full[p] for p in s.core_perm)
     core_view = s.core_perm is not None and strides.blas_readable(
-        strides.permuted_view(core_full, s.core_perm, s.core_shape))
+        strides.permuted_view(core_full, s.core_perm, s.core_shape)
+    )
     grad_view = False
     if s.act_perm is not None:  # gradient: contiguous in act_dims, permuted back to src, viewed as prev_matrix
         back = strides.permuted_view(fill(act_dims, n), inverse(s.act_perm), fill(prev_matrix, n * prev_rows))
         grad_view = strides.blas_readable(back)
     return StepRun(
-        core=core, act_perm=s.act_perm, act_inverse=None if s.act_perm is None else inverse(s.act_perm),
-        act_dims=act_dims, act_shape=s.act_shape, act_view=act_view, rows=s.rows, act_kr=s.act_kr,
-        core_perm=s.core_perm, core_inverse=None if s.core_perm is None else inverse(s.core_perm),
-        core_dims=core_dims, core_shape=s.core_shape, core_view=core_view,
-        core_as_is=s.core_perm is None and tuple(s.core_shape) == tuple(core_full), core_left=s.core_left,
-        out_shape=s.out_shape, out_matrix=_matrix(s), grad_view=grad_view,
+        core=core,
+        act_perm=s.act_perm,
+        act_inverse=None if s.act_perm is None else inverse(s.act_perm),
+        act_dims=act_dims,
+        act_shape=s.act_shape,
+        act_view=act_view,
+        rows=s.rows,
+        act_kr=s.act_kr,
+        core_perm=s.core_perm,
+        core_inverse=None if s.core_perm is None else inverse(s.core_perm),
+        core_dims=core_dims,
+        core_shape=s.core_shape,
+        core_view=core_view,
+        core_as_is=s.core_perm is None and tuple(s.core_shape) == tuple(core_full),
+        core_left=s.core_left,
+        out_shape=s.out_shape,
+        out_matrix=_matrix(s),
+        grad_view=grad_view,
     )
 
 
@@ -149,12 +162,20 @@ def route(chain: ChainLayout, st: Structure) -> Route:
         final_shape = tuple(last.out_shape[i] for i in chain.final_perm)  # y's layout: rows first
         n = _PROBE
         if strides.blas_readable(
-                strides.permuted_view(fill(final_shape, n), final_inverse, fill(_matrix(last), n * last.rows))):
+            strides.permuted_view(fill(final_shape, n), final_inverse, fill(_matrix(last), n * last.rows))
+        ):
             into_rows = max(2, -(-INTO_MIN_ELEMS // st.d_out_padded))
     return Route(
-        steps=tuple(steps), in_shape=chain.in_shape, d_in=st.d_in_padded, d_out=st.d_out_padded,
-        final_perm=chain.final_perm, final_inverse=final_inverse, final_shape=final_shape, into_rows=into_rows,
-        fuse_bias=chain.fuse_bias, layout=chain,
+        steps=tuple(steps),
+        in_shape=chain.in_shape,
+        d_in=st.d_in_padded,
+        d_out=st.d_out_padded,
+        final_perm=chain.final_perm,
+        final_inverse=final_inverse,
+        final_shape=final_shape,
+        into_rows=into_rows,
+        fuse_bias=chain.fuse_bias,
+        layout=chain,
     )
 
 
@@ -176,7 +197,10 @@ def build(st: Structure) -> LayerPlan:
     small = route(plan_chain(st, plain=True), st)
     (first, *rest) = small.steps
     return LayerPlan(
-        chain=route(chain, st), small=small, row_elems=elems, builtin_rows=(BUILTIN_MAX_ELEMS - 1) // elems,
+        chain=route(chain, st),
+        small=small,
+        row_elems=elems,
+        builtin_rows=(BUILTIN_MAX_ELEMS - 1) // elems,
         core_names=tuple(c.name for c in st.cores),
         one_matmul=not rest and not first.batched and first.act_perm is None and small.final_perm is None,
         flat=not any(s.batched for s in small.steps),

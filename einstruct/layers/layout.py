@@ -135,9 +135,7 @@ def plan_chain(st: Structure, plain: bool = False) -> ChainLayout:
                                 nxt[out] = (*key, hist + ((layout, arr, act_kr, core_left, b, r, k, p, out),))
         frontier = nxt
     final = (ROWS,) + big(st.spec.y)
-    layout, (cost, _, hist) = min(
-        frontier.items(), key=lambda kv: (kv[1][0] + copy_cost(kv[0], final), kv[1][1])
-    )
+    layout, (cost, _, hist) = min(frontier.items(), key=lambda kv: (kv[1][0] + copy_cost(kv[0], final), kv[1][1]))
     steps = []
     for core, (src, arr, act_kr, core_left, b, r, k, p, out) in zip(st.cores, hist):
         bsz, ksz, psz = (math.prod(sizes[a] for a in g) for g in (b, k, p))
@@ -162,7 +160,9 @@ def plan_chain(st: Structure, plain: bool = False) -> ChainLayout:
         steps=tuple(steps),
         in_shape=tuple(None if a == ROWS else sizes[a] for a in in_layout),
         final_perm=_perm(layout, final),
-        fuse_bias=len(steps[-1].core_shape) == 2 and steps[-1].rows == 1 and not steps[-1].core_left
+        fuse_bias=len(steps[-1].core_shape) == 2
+        and steps[-1].rows == 1
+        and not steps[-1].core_left
         and layout == final,
         cost=cost + copy_cost(layout, final),
     )

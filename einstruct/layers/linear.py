@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 RMS_EPS = 1e-8
 
+
 def _is_low_rank(st: Structure) -> bool:
     """Two cores joined only through bond axes (x -> bond -> y), like ``i,ir,ro->o``."""
     if len(st.cores) != 2:
@@ -117,7 +118,9 @@ class StructuredLinear(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise SpecError(f"StructuredLinear: dtype must be a floating-point torch.dtype, got {dtype!r}")
         if init_scale is not None and (
-            isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not math.isfinite(init_scale)
+            isinstance(init_scale, bool)
+            or not isinstance(init_scale, (int, float))
+            or not math.isfinite(init_scale)
             or init_scale <= 0
         ):
             raise SpecError(
@@ -175,7 +178,6 @@ class StructuredLinear(nn.Module):
         """The cost-model layout (the no-grad chain and larger training batches)."""
         return self._plan.chain.layout
 
-
     # ---- memory limits ---------------------------------------------------------------------
     def _describe(self) -> str:
         name = self.spec.label or self.spec.einsum
@@ -187,14 +189,17 @@ class StructuredLinear(nn.Module):
         itemsize = (dtype or torch.get_default_dtype()).itemsize
         n = self.structure.params + (self.out_features if bias else 0) + (len(self.structure.cores) * self.normalize)
         limits.check_fits(
-            f"the parameters of {self._describe()} ({limits.count(n)} elements)", n * itemsize, dev,
+            f"the parameters of {self._describe()} ({limits.count(n)} elements)",
+            n * itemsize,
+            dev,
             "use smaller dimensions or a structure with fewer parameters (e.g. a lower rank)",
         )
 
     def _check_forward_memory(self, rows: int, x: torch.Tensor, what: str = "the forward") -> None:
         limits.check_fits(
             lambda: f"the intermediates of {what} of {self._describe()} for {rows} rows",
-            rows * self._row_elems * x.element_size(), x.device,
+            rows * self._row_elems * x.element_size(),
+            x.device,
             "use a smaller batch (or accumulate gradients over several)",
         )
 
@@ -250,8 +255,11 @@ class StructuredLinear(nn.Module):
         dt = execute.autocast_dtype(act)
         if not grad:
             route = plan.chain
-            ws = self._cached("chain", self._step_cores) if self._cache_depth else \
-                execute.core_operands(route, self._effective())
+            ws = (
+                self._cached("chain", self._step_cores)
+                if self._cache_depth
+                else execute.core_operands(route, self._effective())
+            )
             if dt is not None:  # every matmul (and the out= one into y) sees one dtype, as autocast gives
                 act, ws = act.to(dt), tuple(w.to(dt) for w in ws)
             if bias is not None and bias.dtype != act.dtype:
@@ -334,7 +342,6 @@ class StructuredLinear(nn.Module):
             y = self._run(x2, n, bias, compiling)
         return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
-
     @property
     def weight(self) -> torch.Tensor:
         """The (out_features, in_features) matrix the layer applies, computed from the cores on every read.
@@ -360,7 +367,8 @@ class StructuredLinear(nn.Module):
         d_in = self.structure.d_in_padded
         limits.check_fits(
             f"the dense matrix of {self._describe()} and its intermediates",
-            (d_in * d_in + d_in * self._row_elems) * ref.element_size(), ref.device,
+            (d_in * d_in + d_in * self._row_elems) * ref.element_size(),
+            ref.device,
             "to_dense() materialises the full matrix: use it on smaller layers",
         )
         eye = torch.eye(d_in, device=ref.device, dtype=ref.dtype)

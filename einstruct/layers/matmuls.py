@@ -21,8 +21,13 @@ def is_conv1d(m: nn.Module) -> bool:
         return False
     w = m._parameters.get("weight")
     nf = getattr(m, "nf", None)
-    return (isinstance(nf, int) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == nf
-            and not isinstance(w, nn.parameter.UninitializedParameter))
+    return (
+        isinstance(nf, int)
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and w.shape[1] == nf
+        and not isinstance(w, nn.parameter.UninitializedParameter)
+    )
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -47,8 +52,10 @@ def _cannot(m: nn.Module) -> str | None:
     """Why ``m`` computes a matmul from a weight of its own that structure() cannot replace; None if it does not."""
     kind = type(m).__name__
     if isinstance(m, nn.MultiheadAttention):
-        return ("nn.MultiheadAttention: its forward reads the packed in_proj_weight (or q/k/v_proj_weight) and "
-                "out_proj.weight itself")
+        return (
+            "nn.MultiheadAttention: its forward reads the packed in_proj_weight (or q/k/v_proj_weight) and "
+            "out_proj.weight itself"
+        )
     if isinstance(m, nn.RNNBase):
         return f"nn.{kind}: its weight_ih/weight_hh matrices are read by the fused recurrent kernel"
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag, StructuredLinear, *MOE_LAYERS)):
@@ -56,8 +63,12 @@ def _cannot(m: nn.Module) -> str | None:
     if "Embedding" in kind or "Norm" in kind:  # lookups and gains, not matmuls
         return None
     for pname, p in m._parameters.items():
-        if (isinstance(p, torch.Tensor) and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() == 2
-                and "weight" in pname.lower()):
+        if (
+            isinstance(p, torch.Tensor)
+            and not isinstance(p, nn.parameter.UninitializedParameter)
+            and p.dim() == 2
+            and "weight" in pname.lower()
+        ):
             return f"{kind}, a module type structure() does not know, with a 2-D parameter {pname!r}"
     return None
 

@@ -76,8 +76,16 @@ _SELECT_HELP = (
 )
 
 
-def structure(model: nn.Module, spec, select: Select = "all_but_last", *, copy_weights: bool = False,
-              tied: str = "skip", moe=None, **layer_kwargs):
+def structure(
+    model: nn.Module,
+    spec,
+    select: Select = "all_but_last",
+    *,
+    copy_weights: bool = False,
+    tied: str = "skip",
+    moe=None,
+    **layer_kwargs,
+):
     """Replace the selected nn.Linear and Conv1D modules of ``model`` with StructuredLinear, in place;
     returns the model (see the module docstring for ``select``, ``tied`` and the warnings).
 
@@ -94,13 +102,17 @@ def structure(model: nn.Module, spec, select: Select = "all_but_last", *, copy_w
     if not isinstance(model, nn.Module):
         raise SpecError(f"structure() needs an nn.Module, got {type(model).__name__}")
     if tied not in TIED:
-        raise SpecError(f"tied must be 'skip' (leave weight-tied layers dense, with a warning) or 'untie' "
-                        f"(replace them, breaking the tie); got {tied!r}")
+        raise SpecError(
+            f"tied must be 'skip' (leave weight-tied layers dense, with a warning) or 'untie' "
+            f"(replace them, breaking the tie); got {tied!r}"
+        )
     cfg = None if moe is None else MoEConfig.of(moe)
     _check_layer_kwargs(layer_kwargs, cfg)
     if cfg is not None and copy_weights:
-        raise SpecError("copy_weights=True cannot be combined with moe=: an MoE layer has no single matrix to "
-                        "project onto; drop one of them")
+        raise SpecError(
+            "copy_weights=True cannot be combined with moe=: an MoE layer has no single matrix to "
+            "project onto; drop one of them"
+        )
     if cfg is not None and cfg.kind == "btt":
         if not is_btt_expert_spec(spec):
             raise SpecError(_BTT_ONLY.format(got=_spec_name(spec)))
@@ -144,20 +156,28 @@ def _warn(select, unsupported, tied_left, kept_all, layers) -> None:
             f"structure(): select={_select_name(select)} matched {len(unsupported)} module(s) that structure() "
             f"cannot replace, left dense: {listed}. To structure them, write them with nn.Linear layers (for "
             "attention: separate q, k, v and output nn.Linear projections); to silence this, select names "
-            "that leave them out", UserWarning, stacklevel=3)
+            "that leave them out",
+            UserWarning,
+            stacklevel=3,
+        )
     if tied_left:
         listed = "; ".join(f"{n or '<root>'!r} (shared with {', '.join(map(repr, others))})" for n, others in tied_left)
         warnings.warn(
             f"structure(): left {len(tied_left)} weight-tied layer(s) dense, since replacing them would silently "
             f"untie their parameters: {listed}. Pass tied='untie' to structure them anyway (each gets its own "
             "weights and the tie is broken), or leave them out of select to silence this",
-            UserWarning, stacklevel=3)
+            UserWarning,
+            stacklevel=3,
+        )
     if kept_all:
         names = ", ".join(repr(n) for n, _, _ in layers)
         warnings.warn(
             f"structure(): select={select!r} keeps {names} dense and the model has no other dense matmul layer "
             "(layers structured before do not count), so nothing was structured; use select='all' to structure "
-            "them", UserWarning, stacklevel=3)
+            "them",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _select_name(select) -> str:
@@ -166,9 +186,11 @@ def _select_name(select) -> str:
     return repr(select) if isinstance(select, str) else type(select).__name__
 
 
-_BTT_ONLY = ("moe= with kind 'btt' makes each layer a BTT-MoE, whose experts are rank-1 BTTs, so spec must be None, "
-             "'btt' or es.presets.btt(rank=1); got {got}. For experts of another structure use "
-             "moe=dict(kind='ffn', ...) (an es.MoE of FFNs with that spec)")
+_BTT_ONLY = (
+    "moe= with kind 'btt' makes each layer a BTT-MoE, whose experts are rank-1 BTTs, so spec must be None, "
+    "'btt' or es.presets.btt(rank=1); got {got}. For experts of another structure use "
+    "moe=dict(kind='ffn', ...) (an es.MoE of FFNs with that spec)"
+)
 
 
 def _spec_name(spec) -> str:
@@ -182,13 +204,28 @@ def _check_layer_kwargs(kwargs: dict, cfg: MoEConfig | None = None) -> None:
         cls, fixed = BTTMoE, {"self", "d_in", "d_out", "experts", "active", "bias", "dispatch"}
     else:  # MoE passes its extra keywords on to StructuredLinear experts
         params = set(inspect.signature(MoE.__init__).parameters) | set(
-            inspect.signature(StructuredLinear.__init__).parameters)
-        fixed = {"self", "d_in", "d_out", "experts", "active", "bias", "dispatch", "hidden", "spec", "in_features",
-                 "out_features", "expert_kwargs"}
+            inspect.signature(StructuredLinear.__init__).parameters
+        )
+        fixed = {
+            "self",
+            "d_in",
+            "d_out",
+            "experts",
+            "active",
+            "bias",
+            "dispatch",
+            "hidden",
+            "spec",
+            "in_features",
+            "out_features",
+            "expert_kwargs",
+        }
         for key in kwargs:
             if key in fixed or key not in params:
-                raise SpecError(f"structure() got an unknown layer argument {key!r} for moe kind 'ffn'; it takes "
-                                f"{', '.join(sorted(params - fixed))}")
+                raise SpecError(
+                    f"structure() got an unknown layer argument {key!r} for moe kind 'ffn'; it takes "
+                    f"{', '.join(sorted(params - fixed))}"
+                )
         return
     params = inspect.signature(cls.__init__).parameters
     for key in kwargs:
@@ -314,8 +351,9 @@ def _moe_replacement(name: str, lin: nn.Module, spec: Spec, cfg: MoEConfig, kwar
     if zero:
         kw["zero_init"] = True
     d_in, d_out = fans(lin)
-    common = dict(experts=cfg.experts, active=cfg.active, bias=getattr(lin, "bias", None) is not None,
-                  dispatch=cfg.dispatch)
+    common = dict(
+        experts=cfg.experts, active=cfg.active, bias=getattr(lin, "bias", None) is not None, dispatch=cfg.dispatch
+    )
     try:
         if cfg.kind == "btt":
             if not is_btt_expert_spec(spec):

@@ -64,8 +64,9 @@ def blas_readable(strides: Shape | None) -> bool:
     return strides is not None and (strides[-1] == 1 or strides[-2] == 1)
 
 
-def permuted_view(shape: Sequence[int], perm: Sequence[int] | None, new: Sequence[int],
-                  strides: Sequence[int] | None = None) -> Shape | None:
+def permuted_view(
+    shape: Sequence[int], perm: Sequence[int] | None, new: Sequence[int], strides: Sequence[int] | None = None
+) -> Shape | None:
     """Strides of ``t.permute(perm).view(new)`` for ``t`` of ``shape`` (contiguous unless ``strides``), or None."""
     shape, st = permute(shape, contiguous(shape) if strides is None else strides, perm)
     return view(shape, st, new)

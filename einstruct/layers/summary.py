@@ -60,11 +60,19 @@ class ModelSummary:
     def __str__(self) -> str:
         base = {r.name: r for r in self.baseline.rows} if self.baseline is not None else None
         head = ["layer", "kind", "in", "out", "params", "flops/ex", "inference*"] + (
-            ["params x", "flops x"] if base else [])
+            ["params x", "flops x"] if base else []
+        )
         body = []
         for r in self.rows:
-            line = [r.name, r.kind, str(r.in_features), str(r.out_features), f"{r.params:,}", f"{r.flops:,}",
-                    f"{r.inference_flops:,}"]
+            line = [
+                r.name,
+                r.kind,
+                str(r.in_features),
+                str(r.out_features),
+                f"{r.params:,}",
+                f"{r.flops:,}",
+                f"{r.inference_flops:,}",
+            ]
             if base is not None:
                 b = base.get(r.name)
                 line += [_ratio(r.params, b.params), _ratio(r.flops, b.flops)] if b else ["-", "-"]
@@ -76,8 +84,10 @@ class ModelSummary:
         fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         rule = "-" * len(fmt(head))
         lines = [fmt(head), rule, *map(fmt, body), rule, fmt(total)]
-        lines.append("flops/ex: forward FLOPs per example in training (and in inference outside es.inference_cache); "
-                     "inference*: a no-grad batch of at most dense_rows rows inside es.inference_cache")
+        lines.append(
+            "flops/ex: forward FLOPs per example in training (and in inference outside es.inference_cache); "
+            "inference*: a no-grad batch of at most dense_rows rows inside es.inference_cache"
+        )
         lines.append(f"model parameters (all, biases and norms included): {self.model_params:,}")
         if self.baseline is not None:
             lines[-1] += f" ({_ratio(self.model_params, self.baseline.model_params)} of baseline)"
@@ -104,15 +114,26 @@ def summary(model: nn.Module, baseline: ModelSummary | None = None) -> ModelSumm
             continue
         if isinstance(m, MOE_LAYERS):  # one row; its router and experts are in it
             inside.update(id(c) for c in m.modules() if c is not m)
-            kind = (f"btt_moe(E={m.num_experts},k={m.active},{m.dispatch})" if isinstance(m, BTTMoE)
-                    else f"moe(E={m.num_experts},k={m.active},{m.dispatch})")
-            rows.append(LayerRow(name, kind, m.in_features, m.out_features, m.params, int(m.flops(1)),
-                                 int(m.flops(1))))
+            kind = (
+                f"btt_moe(E={m.num_experts},k={m.active},{m.dispatch})"
+                if isinstance(m, BTTMoE)
+                else f"moe(E={m.num_experts},k={m.active},{m.dispatch})"
+            )
+            rows.append(LayerRow(name, kind, m.in_features, m.out_features, m.params, int(m.flops(1)), int(m.flops(1))))
         elif isinstance(m, StructuredLinear):
             st = m.structure
             kind = st.spec.label or st.spec.einsum
-            rows.append(LayerRow(name, kind, m.in_features, m.out_features, st.params,
-                                 m.flops(1, training=True), m.flops(1, training=False, cached=True)))
+            rows.append(
+                LayerRow(
+                    name,
+                    kind,
+                    m.in_features,
+                    m.out_features,
+                    st.params,
+                    m.flops(1, training=True),
+                    m.flops(1, training=False, cached=True),
+                )
+            )
         elif is_linear(m):  # nn.Linear or GPT-2's Conv1D
             d_in, d_out = fans(m)
             rows.append(LayerRow(name, "dense", d_in, d_out, d_in * d_out, 2 * d_in * d_out, 2 * d_in * d_out))

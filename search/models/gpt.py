@@ -47,8 +47,15 @@ class Block(nn.Module):
             self.fc, self.proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
             nn.init.zeros_(self.proj.weight)
         else:
-            self.moe = es.MoE(width, width, experts=moe.experts, active=moe.active, hidden=moe.hidden_ratio * width,
-                              dispatch=moe.dispatch, zero_init=True)
+            self.moe = es.MoE(
+                width,
+                width,
+                experts=moe.experts,
+                active=moe.active,
+                hidden=moe.hidden_ratio * width,
+                dispatch=moe.dispatch,
+                zero_init=True,
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -58,12 +65,22 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int, width: int, depth: int, context: int, d_head: int = 64, explicit: bool = False,
-                 moe: es.MoEConfig | None = None):
+    def __init__(
+        self,
+        vocab: int,
+        width: int,
+        depth: int,
+        context: int,
+        d_head: int = 64,
+        explicit: bool = False,
+        moe: es.MoEConfig | None = None,
+    ):
         super().__init__()
         if moe is not None and moe.kind != "ffn":
-            raise es.SpecError(f"GPT(moe=...) makes the MLPs standard MoEs and needs kind 'ffn', got {moe.kind!r}; "
-                             "make linears BTT-MoE with es.structure(model, 'btt', moe=...)")
+            raise es.SpecError(
+                f"GPT(moe=...) makes the MLPs standard MoEs and needs kind 'ffn', got {moe.kind!r}; "
+                "make linears BTT-MoE with es.structure(model, 'btt', moe=...)"
+            )
         self.context = context
         self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
         self.blocks = nn.ModuleList(Block(width, d_head, explicit, moe) for _ in range(depth))

@@ -27,8 +27,9 @@ class Block(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    def __init__(self, d_in: int, width: int, d_out: int, depth: int, hidden_mult: int | None = None,
-                 act: str = "gelu"):
+    def __init__(
+        self, d_in: int, width: int, d_out: int, depth: int, hidden_mult: int | None = None, act: str = "gelu"
+    ):
         super().__init__()
         self.inp = nn.Linear(d_in, width)
         hidden = None if hidden_mult is None else hidden_mult * width

@@ -124,15 +124,18 @@ class Task:
             raise SearchError(
                 f"the {self.name} model at width {_width_of(model)} has {count(params)} parameters and needs at least "
                 f"{human_bytes(need)} to train, more than the {human_bytes(limit)} of memory on {_kind(device)} this "
-                f"process may use; {self.memory_hint()}")
+                f"process may use; {self.memory_hint()}"
+            )
 
     def _build(self, spec, width: int, *, device="cpu", seed: int = 0) -> nn.Module:
         spec, moe = self.split_moe(spec)
         torch.manual_seed(seed)
         if moe is not None and moe.kind == "ffn":
             if not self.ffn_moe:
-                raise SearchError(f"task {self.name!r} has no standard-MoE (FFN experts) model; use a BTT-MoE "
-                                  "(es.MoEConfig(kind='btt')) or the lm task")
+                raise SearchError(
+                    f"task {self.name!r} has no standard-MoE (FFN experts) model; use a BTT-MoE "
+                    "(es.MoEConfig(kind='btt')) or the lm task"
+                )
             model = self.make_model(width, device=device, moe=moe)
             model.moe_config = moe  # the base model for muP rates needs the same MoE
             if spec is not None and not _is_dense(spec):
@@ -156,8 +159,12 @@ class Task:
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         moe = getattr(model, "moe_config", None)
         return es.param_groups(  # delta: the architecture at another width tells which fan-ins grow (mup's way)
-            model, lr, base=self.base_model(moe), delta=self.base_model(moe, width=2 * self.base_width),
-            weight_decay=self.hyper.weight_decay, input_lr_mult=self.hyper.input_lr_mult,
+            model,
+            lr,
+            base=self.base_model(moe),
+            delta=self.base_model(moe, width=2 * self.base_width),
+            weight_decay=self.hyper.weight_decay,
+            input_lr_mult=self.hyper.input_lr_mult,
         )
 
     def flops_per_step(self, model: nn.Module) -> int:

@@ -23,9 +23,13 @@ from ..models.mlp import ResidualMLP
 from .base import Hyper, Task
 
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
 }
 
 
@@ -51,8 +55,10 @@ def _load(path: str) -> dict:
     size = os.path.getsize(path)
     cap = 4 * _max_rows(path) * PIXELS + SLACK  # even a text-mode pickle of a full batch is smaller
     if size > cap:
-        raise DataError(f"{path!r} is {size:,} bytes, more than a CIFAR batch file can be (at most {_max_rows(path):,} "
-                        f"images of {PIXELS:,} bytes); use the 'python version' of the data set")
+        raise DataError(
+            f"{path!r} is {size:,} bytes, more than a CIFAR batch file can be (at most {_max_rows(path):,} "
+            f"images of {PIXELS:,} bytes); use the 'python version' of the data set"
+        )
     try:
         with open(path, "rb") as f:
             obj = _SafeUnpickler(f, encoding="bytes").load()
@@ -61,8 +67,10 @@ def _load(path: str) -> dict:
             f"{path!r} is not a CIFAR python pickle ({e}); use the 'python version' of the data set"
         ) from None
     except (MemoryError, OverflowError):  # a length field claiming more than the file holds
-        raise DataError(f"{path!r} is not a CIFAR python pickle (it declares objects far larger than the file); use "
-                        "the 'python version' of the data set") from None
+        raise DataError(
+            f"{path!r} is not a CIFAR python pickle (it declares objects far larger than the file); use "
+            "the 'python version' of the data set"
+        ) from None
     if not isinstance(obj, dict) or b"data" not in obj:
         raise DataError(f"{path!r} is not a CIFAR batch (no b'data' entry); use the 'python version' of the data set")
     return obj
@@ -85,8 +93,10 @@ def _pixels(path: str, data) -> np.ndarray:
     else:
         raise DataError(bad.format(_kind(data)))
     if n > limit:
-        raise DataError(f"{path!r} holds {n:,} images; a CIFAR batch file holds at most {ROWS:,} ({ROWS_TRAIN_100:,} "
-                        "for CIFAR-100's train), so it is not a CIFAR batch")
+        raise DataError(
+            f"{path!r} holds {n:,} images; a CIFAR batch file holds at most {ROWS:,} ({ROWS_TRAIN_100:,} "
+            "for CIFAR-100's train), so it is not a CIFAR batch"
+        )
     if isinstance(data, np.ndarray):
         if data.dtype.kind not in "ui":
             raise DataError(bad.format(f"an array of {data.dtype}"))
@@ -251,8 +261,15 @@ class Cifar(Task):
     def batch(self, step, generator, device):
         idx = torch.randint(0, len(self.train_x), (self.config.batch,), generator=generator)
         x, y = self.train_x[idx], self.train_y[idx]
-        lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(
-            self.config.mixup, self.config.mixup)) if self.config.mixup > 0 else 1.0
+        lam = (
+            float(
+                np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(
+                    self.config.mixup, self.config.mixup
+                )
+            )
+            if self.config.mixup > 0
+            else 1.0
+        )
         perm = torch.randperm(len(x), generator=generator)
         x = lam * x + (1 - lam) * x[perm]
         return x.to(device), y.to(device), y[perm].to(device), lam
@@ -262,7 +279,8 @@ class Cifar(Task):
         logits = model(x).float()
         ls = self.config.label_smoothing
         return lam * F.cross_entropy(logits, y, label_smoothing=ls) + (1 - lam) * F.cross_entropy(
-            logits, y2, label_smoothing=ls)
+            logits, y2, label_smoothing=ls
+        )
 
     @torch.no_grad()
     def eval_loss(self, model, device):

@@ -94,9 +94,7 @@ def _load(path) -> tuple[np.ndarray, int, int]:
     with open(path, "rb") as f:
         raw = f.read()
     if b"\x00" in raw[:4096]:
-        raise DataError(
-            f"{path!r} looks binary (it has NUL bytes); give a text file, or a token file ending in .bin"
-        )
+        raise DataError(f"{path!r} looks binary (it has NUL bytes); give a text file, or a token file ending in .bin")
     ids = encode_text(raw)
     return ids, VOCAB, len(np.unique(ids))
 
@@ -122,8 +120,9 @@ class LMConfig:
 
 CONFIGS = {
     "cpu": LMConfig(),
-    "paper": LMConfig(depth=6, batch=512, warmup_frac=1.0, max_warmup=2000, eval_batches=32,
-                      widths=(128, 256, 384, 512, 768, 1024)),
+    "paper": LMConfig(
+        depth=6, batch=512, warmup_frac=1.0, max_warmup=2000, eval_batches=32, widths=(128, 256, 384, 512, 768, 1024)
+    ),
 }
 
 
@@ -157,18 +156,25 @@ class LanguageModel(Task):
                     f"{math.ceil((c.context + 1) / 0.1)} tokens) or a smaller context"
                 )
         if c.moe not in ("", "btt", "ffn"):
-            raise SearchError(f"lm task: moe={c.moe!r} is not known; use '' (none), 'btt' (BTT candidates become "
-                              "BTT-MoE) or 'ffn' (every MLP a standard MoE)")
+            raise SearchError(
+                f"lm task: moe={c.moe!r} is not known; use '' (none), 'btt' (BTT candidates become "
+                "BTT-MoE) or 'ffn' (every MLP a standard MoE)"
+            )
         try:
-            self.moe = es.MoEConfig(experts=c.experts, active=c.active, kind=c.moe or "btt",
-                                    dispatch=c.moe_dispatch)
+            self.moe = es.MoEConfig(experts=c.experts, active=c.active, kind=c.moe or "btt", dispatch=c.moe_dispatch)
         except es.SpecError as e:
             raise SearchError(f"lm task: {e}") from None
         if not c.moe:
             self.moe = None
         self.widths = c.widths
-        self.hyper = Hyper(lr=c.lr, batch=c.batch, betas=(0.9, 0.95), weight_decay=0.0,
-                           warmup_frac=c.warmup_frac, max_warmup=c.max_warmup)
+        self.hyper = Hyper(
+            lr=c.lr,
+            batch=c.batch,
+            betas=(0.9, 0.95),
+            weight_decay=0.0,
+            warmup_frac=c.warmup_frac,
+            max_warmup=c.max_warmup,
+        )
         if self.vocab > SPARSE_VOCAB * self.distinct and self.vocab > VOCAB:
             log.warning(self._sparse_vocab_note())
 
@@ -180,13 +186,16 @@ class LanguageModel(Task):
         except (SearchError, es.SpecError):
             total = 0
         head = 6 * self.rows_per_step() * w * self.vocab  # the head's training FLOPs (its input needs a gradient)
-        share = (f" ({head / total:.0%} of the {total:.3g} training FLOPs per step of dense at width {w})"
-                 if total else "")
-        return (f"{self.config.data!r} holds {self.distinct:,} distinct tokens, but its largest token id "
-                f"{self.vocab - 1} makes a vocabulary of {self.vocab:,}: the embedding, the head and its softmax are "
-                f"sized for all of them; the head alone costs {head:.3g} training FLOPs per step{share} and each "
-                f"step's logits take {4 * self.rows_per_step() * self.vocab / 2**20:,.0f} MiB; renumber the tokens "
-                f"0..{self.distinct - 1} if the ids need not be kept")
+        share = (
+            f" ({head / total:.0%} of the {total:.3g} training FLOPs per step of dense at width {w})" if total else ""
+        )
+        return (
+            f"{self.config.data!r} holds {self.distinct:,} distinct tokens, but its largest token id "
+            f"{self.vocab - 1} makes a vocabulary of {self.vocab:,}: the embedding, the head and its softmax are "
+            f"sized for all of them; the head alone costs {head:.3g} training FLOPs per step{share} and each "
+            f"step's logits take {4 * self.rows_per_step() * self.vocab / 2**20:,.0f} MiB; renumber the tokens "
+            f"0..{self.distinct - 1} if the ids need not be kept"
+        )
 
     def extra_training_bytes(self, width: int) -> int:
         """The fp32 log-softmax of a step's logits and its gradient: 2 x rows x vocabulary x 4 bytes (the logits
@@ -194,8 +203,10 @@ class LanguageModel(Task):
         return 2 * self.rows_per_step() * self.vocab * 4
 
     def memory_hint(self) -> str:
-        return (f"use a smaller width, fewer sequences per step (batch) or a shorter context (each step's logits "
-                f"are {self.rows_per_step():,} rows x a vocabulary of {self.vocab:,})")
+        return (
+            f"use a smaller width, fewer sequences per step (batch) or a shorter context (each step's logits "
+            f"are {self.rows_per_step():,} rows x a vocabulary of {self.vocab:,})"
+        )
 
     def check_width(self, width) -> int:
         width = super().check_width(width)
@@ -216,8 +227,15 @@ class LanguageModel(Task):
     def make_model(self, width: int, device="cpu", moe=None):
         c = self.config
         with torch.device(device):
-            model = GPT(self.vocab, width, c.depth, c.context, d_head=min(c.d_head, width),
-                        explicit=c.explicit_attention, moe=moe)
+            model = GPT(
+                self.vocab,
+                width,
+                c.depth,
+                c.context,
+                d_head=min(c.d_head, width),
+                explicit=c.explicit_attention,
+                moe=moe,
+            )
         model.width = width
         return model
 

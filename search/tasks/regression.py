@@ -42,8 +42,14 @@ class RegressionConfig:
 
 CONFIGS = {
     "cpu": RegressionConfig(),
-    "paper": RegressionConfig(teacher_width=1024, teacher_depth=6, batch=4096, pool=0, eval_size=16384,
-                              widths=(64, 128, 256, 512, 1024, 2048, 4096)),
+    "paper": RegressionConfig(
+        teacher_width=1024,
+        teacher_depth=6,
+        batch=4096,
+        pool=0,
+        eval_size=16384,
+        widths=(64, 128, 256, 512, 1024, 2048, 4096),
+    ),
 }
 
 

@@ -111,7 +111,7 @@ def test_double_backward_and_forward_mode_equal_one_einsum(name, builtin_rows):
     params = list(layer.parameters())
     out = {}
     for how, f in (("layer", layer), ("einsum", lambda t: einsum_reference(layer, t) + layer.bias)):
-        gx, = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)  # a gradient penalty
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)  # a gradient penalty
         out[how] = list(torch.autograd.grad(gx.square().sum(), params))
         with fwAD.dual_level():  # forward mode (dual tensors): the layer runs on torch's own ops
             out[how].append(fwAD.unpack_dual(f(fwAD.make_dual(x.detach(), torch.ones_like(x)))).tangent)

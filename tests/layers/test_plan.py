@@ -94,8 +94,10 @@ def test_plan_is_a_frozen_value_built_once():
 
 
 def test_plan_and_moe_config_import_without_torch():
-    code = ("import sys; import einstruct.layers.layerplan, einstruct.layers.layout, einstruct.layers.strides; "
-            "from einstruct.layers.moe import MoEConfig, is_btt_expert_spec; "
-            "MoEConfig(experts=4, active=1); assert is_btt_expert_spec('btt'); print('torch' in sys.modules)")
+    code = (
+        "import sys; import einstruct.layers.layerplan, einstruct.layers.layout, einstruct.layers.strides; "
+        "from einstruct.layers.moe import MoEConfig, is_btt_expert_spec; "
+        "MoEConfig(experts=4, active=1); assert is_btt_expert_spec('btt'); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

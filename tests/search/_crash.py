@@ -111,6 +111,7 @@ def wait_stopped(p, timeout: float = 60) -> bool:
 
 # ---- what the storage holds -------------------------------------------------------------------------
 
+
 def engine(url: str):
     import sqlalchemy as sa
 
@@ -124,8 +125,10 @@ def ledger_rows(url: str, name: str) -> dict:
     e = engine(url)
     try:
         with e.connect() as c:
-            rows = c.execute(sa.text("SELECT trial_id, level, amount, status FROM einstruct_reservation "
-                                     "WHERE search = :s"), {"s": name}).all()
+            rows = c.execute(
+                sa.text("SELECT trial_id, level, amount, status FROM einstruct_reservation WHERE search = :s"),
+                {"s": name},
+            ).all()
     finally:
         e.dispose()
     return {r.trial_id: (r.level, int(r.amount), r.status) for r in rows}
@@ -140,10 +143,14 @@ def trials(url: str, name: str, levels: int) -> dict:
     try:
         with e.connect() as c:
             for i in range(levels):
-                for r in c.execute(sa.text(
+                for r in c.execute(
+                    sa.text(
                         "SELECT t.trial_id, t.number, t.state, v.value FROM trials t JOIN studies s "
                         "ON s.study_id = t.study_id LEFT JOIN trial_values v ON v.trial_id = t.trial_id "
-                        "WHERE s.study_name = :n"), {"n": f"{name}.L{i}"}):
+                        "WHERE s.study_name = :n"
+                    ),
+                    {"n": f"{name}.L{i}"},
+                ):
                     out[(i, r.number)] = (r.trial_id, str(r.state).split(".")[-1], r.value)
     finally:
         e.dispose()

@@ -29,8 +29,10 @@ def test_a_study_killed_at_random_points_resumes_to_a_consistent_end(tmp_path):
     while kills < KILLS and rounds < MAX_ROUNDS:
         rounds += 1
         heartbeat = rng.choice([0, 1])
-        workers = [_crash.start({**args, "heartbeat": heartbeat}, fault=f"kill:*#{rng.randint(1, POINTS)}")
-                   for _ in range(2 if rng.random() < 0.3 else 1)]
+        workers = [
+            _crash.start({**args, "heartbeat": heartbeat}, fault=f"kill:*#{rng.randint(1, POINTS)}")
+            for _ in range(2 if rng.random() < 0.3 else 1)
+        ]
         for w in workers:
             w.join(120)
             assert not w.is_alive(), f"round {rounds}: a worker hung"

@@ -15,8 +15,9 @@ ARGS = ["-m", "search.train", "--spec", "btt", "--width", "32", "--train-flops",
 
 def run(prefix):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, *prefix, *ARGS], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, *prefix, *ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, proc.stdout  # rank 0 reports, once

@@ -23,8 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def no_probe(monkeypatch):
-    monkeypatch.setattr(search.loop, "probe", lambda task, widths, device: {
-        "flops_per_second": 1e9, "seconds_per_trial": 0.01, "probe_width": min(widths)})
+    monkeypatch.setattr(
+        search.loop,
+        "probe",
+        lambda task, widths, device: {"flops_per_second": 1e9, "seconds_per_trial": 0.01, "probe_width": min(widths)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,9 @@ def steps_of_cheapest(default, b, level) -> int:
     """Steps the cheapest candidate gets at ``level`` of the plan for budget ``b``, by the trainer's own count."""
     task, space, refs, lv = default
     allowance = budget.plan_levels(b, **lv)[level].allowance
-    cheapest = min(budget.candidates(space, refs, min(task.widths)),
-                   key=lambda c: train.plan(task, c.spec(), c.width, 1.0)[1])
+    cheapest = min(
+        budget.candidates(space, refs, min(task.widths)), key=lambda c: train.plan(task, c.spec(), c.width, 1.0)[1]
+    )
     return train.plan(task, cheapest.spec(), cheapest.width, allowance)[0]
 
 
@@ -71,9 +75,15 @@ def test_the_cheapest_candidate_is_no_dearer_than_any_the_space_proposes(default
 
 
 def test_a_budget_that_trains_nothing_is_refused_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "search.run", "--budget", "1e8", "--dry-run", "--no-progress"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    proc = subprocess.run(
+        [sys.executable, "-m", "search.run", "--budget", "1e8", "--dry-run", "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and proc.stdout == "", proc.stderr
     assert lines[0].startswith("search.run: error: budget 1e+08 can train no candidate at any level")

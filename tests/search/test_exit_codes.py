@@ -24,8 +24,17 @@ from .conftest import write_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32])
-SETTINGS = dict(budget=4e7, levels=3, ratio=2.0, top_trials=3, min_steps=4, target_steps=10, task_settings=TINY,
-                device="cpu", space="btt")
+SETTINGS = dict(
+    budget=4e7,
+    levels=3,
+    ratio=2.0,
+    top_trials=3,
+    min_steps=4,
+    target_steps=10,
+    task_settings=TINY,
+    device="cpu",
+    space="btt",
+)
 
 
 def assert_one_line(code, err, needle, want=2, prog="search.run"):
@@ -63,13 +72,16 @@ def test_settings_that_cannot_make_sense(argv, needle, dry, capsys, monkeypatch,
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "runs").exists()  # refused before anything
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--device", "meta"], "shapes only"),
-    (["--seed", "99999999999999999999999"], "--seed must be"),
-    (["--seed", "-1"], "--seed must be"),
-    (["--task-settings", "[1]"], "must be a JSON object"),
-    (["--checkpoint-every", "-1"], "--checkpoint-every"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--device", "meta"], "shapes only"),
+        (["--seed", "99999999999999999999999"], "--seed must be"),
+        (["--seed", "-1"], "--seed must be"),
+        (["--task-settings", "[1]"], "must be a JSON object"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every"),
+    ],
+)
 def test_search_train_bad_input(argv, needle, capsys):
     assert_one_line(*call(train.main, argv, capsys)[::2], needle, prog="search.train")
 
@@ -87,29 +99,36 @@ def test_search_train_bug_is_one_line_and_debug_shows_it(capsys, monkeypatch):
 
 # ---- CIFAR pickles of the wrong types ------------------------------------------------------------
 
-@pytest.mark.parametrize("entry, needle", [
-    ({b"data": ["x" * 3072] * 8, b"labels": [0] * 8}, "row 0 is a str"),
-    ({b"data": [b"x" * 10] * 8, b"labels": [0] * 8}, "row 0 is a bytes of length 10"),
-    ({b"data": [None] * 8, b"labels": [0] * 8}, "row 0 is None"),
-    ({b"data": "pixels", b"labels": [0] * 8}, "b'data' that is a str"),
-    ({b"data": b"\x00" * 3072 * 8, b"labels": [0] * 8}, "b'data' that is a bytes"),
-    ({b"data": None, b"labels": [0] * 8}, "b'data' that is None"),
-    ({b"data": np.zeros((8, 3072), np.uint8), b"labels": {0: 1}}, "b'labels' that is a dict"),
-    ({b"data": np.zeros((8, 3072), np.uint8), b"labels": ["a"] * 8}, "not an integer"),
-    ({b"data": np.zeros((8, 3072), np.uint8)}, "no b'labels' entry"),
-])
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ({b"data": ["x" * 3072] * 8, b"labels": [0] * 8}, "row 0 is a str"),
+        ({b"data": [b"x" * 10] * 8, b"labels": [0] * 8}, "row 0 is a bytes of length 10"),
+        ({b"data": [None] * 8, b"labels": [0] * 8}, "row 0 is None"),
+        ({b"data": "pixels", b"labels": [0] * 8}, "b'data' that is a str"),
+        ({b"data": b"\x00" * 3072 * 8, b"labels": [0] * 8}, "b'data' that is a bytes"),
+        ({b"data": None, b"labels": [0] * 8}, "b'data' that is None"),
+        ({b"data": np.zeros((8, 3072), np.uint8), b"labels": {0: 1}}, "b'labels' that is a dict"),
+        ({b"data": np.zeros((8, 3072), np.uint8), b"labels": ["a"] * 8}, "not an integer"),
+        ({b"data": np.zeros((8, 3072), np.uint8)}, "no b'labels' entry"),
+    ],
+)
 def test_cifar_pickles_of_the_wrong_types(entry, needle, tmp_path, capsys, monkeypatch):
     write_cifar(tmp_path / "c", n_train=64, n_test=16)
     with open(tmp_path / "c" / "data_batch_2", "wb") as f:
         pickle.dump(entry, f)
     monkeypatch.chdir(tmp_path)
-    for main, argv, prog in ((search_run.main, ["--no-progress", "--dry-run"], "search.run"),
-                             (train.main, [], "search.train")):
+    for main, argv, prog in (
+        (search_run.main, ["--no-progress", "--dry-run"], "search.run"),
+        (train.main, [], "search.train"),
+    ):
         code, _, err = call(main, [*argv, "--task", "cifar", "--data", str(tmp_path / "c")], capsys)
         assert_one_line(code, err, needle, prog=prog)
 
 
 # ---- the machine: a damaged database, a full disk ------------------------------------------------
+
 
 def _tiny_study(folder, name="s", **more):
     from search.loop import run_search
@@ -194,6 +213,7 @@ def test_enospc_is_named(tmp_path, capsys, monkeypatch):
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------------
 
+
 def test_ctrl_c_during_the_report(tmp_path):
     """A real SIGINT, delivered while the report is being written: one line, exit code 130."""
     folder = tmp_path / "study"
@@ -209,8 +229,7 @@ def test_ctrl_c_during_the_report(tmp_path):
         sys.exit(report.main(["--study", "s", "--out", {str(folder)!r}]))
     """)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
-                       check=False)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert p.returncode == 128 + signal.SIGINT, p.stderr[-3000:]
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
     assert "interrupted" in p.stderr

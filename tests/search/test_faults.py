@@ -17,8 +17,20 @@ from search.storage import open_storage
 from tests.search import _crash
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
-SMALL = dict(budget=1.2e8, levels=3, ratio=2.0, top_trials=3, min_steps=8, target_steps=30, task_settings=TINY,
-             device="cpu", space="btt", heartbeat=1, checkpoint_steps=10, checkpoints=4)
+SMALL = dict(
+    budget=1.2e8,
+    levels=3,
+    ratio=2.0,
+    top_trials=3,
+    min_steps=8,
+    target_steps=30,
+    task_settings=TINY,
+    device="cpu",
+    space="btt",
+    heartbeat=1,
+    checkpoint_steps=10,
+    checkpoints=4,
+)
 
 
 def study(tmp_path, name="s", **more):
@@ -34,8 +46,14 @@ def retries_of(rows, level: int, number: int) -> list[dict]:
 
 # ---- 1. a paused worker ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pause", [("search.train:run", "after", 1, "stop"),  # trained, not yet settled
-                                   ("search.ledger:Ledger.raise_bound", "after", 1, "stop")])  # before a checkpoint
+
+@pytest.mark.parametrize(
+    "pause",
+    [
+        ("search.train:run", "after", 1, "stop"),  # trained, not yet settled
+        ("search.ledger:Ledger.raise_bound", "after", 1, "stop"),
+    ],
+)  # before a checkpoint
 def test_a_paused_worker_wakes_to_find_its_trial_retried_and_charges_nothing_more(tmp_path, pause):
     """Worker A pauses past its heartbeat grace; B fails A's trial, retries it (from A's checkpoint if A wrote one,
     else from step 0, reserving the whole run) and ends the study; then A wakes. A must not settle (its
@@ -62,6 +80,7 @@ def test_a_paused_worker_wakes_to_find_its_trial_retried_and_charges_nothing_mor
 
 
 # ---- 2. the study's settings live in its database ------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_settings_come_from_the_study_database(tmp_path, backend):
@@ -93,6 +112,7 @@ def test_settings_come_from_the_study_database(tmp_path, backend):
 
 # ---- 3. heartbeats off -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("resume_heartbeat", [0, 1])
 def test_with_heartbeats_off_a_resume_recovers_the_killed_trial(tmp_path, resume_heartbeat):
     args, out, url, name = study(tmp_path, heartbeat=0)
@@ -113,11 +133,17 @@ def test_heartbeat_off_is_refused_on_a_shared_storage(tmp_path, monkeypatch):
     monkeypatch.setattr(search.loop, "check_storage", lambda u: u)
     monkeypatch.setattr(search.loop, "open_storage", lambda u, **kw: open_storage(stand_in, **kw))
     with pytest.raises(SearchError, match="--heartbeat 0"):
-        run_search("hb", storage="postgresql://u:p@db-host/x", out=str(tmp_path / "hb"), estimate=False,
-                   **{**SMALL, "heartbeat": 0})
+        run_search(
+            "hb",
+            storage="postgresql://u:p@db-host/x",
+            out=str(tmp_path / "hb"),
+            estimate=False,
+            **{**SMALL, "heartbeat": 0},
+        )
 
 
 # ---- 4. an emptied or lost study.db ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("damage", ["empty", "missing"])
 def test_a_lost_study_db_is_refused_and_trials_csv_kept(tmp_path, damage, capsys):
@@ -148,6 +174,7 @@ def test_a_lost_study_db_is_refused_and_trials_csv_kept(tmp_path, damage, capsys
 
 # ---- 5. references queued halfway ---------------------------------------------------------------------------
 
+
 def test_references_queued_halfway_are_finished_by_the_resume(tmp_path):
     from search.space import make_space, references
 
@@ -161,6 +188,7 @@ def test_references_queued_halfway_are_finished_by_the_resume(tmp_path):
 
 
 # ---- 6. kills between steps that must go together -------------------------------------------------------------
+
 
 def test_a_kill_between_settle_and_tell_keeps_the_finished_trial(tmp_path):
     args, out, url, name = study(tmp_path)
@@ -205,6 +233,7 @@ def test_a_lost_trials_retry_keeps_the_budget_and_slot_it_was_holding(tmp_path):
 
 # ---- 10. smaller ------------------------------------------------------------------------------------------
 
+
 def test_two_separately_started_workers_do_not_sample_or_train_the_same_points(tmp_path):
     args, out, url, name = study(tmp_path, sampler="random")
     workers = [_crash.start(args), _crash.start(args)]
@@ -212,8 +241,11 @@ def test_two_separately_started_workers_do_not_sample_or_train_the_same_points(t
         w.join(150)
         assert w.exitcode == 0
     got = _crash.check_invariants(out, url, name)
-    trained = [(r["level"], r["structure"], r["width"]) for r in got["rows"]
-               if int(r["train_flops"]) > 0 and not r["reason"].startswith(("lost", "retry of"))]
+    trained = [
+        (r["level"], r["structure"], r["width"])
+        for r in got["rows"]
+        if int(r["train_flops"]) > 0 and not r["reason"].startswith(("lost", "retry of"))
+    ]
     assert len(trained) == len(set(trained)), "a point was trained twice at one level"
 
 
@@ -226,8 +258,13 @@ def test_one_reservation_per_point_and_level(tmp_path):
     assert led.reserve(4, 0, 10, None, 5, number=2, point="p", retry_of=1) == ""  # its own retry is not a twin
 
 
-@pytest.mark.parametrize("kill", [("torch:save", "after", 2, "kill"),  # a checkpoint written, not renamed
-                                  ("os:replace", "before", 2, "kill")])  # trials.csv or study.json likewise
+@pytest.mark.parametrize(
+    "kill",
+    [
+        ("torch:save", "after", 2, "kill"),  # a checkpoint written, not renamed
+        ("os:replace", "before", 2, "kill"),
+    ],
+)  # trials.csv or study.json likewise
 def test_temporary_files_of_killed_workers_are_removed(tmp_path, kill):
     args, out, url, name = study(tmp_path)
     assert _crash.run(args, patches=[kill]) == -9

@@ -23,7 +23,7 @@ A, B = 0.2, 1.5  # L = e^B C^-A
 def law_points(seed, n=40, a=A, b=B, noise=0.005, lo=1e6, hi=1e10, floor=0.0):
     rng = np.random.default_rng(seed)
     c = np.geomspace(lo, hi, n)
-    loss = floor + np.exp(b) * c ** -a * np.exp(rng.normal(0.0, noise, n))
+    loss = floor + np.exp(b) * c**-a * np.exp(rng.normal(0.0, noise, n))
     return c, loss
 
 
@@ -71,7 +71,7 @@ def test_bad_points_are_refused_with_a_reason():
 def test_two_points_fit_exactly_without_standard_errors():
     fit = fit_power_law([(1e6, 1.0), (1e8, 0.5)])
     assert math.isclose(fit.a, math.log(2) / math.log(100)) and math.isnan(fit.a_se)
-    assert math.isclose(fit.predict(1e7), 2 ** -0.5)
+    assert math.isclose(fit.predict(1e7), 2**-0.5)
     assert math.isclose(fit.compute_at(fit.predict(3e7)), 3e7)
 
 
@@ -127,6 +127,13 @@ def test_theta_points_group_by_their_named_equivalents():
     assert theta_group((0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0)) == "theta"
     assert group_of({"family": "btt"}) == "BTT" and group_of({"family": "monarch"}) == "Monarch"
     assert group_of({"family": "dense"}) == "dense"
-    row = {"family": "theta", **dict(zip(("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho"),
-                                         ("0.5", "0.5", "0.0", "0.5", "0.5", "0.0", "0.0")))}
+    row = {
+        "family": "theta",
+        **dict(
+            zip(
+                ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho"),
+                ("0.5", "0.5", "0.0", "0.5", "0.5", "0.0", "0.0"),
+            )
+        ),
+    }
     assert group_of(row) == "Kronecker"

@@ -15,8 +15,9 @@ from search.loop import run_search
 from search.space import Candidate, make_space, references, theta_from_unit
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
-SETTINGS = dict(budget=6e8, levels=3, ratio=2.0, top_trials=7, min_steps=8, target_steps=30, task_settings=TINY,
-                device="cpu")
+SETTINGS = dict(
+    budget=6e8, levels=3, ratio=2.0, top_trials=7, min_steps=8, target_steps=30, task_settings=TINY, device="cpu"
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,22 @@ def test_study_json_and_csv_columns(finished):
     assert meta["settings"]["budget"] == SETTINGS["budget"] and len(meta["levels"]) == 3
     assert meta["spent"] == result.spent
     rows = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
-    for col in ("number", "state", "train_flops", "alpha", "rho", "width", "steps", "params", "omega", "psi", "nu",
-                "loss", "seconds", "reason"):
+    for col in (
+        "number",
+        "state",
+        "train_flops",
+        "alpha",
+        "rho",
+        "width",
+        "steps",
+        "params",
+        "omega",
+        "psi",
+        "nu",
+        "loss",
+        "seconds",
+        "reason",
+    ):
         assert col in rows[0]
     assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED", "FAIL"}
 
@@ -170,8 +185,14 @@ def test_plan_levels_rules():
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(argv, needle, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "search.run", "--no-progress", *argv], capture_output=True,
-                          text=True, timeout=120, check=False, cwd=tmp_path)  # never the checkout's runs/
+    proc = subprocess.run(
+        [sys.executable, "-m", "search.run", "--no-progress", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )  # never the checkout's runs/
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -28,11 +28,14 @@ def test_lm_moe_candidates_flops_per_step_match_flop_counter(corpus, spec):
     assert task.flops_per_step(model) == counted_step_flops(task, model)
 
 
-@pytest.mark.parametrize("setting, spec, kind", [
-    ("ffn", es.presets.btt(rank=1), es.MoE),
-    ("ffn", None, es.MoE),
-    ("btt", "btt", es.BTTMoE),
-])
+@pytest.mark.parametrize(
+    "setting, spec, kind",
+    [
+        ("ffn", es.presets.btt(rank=1), es.MoE),
+        ("ffn", None, es.MoE),
+        ("btt", "btt", es.BTTMoE),
+    ],
+)
 def test_lm_moe_task_setting(corpus, setting, spec, kind):
     task = tasks.get("lm", data=corpus, moe=setting, experts=4, active=2, **TINY_LM)
     model = task.build(spec, 64)
@@ -81,11 +84,14 @@ def test_lm_moe_trains_and_adds_the_balancing_loss(corpus):
     assert r.spec == "btt_moe(E=4,k=2)"
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(moe="sparse"), "moe='sparse' is not known"),
-    (dict(moe="btt", experts=2, active=3), "active=3 is more than experts=2"),
-    (dict(moe="ffn", moe_dispatch="auto"), "dispatch 'auto' is not known"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(moe="sparse"), "moe='sparse' is not known"),
+        (dict(moe="btt", experts=2, active=3), "active=3 is more than experts=2"),
+        (dict(moe="ffn", moe_dispatch="auto"), "dispatch 'auto' is not known"),
+    ],
+)
 def test_lm_bad_moe_settings(corpus, bad, match):
     with pytest.raises(SearchError, match=match):
         tasks.get("lm", data=corpus, **bad)

@@ -13,12 +13,28 @@ from search import outputs, report
 from search.errors import SearchError
 from search.loop import run_search
 
-TINY = dict(budget=1e8, levels=3, ratio=2.0, top_trials=3, space="btt", min_steps=8, target_steps=30, device="cpu",
-            task_settings=dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2,
-                               widths=[16, 32, 64]))
-SECTIONS = ("# Structure search report: tiny", "## Settings", "## Budget", "## Winning structures",
-            "## Frontiers and scaling laws", "## Compute multipliers vs dense", "## Taxonomy", "## Search history",
-            "## How this was computed")
+TINY = dict(
+    budget=1e8,
+    levels=3,
+    ratio=2.0,
+    top_trials=3,
+    space="btt",
+    min_steps=8,
+    target_steps=30,
+    device="cpu",
+    task_settings=dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64]),
+)
+SECTIONS = (
+    "# Structure search report: tiny",
+    "## Settings",
+    "## Budget",
+    "## Winning structures",
+    "## Frontiers and scaling laws",
+    "## Compute multipliers vs dense",
+    "## Taxonomy",
+    "## Search history",
+    "## How this was computed",
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,21 +118,50 @@ def _synthetic_study(folder, k=2.0, a=0.25):
     for family, shift in (("dense", 1.0), ("btt", k)):
         for level, c in enumerate(np.geomspace(1e6, 1e9, 7)):
             loss = math.exp(1.0) * (c * shift) ** -a * math.exp(rng.normal(0, 0.002))
-            rows.append({"number": n, "level": level, "trial": n, "state": "COMPLETE", "train_flops": int(c),
-                         "allowance": int(c), "family": family, "structure": "btt(r=1)" if shift != 1 else "dense",
-                         "rank": 1 if family == "btt" else "", "width": 64, "steps": 100, "params": 1000,
-                         "omega": 0.0, "psi": 1.0, "nu": 0.5 if family == "btt" else 1.0, "loss": loss,
-                         "seconds": 1.0, "reason": ""})
+            rows.append(
+                {
+                    "number": n,
+                    "level": level,
+                    "trial": n,
+                    "state": "COMPLETE",
+                    "train_flops": int(c),
+                    "allowance": int(c),
+                    "family": family,
+                    "structure": "btt(r=1)" if shift != 1 else "dense",
+                    "rank": 1 if family == "btt" else "",
+                    "width": 64,
+                    "steps": 100,
+                    "params": 1000,
+                    "omega": 0.0,
+                    "psi": 1.0,
+                    "nu": 0.5 if family == "btt" else 1.0,
+                    "loss": loss,
+                    "seconds": 1.0,
+                    "reason": "",
+                }
+            )
             n += 1
     rows.append({**rows[-1], "number": n, "trial": n, "train_flops": 0, "reason": "same as trial 13: not retrained"})
-    rows.append({**rows[-1], "number": n + 1, "trial": n + 1, "state": "PRUNED", "loss": "",
-                 "reason": "width 64 gets only 3 steps"})
+    rows.append(
+        {
+            **rows[-1],
+            "number": n + 1,
+            "trial": n + 1,
+            "state": "PRUNED",
+            "loss": "",
+            "reason": "width 64 gets only 3 steps",
+        }
+    )
     os.makedirs(folder, exist_ok=True)
     outputs.write_trials_csv(os.path.join(folder, "trials.csv"), rows)
-    outputs.write_json(os.path.join(folder, "study.json"),
-                       {"settings": {"budget": 1e10, "task": "regression"},
-                        "storage": "default (study.db in this folder)",
-                        "levels": [{"index": i, "allowance": 1e6, "trials": 2} for i in range(7)]})
+    outputs.write_json(
+        os.path.join(folder, "study.json"),
+        {
+            "settings": {"budget": 1e10, "task": "regression"},
+            "storage": "default (study.db in this folder)",
+            "levels": [{"index": i, "allowance": 1e6, "trials": 2} for i in range(7)],
+        },
+    )
 
 
 def test_multiplier_table_recovers_a_known_compute_factor(tmp_path):

@@ -34,8 +34,15 @@ def limited(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     env.pop("EINSTRUCT_STORAGE", None)
-    return subprocess.run([sys.executable, "-c", head + textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", head + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def one_line(p: subprocess.CompletedProcess, needle: str) -> str:
@@ -51,6 +58,7 @@ def _dump(path, obj, protocol=2):
 
 
 # ---- CIFAR ---------------------------------------------------------------------------------------
+
 
 def test_a_memoised_cifar_pickle_is_refused_under_a_4gb_limit(tmp_path):
     """1.6 MB on disk, 400,000 references to one row: 1.2 GB as uint8, 20 GB on the way there."""
@@ -118,8 +126,13 @@ def test_a_real_sized_cifar_folder_loads_under_a_4gb_limit(tmp_path):
     rng = np.random.default_rng(0)
     for name in ("data_batch_1", "test_batch"):
         x = rng.integers(0, 256, (10_000, 3072), dtype=np.uint8)
-        _dump(tmp_path / name, {b"data": x if name == "test_batch" else [r.tobytes() for r in x],
-                                b"labels": rng.integers(0, 10, 10_000).tolist()})
+        _dump(
+            tmp_path / name,
+            {
+                b"data": x if name == "test_batch" else [r.tobytes() for r in x],
+                b"labels": rng.integers(0, 10, 10_000).tolist(),
+            },
+        )
     p = limited(f"""
         from search import tasks
         t = tasks.get("cifar", data={str(tmp_path)!r})
@@ -130,6 +143,7 @@ def test_a_real_sized_cifar_folder_loads_under_a_4gb_limit(tmp_path):
 
 
 # ---- a whole model's memory --------------------------------------------------------------------
+
 
 def test_a_model_that_cannot_fit_is_refused_before_it_is_built():
     """Every layer is within es's limits, the whole regression model is not (8 GiB of activations and weights)."""

@@ -42,8 +42,18 @@ IDS = [f"pw{i}" for i in range(len(HOSTILE))]
 def leaked_forms(pw: str) -> set[str]:
     """What a leak of ``pw`` may look like (written independently of search.secrets.forms)."""
     both = pw.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
-    out = {pw, repr(pw)[1:-1], ascii(pw)[1:-1], both, json.dumps(pw)[1:-1], quote(pw, safe=""), quote_plus(pw),
-           quote(pw, safe=" +"), repr(pw.encode())[2:-1], *re.findall(r"\w{4,}", pw)}
+    out = {
+        pw,
+        repr(pw)[1:-1],
+        ascii(pw)[1:-1],
+        both,
+        json.dumps(pw)[1:-1],
+        quote(pw, safe=""),
+        quote_plus(pw),
+        quote(pw, safe=" +"),
+        repr(pw.encode())[2:-1],
+        *re.findall(r"\w{4,}", pw),
+    }
     return {f for f in out if len(f) >= 3}
 
 
@@ -56,13 +66,14 @@ def user_part_urls(pw: str, host: str = "127.0.0.1", port: int = 5432) -> list[s
     """The password in the user part: fully percent-encoded, and as a user may write it (only '@' and '%'
     must be encoded; quotes, spaces, ':', '/' and backslashes connect as they are)."""
     raw = pw.replace("%", "%25").replace("@", "%40").replace("?", "%3F").replace("#", "%23")
-    return [f"postgresql://user:{quote(pw, safe='')}@{host}:{port}/db",
-            f"postgresql://user:{raw}@{host}:{port}/db"]
+    return [f"postgresql://user:{quote(pw, safe='')}@{host}:{port}/db", f"postgresql://user:{raw}@{host}:{port}/db"]
 
 
 def query_url(pw: str, host: str = "127.0.0.1", port: int = 5432) -> str:
-    return (f"postgresql://user@{host}:{port}/db?sslmode=prefer&sslpassword={quote_plus(pw)}"
-            f"&password={quote(pw, safe='')}&sslkey={quote(pw, safe='')}&application_name=einstruct")
+    return (
+        f"postgresql://user@{host}:{port}/db?sslmode=prefer&sslpassword={quote_plus(pw)}"
+        f"&password={quote(pw, safe='')}&sslkey={quote(pw, safe='')}&application_name=einstruct"
+    )
 
 
 def closed_port() -> int:
@@ -74,6 +85,7 @@ def closed_port() -> int:
 
 
 # ---- parsing: the secrets are the ones the driver is given -----------------------------------------
+
 
 @pytest.mark.parametrize("pw", HOSTILE, ids=IDS)
 def test_parse_agrees_with_sqlalchemy(pw):
@@ -89,28 +101,39 @@ def test_parse_agrees_with_sqlalchemy(pw):
     q = make_url(url).query
     assert q["sslpassword"] == q["password"] == q["sslkey"] == pw
     assert pw in secrets_of(url) and password_of(url) == ""
-    assert redact(url) == ("postgresql://user@127.0.0.1:5432/db?sslmode=prefer&sslpassword=***&password=***"
-                           "&sslkey=***&application_name=einstruct")
+    assert redact(url) == (
+        "postgresql://user@127.0.0.1:5432/db?sslmode=prefer&sslpassword=***&password=***"
+        "&sslkey=***&application_name=einstruct"
+    )
 
 
 def test_a_raw_at_sign_hides_every_reading():
     url = "postgresql://user:p@ss@w0rd@db-host/db"  # refused by check_url; its message must still hide it all
     assert password_of(url) == "p@ss@w0rd"
     assert redact(url) == "postgresql://user:***@db-host/db"
-    assert "ss@w0rd" not in redact("could not translate host name \"ss@w0rd@db-host\"", url)
+    assert "ss@w0rd" not in redact('could not translate host name "ss@w0rd@db-host"', url)
     url = "postgresql://user@h:1/db?password=p@ss:word&sslpassword=p@ss:word"  # '@' in parameters
     assert "ss:word" not in redact(url) and "ss:word" not in redact(f"cannot open {url!r}", url)
 
 
 # ---- text: every form of every secret --------------------------------------------------------------
 
+
 def _messages(url: str, pw: str) -> list[str]:
     libpq = "'" + pw.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return [
-        url, f"cannot open storage {url!r}: refused", repr({"url": url}), json.dumps({"storage": url}),
-        json.dumps({"storage": url}, ensure_ascii=False), str(ValueError(url, pw)), f"password={pw!r}",
-        f"host=h port=1 password={libpq} dbname=db", f"FATAL: no such password {pw} here",
-        f"sslpassword {pw.encode()!r}", f"{url}\nsecond line {pw!r}", url.replace("postgresql://", "postgresql+psycopg://"),
+        url,
+        f"cannot open storage {url!r}: refused",
+        repr({"url": url}),
+        json.dumps({"storage": url}),
+        json.dumps({"storage": url}, ensure_ascii=False),
+        str(ValueError(url, pw)),
+        f"password={pw!r}",
+        f"host=h port=1 password={libpq} dbname=db",
+        f"FATAL: no such password {pw} here",
+        f"sslpassword {pw.encode()!r}",
+        f"{url}\nsecond line {pw!r}",
+        url.replace("postgresql://", "postgresql+psycopg://"),
     ]
 
 
@@ -132,6 +155,7 @@ def test_redact_keeps_what_is_not_secret():
 
 
 # ---- stderr of a failed connection -----------------------------------------------------------------
+
 
 def _run(argv, capsys, monkeypatch, tmp_path, env_url=None):
     monkeypatch.chdir(tmp_path)
@@ -164,8 +188,15 @@ def test_a_refused_connection_in_a_real_process(tmp_path):
     port = closed_port()
     for url in (user_part_urls(pw, port=port)[1], query_url(pw, port=port)):
         env = {**os.environ, "PYTHONPATH": ROOT, "EINSTRUCT_STORAGE": url, "OMP_NUM_THREADS": "1"}
-        p = subprocess.run([sys.executable, "-m", "search.run", "--no-progress", "--out", str(tmp_path / "s")],
-                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120, check=False)
+        p = subprocess.run(
+            [sys.executable, "-m", "search.run", "--no-progress", "--out", str(tmp_path / "s")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(tmp_path),
+            timeout=120,
+            check=False,
+        )
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert_clean(p.stdout + p.stderr, pw)
 
@@ -173,8 +204,17 @@ def test_a_refused_connection_in_a_real_process(tmp_path):
 # ---- what a study writes ---------------------------------------------------------------------------
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32])
-SETTINGS = dict(budget=4e7, levels=3, ratio=2.0, top_trials=3, min_steps=4, target_steps=10, task_settings=TINY,
-                device="cpu", space="btt")
+SETTINGS = dict(
+    budget=4e7,
+    levels=3,
+    ratio=2.0,
+    top_trials=3,
+    min_steps=4,
+    target_steps=10,
+    task_settings=TINY,
+    device="cpu",
+    space="btt",
+)
 STUDY_PW = "Zzq7'Wr0\"ng9 o@n10n:g4rl1c/9%41\\\u00fcb3r\u20ac"  # connects as written (the '@' percent-encoded)
 
 
@@ -183,8 +223,7 @@ def _study(url, folder, name, capsys, caplog):
     from search.loop import run_search
 
     caplog.set_level(logging.INFO)
-    result = run_search(name, storage=url, out=str(folder), reporter=search_run.TqdmReporter(enabled=True),
-                        **SETTINGS)
+    result = run_search(name, storage=url, out=str(folder), reporter=search_run.TqdmReporter(enabled=True), **SETTINGS)
     path = report.write_report(str(folder), name)
     out, err = capsys.readouterr()
     assert result.spent > 0 and os.path.exists(path)
@@ -206,8 +245,10 @@ def test_study_files_and_logs_show_no_secret(tmp_path, capsys, caplog, monkeypat
 
     real_open = storage.open_storage
     db = "sqlite:///" + str(tmp_path / "stand-in.db")
-    url = (f"postgresql://einstruct:{STUDY_PW.replace('%', '%25').replace('@', '%40')}@db-host:5432/einstruct"
-           f"?sslpassword={quote_plus(STUDY_PW)}")
+    url = (
+        f"postgresql://einstruct:{STUDY_PW.replace('%', '%25').replace('@', '%40')}@db-host:5432/einstruct"
+        f"?sslpassword={quote_plus(STUDY_PW)}"
+    )
     monkeypatch.setattr(search.loop, "check_storage", lambda u: u)
     monkeypatch.setattr(search.loop, "open_storage", lambda u, **kw: real_open(db if u == url else u, **kw))
     meta, texts = _study(url, tmp_path / "study", "secret", capsys, caplog)

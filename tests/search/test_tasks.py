@@ -25,8 +25,15 @@ def counted_step_flops(task, model, seed=0):
     return fc.get_total_flops()
 
 
-SPECS = [None, es.presets.btt(rank=1), es.presets.btt(rank=2), es.presets.low_rank(rank=4),
-         es.presets.monarch(blocks=2), es.presets.kron(), es.theta(0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25)]
+SPECS = [
+    None,
+    es.presets.btt(rank=1),
+    es.presets.btt(rank=2),
+    es.presets.low_rank(rank=4),
+    es.presets.monarch(blocks=2),
+    es.presets.kron(),
+    es.theta(0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25),
+]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: getattr(s, "label", "dense"))
@@ -91,12 +98,18 @@ def test_lm_beats_unigram_entropy_quickly(corpus):
         (lambda p: tasks.get("lm"), "needs data="),
         (lambda p: tasks.get("lm", data=str(p)), "is a folder"),
         (lambda p: (p / "empty.txt").write_text("") or tasks.get("lm", data=str(p / "empty.txt")), "empty"),
-        (lambda p: (p / "short.txt").write_text("hello world " * 10) and tasks.get("lm", data=str(p / "short.txt")),
-         "shorter than one"),
-        (lambda p: (p / "bin.txt").write_bytes(b"\x00\x01\x02" * 100) and tasks.get("lm", data=str(p / "bin.txt")),
-         "looks binary"),
-        (lambda p: (p / "odd.bin").write_bytes(b"\x00" * 301) and tasks.get("lm", data=str(p / "odd.bin")),
-         "odd number of bytes"),
+        (
+            lambda p: (p / "short.txt").write_text("hello world " * 10) and tasks.get("lm", data=str(p / "short.txt")),
+            "shorter than one",
+        ),
+        (
+            lambda p: (p / "bin.txt").write_bytes(b"\x00\x01\x02" * 100) and tasks.get("lm", data=str(p / "bin.txt")),
+            "looks binary",
+        ),
+        (
+            lambda p: (p / "odd.bin").write_bytes(b"\x00" * 301) and tasks.get("lm", data=str(p / "odd.bin")),
+            "odd number of bytes",
+        ),
         (lambda p: tasks.get("cifar", data=str(p / "nope")), "does not exist"),
         (lambda p: tasks.get("cifar", data=str(p)), "holds no CIFAR batches"),
         (lambda p: tasks.get("nonsense"), "unknown task"),

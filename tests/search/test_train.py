@@ -16,8 +16,9 @@ def task():
     return tasks.get("regression", **TINY_REGRESSION)
 
 
-@pytest.mark.parametrize("spec", [None, es.presets.btt(rank=1), es.presets.low_rank(rank=2)],
-                         ids=lambda s: getattr(s, "label", "dense"))
+@pytest.mark.parametrize(
+    "spec", [None, es.presets.btt(rank=1), es.presets.low_rank(rank=2)], ids=lambda s: getattr(s, "label", "dense")
+)
 def test_training_spends_at_most_its_allowance_and_as_much_as_fits(task, spec):
     _, per_step = train.plan(task, spec, 64, 1.0)
     allowance = 40.5 * per_step

@@ -15,8 +15,18 @@ from search.ledger import Ledger
 from search.storage import open_storage
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
-SETTINGS = dict(budget=2e8, levels=3, ratio=2.0, top_trials=3, min_steps=8, target_steps=30, task_settings=TINY,
-                device="cpu", space="btt", heartbeat=2)
+SETTINGS = dict(
+    budget=2e8,
+    levels=3,
+    ratio=2.0,
+    top_trials=3,
+    min_steps=8,
+    target_steps=30,
+    task_settings=TINY,
+    device="cpu",
+    space="btt",
+    heartbeat=2,
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
@@ -24,14 +34,21 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 def postgres_url() -> str:
     url = os.environ.get("EINSTRUCT_TEST_POSTGRES")
     if not url:
-        pytest.skip("EINSTRUCT_TEST_POSTGRES is not set: start a server with `bash .ci/postgres.sh` and export "
-                    "the URL it prints (.ci/run does)")
+        pytest.skip(
+            "EINSTRUCT_TEST_POSTGRES is not set: start a server with `bash .ci/postgres.sh` and export "
+            "the URL it prints (.ci/run does)"
+        )
     return url
 
 
 def worker(args: dict, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.search._worker", json.dumps(args)], cwd=ROOT, env=ENV,
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.search._worker", json.dumps(args)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def check_study(out: str, budget: float, storage: str, name: str):
@@ -45,9 +62,14 @@ def check_study(out: str, budget: float, storage: str, name: str):
     assert ledger.spent() <= budget
     import optuna
 
-    n = sum(len(optuna.load_study(study_name=f"{name}.L{i}", storage=store).get_trials(
-        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)))
-        for i in range(SETTINGS["levels"]))
+    n = sum(
+        len(
+            optuna.load_study(study_name=f"{name}.L{i}", storage=store).get_trials(
+                states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+            )
+        )
+        for i in range(SETTINGS["levels"])
+    )
     assert n == len(rows), "every finished trial is in trials.csv"
     return rows
 
@@ -100,8 +122,15 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
     storage = "sqlite:///" + os.path.join(out, "study.db")
     os.makedirs(out)
     name = "kill"
-    args = {"study": name, "storage": storage, "out": out, **SETTINGS, "budget": 1.2e8, "checkpoint_steps": 10,
-            "slow": 0.03}
+    args = {
+        "study": name,
+        "storage": storage,
+        "out": out,
+        **SETTINGS,
+        "budget": 1.2e8,
+        "checkpoint_steps": 10,
+        "slow": 0.03,
+    }
     ckdir = os.path.join(out, "checkpoints")
     with open(tmp_path / "log", "w") as log:
         a = worker(args, log)
@@ -114,8 +143,15 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
         victim = _checkpoints(ckdir)[0]
         a.send_signal(signal.SIGKILL)
         a.wait()
-        before = {(r["level"], r["trial"]): r for r in outputs.read_trials_csv(os.path.join(out, "trials.csv"))
-                  if r["state"] == "COMPLETE"} if os.path.exists(os.path.join(out, "trials.csv")) else {}
+        before = (
+            {
+                (r["level"], r["trial"]): r
+                for r in outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+                if r["state"] == "COMPLETE"
+            }
+            if os.path.exists(os.path.join(out, "trials.csv"))
+            else {}
+        )
         b = worker({**args, "slow": 0}, log)
         assert b.wait(timeout=150) == 0, (tmp_path / "log").read_text()[-3000:]
     rows = check_study(out, args["budget"], storage, name)

@@ -41,8 +41,7 @@ from importlib import import_module
 
 from .config import AUX_WEIGHT, DISPATCHES, KINDS, Z_LOSS_WEIGHT, MoEConfig, is_btt_expert_spec
 
-_LAZY = {"BTTMoE": ".btt", "MoE": ".ffn", "MOE_LAYERS": ".models", "moe_layers": ".models",
-         "moe_aux_loss": ".models"}
+_LAZY = {"BTTMoE": ".btt", "MoE": ".ffn", "MOE_LAYERS": ".models", "moe_layers": ".models", "moe_aux_loss": ".models"}
 
 __all__ = ["AUX_WEIGHT", "DISPATCHES", "KINDS", "Z_LOSS_WEIGHT", "MoEConfig", "is_btt_expert_spec", *_LAZY]
 

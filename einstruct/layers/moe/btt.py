@@ -41,9 +41,22 @@ class BTTMoE(_Routed):
     rank-1 BTT whose per-core init std and kappa every expert uses.
     """
 
-    def __init__(self, d_in, d_out, experts: int = 8, active: int = 2, *, bias: bool = True,
-                 dispatch: str = "dense", zero_init: bool = False, normalize: bool = False,
-                 router_bias: bool = False, pad_tolerance: float = 0.15, device=None, dtype=None):
+    def __init__(
+        self,
+        d_in,
+        d_out,
+        experts: int = 8,
+        active: int = 2,
+        *,
+        bias: bool = True,
+        dispatch: str = "dense",
+        zero_init: bool = False,
+        normalize: bool = False,
+        router_bias: bool = False,
+        pad_tolerance: float = 0.15,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise SpecError(f"BTTMoE: dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -54,16 +67,24 @@ class BTTMoE(_Routed):
         sz = self.structure.sizes
         one = self.expert_structure.sizes
         self._g, self._a, self._f, self._e = (sz[k] for k in "gafe")
-        if (one["g"], one["a"], one["f"], one["e"]) != (self._g, self._a, self._f, self._e) or \
-                self.structure.order != (0, 1) or self.expert_structure.order != (0, 1):
-            raise SpecError(f"BTTMoE({d_in} -> {d_out}): the rank-1 and rank-{experts} BTT split the layer "
-                            "differently; use sizes with an exact square-root-like split (multiples of 64)")
+        if (
+            (one["g"], one["a"], one["f"], one["e"]) != (self._g, self._a, self._f, self._e)
+            or self.structure.order != (0, 1)
+            or self.expert_structure.order != (0, 1)
+        ):
+            raise SpecError(
+                f"BTTMoE({d_in} -> {d_out}): the rank-1 and rank-{experts} BTT split the layer "
+                "differently; use sizes with an exact square-root-like split (multiples of 64)"
+            )
         self.zero_init, self.normalize = bool(zero_init), bool(normalize)
         self.init_stds: dict[str, float] = {c.name: c.init_std for c in self.expert_structure.cores}
         self.R = nn.Parameter(torch.empty(self._g, self._a, self._f, experts, **factory))
         self.L = nn.Parameter(torch.empty(self._f, self._g, experts, self._e, **factory))
-        self.gains = nn.ParameterDict({n: nn.Parameter(torch.ones((), **factory)) for n in ("R", "L")}) \
-            if self.normalize else None
+        self.gains = (
+            nn.ParameterDict({n: nn.Parameter(torch.ones((), **factory)) for n in ("R", "L")})
+            if self.normalize
+            else None
+        )
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
         else:
@@ -140,8 +161,11 @@ class BTTMoE(_Routed):
     def to_dense(self, gates=None) -> torch.Tensor:
         """The (out_features, in_features) matrix sum_e gates[e] W_e (default: all gates 1, the rank-E BTT)."""
         R, L = self.effective_cores().values()
-        gate = torch.ones(self.num_experts, device=R.device, dtype=R.dtype) if gates is None else \
-            torch.as_tensor(gates, device=R.device, dtype=R.dtype)
+        gate = (
+            torch.ones(self.num_experts, device=R.device, dtype=R.dtype)
+            if gates is None
+            else torch.as_tensor(gates, device=R.device, dtype=R.dtype)
+        )
         if gate.shape != (self.num_experts,):
             raise SpecError(f"to_dense(gates): gates must have shape ({self.num_experts},), got {tuple(gate.shape)}")
         d = self.structure.d_in_padded
@@ -171,7 +195,10 @@ class BTTMoE(_Routed):
         return _paths_table(self, f"BTT-MoE: rank-{self.num_experts} BTT, experts are its rank-1 slices")
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, experts={self.num_experts}, "
-                f"active={self.active}, dispatch={self.dispatch!r}, bias={self.bias is not None}, "
-                f"params={self.params}, flops_per_example={self.flops(1)}"
-                + (", normalize=True" if self.normalize else "") + (", zero_init=True" if self.zero_init else ""))
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, experts={self.num_experts}, "
+            f"active={self.active}, dispatch={self.dispatch!r}, bias={self.bias is not None}, "
+            f"params={self.params}, flops_per_example={self.flops(1)}"
+            + (", normalize=True" if self.normalize else "")
+            + (", zero_init=True" if self.zero_init else "")
+        )

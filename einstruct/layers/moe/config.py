@@ -55,13 +55,16 @@ class MoEConfig:
         if isinstance(value, dict):
             unknown = [k for k in value if k not in cls.__dataclass_fields__]
             if unknown:
-                raise SpecError(f"moe= got an unknown setting {unknown[0]!r}; settings are "
-                                f"{', '.join(cls.__dataclass_fields__)}")
+                raise SpecError(
+                    f"moe= got an unknown setting {unknown[0]!r}; settings are {', '.join(cls.__dataclass_fields__)}"
+                )
             return cls(**value)
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(experts=value)
-        raise SpecError(f"moe= must be an es.MoEConfig, a dict such as {{'experts': 8, 'active': 2}}, or an int "
-                        f"(the number of experts); got {type(value).__name__}")
+        raise SpecError(
+            f"moe= must be an es.MoEConfig, a dict such as {{'experts': 8, 'active': 2}}, or an int "
+            f"(the number of experts); got {type(value).__name__}"
+        )
 
 
 def _check_experts(experts, active, who: str) -> None:
@@ -70,14 +73,18 @@ def _check_experts(experts, active, who: str) -> None:
     if isinstance(active, bool) or not isinstance(active, int) or active < 1:
         raise SpecError(f"{who}: active must be a positive integer (experts chosen per token), got {active!r}")
     if active > experts:
-        raise SpecError(f"{who}: active={active} is more than experts={experts}; each token chooses at most all "
-                        f"experts, so use active <= {experts}")
+        raise SpecError(
+            f"{who}: active={active} is more than experts={experts}; each token chooses at most all "
+            f"experts, so use active <= {experts}"
+        )
 
 
 def _check_dispatch(dispatch, who: str) -> None:
     if dispatch not in DISPATCHES:
-        raise SpecError(f"{who}: dispatch {dispatch!r} is not known; use 'dense' (all experts, the default) or "
-                        "'sparse' (tokens grouped per expert)")
+        raise SpecError(
+            f"{who}: dispatch {dispatch!r} is not known; use 'dense' (all experts, the default) or "
+            "'sparse' (tokens grouped per expert)"
+        )
 
 
 def is_btt_expert_spec(spec) -> bool:

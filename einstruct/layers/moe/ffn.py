@@ -61,16 +61,31 @@ class MoE(_Routed):
     arguments (``normalize``, ``init_scale``, ...) go to the StructuredLinear experts.
     """
 
-    def __init__(self, d_in, d_out, experts: int = 8, active: int = 2, hidden=None, spec=None, *,
-                 bias: bool = True, dispatch: str = "dense", zero_init: bool = False, router_bias: bool = False,
-                 device=None, dtype=None, **expert_kwargs):
+    def __init__(
+        self,
+        d_in,
+        d_out,
+        experts: int = 8,
+        active: int = 2,
+        hidden=None,
+        spec=None,
+        *,
+        bias: bool = True,
+        dispatch: str = "dense",
+        zero_init: bool = False,
+        router_bias: bool = False,
+        device=None,
+        dtype=None,
+        **expert_kwargs,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self._init_routing(d_in, d_out, experts, active, dispatch, router_bias, factory)
         self.hidden = 4 * self.in_features if hidden is None else check_features(hidden, "hidden")
         if spec is not None and not isinstance(spec, (Spec, str)):
-            raise SpecError(f"MoE: spec must be None (dense experts), an es.Spec or a preset name, "
-                            f"got {type(spec).__name__}")
+            raise SpecError(
+                f"MoE: spec must be None (dense experts), an es.Spec or a preset name, got {type(spec).__name__}"
+            )
         if isinstance(spec, str):
             spec = presets.get(spec)
         if spec is not None and len(spec.cores) == 1 and spec.label == "dense":
@@ -80,8 +95,10 @@ class MoE(_Routed):
         self.spec = spec
         self.zero_init = bool(zero_init)
         self.experts = nn.ModuleList(
-            _FFN(_linear(self.in_features, self.hidden, spec, False, factory, **expert_kwargs),
-                 _linear(self.hidden, self.out_features, spec, self.zero_init, factory, **expert_kwargs))
+            _FFN(
+                _linear(self.in_features, self.hidden, spec, False, factory, **expert_kwargs),
+                _linear(self.hidden, self.out_features, spec, self.zero_init, factory, **expert_kwargs),
+            )
             for _ in range(experts)
         )
         if bias:
@@ -102,6 +119,7 @@ class MoE(_Routed):
                 ye = ye * gate[:, e : e + 1].to(ye.dtype)
                 y = ye if y is None else y + ye
         else:
+
             def run(e: int, rows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
                 ye = self.experts[e](rows)
                 return ye * gate.to(ye.dtype).unsqueeze(1)
@@ -135,10 +153,14 @@ class MoE(_Routed):
 
     def table(self) -> str:
         kind = "dense" if self.spec is None else (self.spec.label or self.spec.einsum)
-        return _paths_table(self, f"MoE: {self.num_experts} FFN experts {self.in_features} -> {self.hidden} -> "
-                                  f"{self.out_features} ({kind})")
+        return _paths_table(
+            self,
+            f"MoE: {self.num_experts} FFN experts {self.in_features} -> {self.hidden} -> {self.out_features} ({kind})",
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, experts={self.num_experts}, "
-                f"active={self.active}, hidden={self.hidden}, dispatch={self.dispatch!r}, "
-                f"bias={self.bias is not None}, params={self.params}, flops_per_example={self.flops(1)}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, experts={self.num_experts}, "
+            f"active={self.active}, hidden={self.hidden}, dispatch={self.dispatch!r}, "
+            f"bias={self.bias is not None}, params={self.params}, flops_per_example={self.flops(1)}"
+        )

@@ -72,14 +72,20 @@ class _Routed(nn.Module):
         z = torch.logsumexp(logits, dim=-1).square().mean()
         self._aux = switch + Z_LOSS_WEIGHT * z
         entropy = -(probs * logp).sum(dim=-1).mean()
-        self._stats = {"entropy": entropy.detach(), "load": load.detach(), "importance": importance.detach(),
-                       "switch_loss": switch.detach(), "z_loss": z.detach()}
+        self._stats = {
+            "entropy": entropy.detach(),
+            "load": load.detach(),
+            "importance": importance.detach(),
+            "switch_loss": switch.detach(),
+            "z_loss": z.detach(),
+        }
 
     def aux_loss(self) -> torch.Tensor:
         """Switch loss + 0.1 x z-loss of the last forward (THEORY 6); add it to the loss with weight 0.01."""
         if self._aux is None:
-            raise RuntimeError(f"{type(self).__name__}.aux_loss(): the layer has not run a forward pass yet; "
-                               "call it on a batch first")
+            raise RuntimeError(
+                f"{type(self).__name__}.aux_loss(): the layer has not run a forward pass yet; call it on a batch first"
+            )
         return self._aux
 
     def router_stats(self) -> dict[str, torch.Tensor]:
@@ -139,7 +145,9 @@ def _paths_table(layer: _Routed, title: str) -> str:
         rows.append((path, str(m), f"{router + m * expert:,}", f"{router:,}", runs))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [title, f"experts {layer.num_experts}, active {layer.active} per token; params {layer.params:,}", ""]
-    lines += ["  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-              for r in rows]
+    lines += [
+        "  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    ]
     lines.append("sparse = what an ideal dispatch computes (active/E of the expert work); dense runs every expert")
     return "\n".join(lines)
