@@ -6,6 +6,7 @@ import math
 import operator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from . import analysis, network, plan
 from .errors import SpecError
@@ -221,7 +222,7 @@ def _check_elements(what: str, n: int, spec: Spec, d_in: int, d_out: int) -> Non
         )
 
 
-def _subspec(spec: Spec, cores) -> Spec:
+def _subspec(spec: Spec, cores) -> Any:
     """The spec without the cores that are scalars at this size (for the rank cut)."""
     from types import SimpleNamespace
 

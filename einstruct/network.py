@@ -15,6 +15,7 @@ wrong cut (issue 14: rank 1 for full-rank layers).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -151,10 +152,5 @@ def cut(
             res[e ^ 1] = give(res[e ^ 1], b)
     side = [p is not None for p in pred]
     cut_axes = frozenset(a for a in axes if side[in_node[a]] and not side[in_node[a] + 1])
-    if product:
-        value = 1
-        for a in cut_axes:
-            value *= int(caps[a])
-    else:
-        value = sum((caps[a] for a in cut_axes), 0)
+    value: int | Fraction = math.prod(int(caps[a]) for a in cut_axes) if product else sum(caps[a] for a in cut_axes)
     return value, cut_axes

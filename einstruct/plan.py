@@ -27,7 +27,7 @@ join orderings of this kind are NP-hard in general, so no exact method is fast f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import network
@@ -172,16 +172,19 @@ def step_bounds(x: str, y: str, core_axes: Sequence[str], weight: Mapping[str, i
     for i, c in enumerate(core_axes):
         own = set(c)
         if product:
-            value, _ = network.cut(
-                x, y, core_axes, lambda a, own=own: 1 if a in own else weight[a], product=True, sink_cores=(i,)
-            )
+            value, _ = network.cut(x, y, core_axes, _outside(own, weight, 1), product=True, sink_cores=(i,))
             for a in own:
                 value *= weight[a]
         else:
-            value, _ = network.cut(x, y, core_axes, lambda a, own=own: 0 if a in own else weight[a], sink_cores=(i,))
+            value, _ = network.cut(x, y, core_axes, _outside(own, weight, 0), sink_cores=(i,))
             value += sum(weight[a] for a in own)
         out.append(value)
     return out
+
+
+def _outside(own: set, weight: Mapping, inside: int) -> Callable[[str], int]:
+    """Axis weights with the axes of ``own`` set to ``inside`` (free to cut through one's own core)."""
+    return lambda a: inside if a in own else weight[a]
 
 
 def _greedy(net: _Net) -> tuple[int, ...]:
@@ -193,15 +196,11 @@ def _greedy(net: _Net) -> tuple[int, ...]:
             if not applied >> i & 1:
                 rest |= m
         act = (net.x | done) & (net.y | rest)
-        best = None
-        for i in range(net.k):
-            if not applied >> i & 1:
-                c = net.measure(act | net.core[i])
-                if best is None or c < best[0]:
-                    best = (c, i)
-        order.append(best[1])
-        applied |= 1 << best[1]
-        done |= net.core[best[1]]
+        # the cheapest step; min over (cost, index) breaks ties to the earlier core
+        _, pick = min((net.measure(act | net.core[i]), i) for i in range(net.k) if not applied >> i & 1)
+        order.append(pick)
+        applied |= 1 << pick
+        done |= net.core[pick]
     return tuple(order)
 
 
@@ -217,9 +216,9 @@ def _improve(net: _Net, order: tuple[int, ...], key) -> tuple[int, ...]:
             for q in range(len(order)):
                 if p == q:
                     continue
-                cand = list(order)
-                cand.insert(q, cand.pop(p))
-                cand = tuple(cand)
+                moved = list(order)
+                moved.insert(q, moved.pop(p))
+                cand = tuple(moved)
                 k = key(net.steps(cand), cand)
                 if k < best:
                     best, order, better = k, cand, True
@@ -316,9 +315,10 @@ def _search(net: _Net, layer: dict, keep, k: int, max_states: int, seed: Chain) 
     ``seed`` as exact if every subset was pruned (nothing beats it), else the one full chain left."""
     states = 0
     for _ in range(k):
-        layer = _frontier(net, layer, keep, max_states - states)
-        if layer is None:
+        grown = _frontier(net, layer, keep, max_states - states)
+        if grown is None:
             return seed
+        layer = grown
         states += len(layer)
         if not layer:
             return Chain(seed.cost, seed.order, True, states)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 from .errors import SpecError
 from .sizes import parse_size
@@ -76,7 +77,7 @@ def block_diag(blocks=4) -> Spec:
     return Spec("ga,B:gae->ge", g=b, a=f"d_in/{b}", e=f"d_out/{b}", label=f"block_diag(blocks={b})")
 
 
-PRESETS = {
+PRESETS: dict[str, Callable[..., Spec]] = {
     "dense": dense,
     "low_rank": low_rank,
     "kron": kron,

@@ -18,6 +18,7 @@ import operator
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import cast
 
 from .errors import SpecError
 
@@ -46,7 +47,7 @@ class Size:
         """The real (unrounded) size at these layer dimensions."""
         if self.is_constant:
             return float(self.coef)
-        b = {"d_in": d_in, "d_out": d_out, "d": min(d_in, d_out)}[self.base]
+        b = {"d_in": d_in, "d_out": d_out, "d": min(d_in, d_out)}[cast(str, self.base)]
         return float(self.coef) * float(b) ** float(self.exp)
 
     def exponent(self) -> Fraction:
@@ -60,12 +61,12 @@ class Size:
         c = sympy.Rational(self.coef.numerator, self.coef.denominator)
         if self.is_constant:
             return c
-        return c * syms[self.base] ** sympy.Rational(self.exp.numerator, self.exp.denominator)
+        return c * syms[cast(str, self.base)] ** sympy.Rational(self.exp.numerator, self.exp.denominator)
 
     def __str__(self) -> str:
         if self.is_constant:
             return str(self.coef)
-        s = self.base
+        s = cast(str, self.base)
         if self.exp != 1:
             s += f"^{self.exp}"
         if self.coef.numerator != 1:
