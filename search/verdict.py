@@ -147,3 +147,38 @@ def _mean(xs: Sequence[float]) -> float:
 def _var(xs: Sequence[float]) -> float:
     m = _mean(xs)
     return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+
+def write_json(folder: str, comparisons: Sequence[Comparison]) -> str:
+    """``verdict.json`` in the study folder (written atomically): the comparisons' entries, in order."""
+    import json
+    import os
+
+    from .outputs import write_atomic
+
+    path = os.path.join(folder, "verdict.json")
+    write_atomic(path, json.dumps([c.as_json() for c in comparisons], indent=2) + "\n")
+    return path
+
+
+def markdown(comparisons: Sequence[Comparison]) -> str:
+    """The report's ``## Verdict`` section: one line per comparison, how to read it, and the protocol's caveats."""
+    lines = [
+        "## Verdict",
+        "",
+        "Compute multiplier = how many times less training compute a structure needs than the one it is compared",
+        f"with, read at one loss on confirmation runs only (fresh seeds); {LEVEL:.0%} Student-t interval over seeds.",
+        "",
+        "| structure | vs | multiplier | 95% interval | at loss | call | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        if c.multiplier is None:
+            lines.append(f"| {c.structure} | {c.vs} | - | - | - | {c.call} | {c.seeds} |")
+        else:
+            lines.append(
+                f"| {c.structure} | {c.vs} | {c.multiplier:.3g}x | {c.low:.3g}-{c.high:.3g} | {c.loss:.4g} | "
+                f"{c.call} | {c.seeds} |"
+            )
+    notes = [f"- {c.structure} vs {c.vs}: {c.note}" for c in comparisons if c.note]
+    return "\n".join([*lines, "", *notes]).rstrip() + "\n"

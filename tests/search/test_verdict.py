@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from search.errors import SearchError
-from search.verdict import Comparison, compare
+from search.verdict import Comparison, compare, markdown, write_json
 
 LEVELS = (1e9, 4e9, 1.6e10, 6.4e10)  # compute allowances, a factor of 4 apart
 SEEDS = (1000, 1001, 1002)  # the default protocol's 3 fresh confirmation seeds
@@ -134,3 +134,17 @@ def test_json_entry_has_the_verdict_keys_and_bad_input_is_one_line():
         compare("s", [(1, 2)], "dense", {})
     with pytest.raises(SearchError, match="level"):
         compare("s", {}, "dense", {}, level=95)
+
+
+def test_verdict_json_and_section_say_the_same(tmp_path):
+    rng = np.random.default_rng(9)
+    a, b = pair(rng, 2.0, 1.0)
+    far, _ = pair(rng, 1000.0, 1.0, seed_sd=0.0, run_noise=0.0)
+    rows = [compare("s", a, "dense", b), compare("far", far, "dense", b)]
+    path = write_json(str(tmp_path), rows)
+    assert json.load(open(path)) == [r.as_json() for r in rows]
+    text = markdown(rows)
+    assert text.startswith("## Verdict")
+    first, second = (line for line in text.splitlines() if line.startswith("| s |") or line.startswith("| far |"))
+    assert f"{rows[0].multiplier:.3g}x" in first and rows[0].call in first
+    assert "| - | - | - |" in second and "no common loss range" in second and "extrapolated" in text
