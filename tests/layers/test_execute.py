@@ -9,8 +9,8 @@ from benchmarks.layers import saved_bytes
 from einstruct.layers import execute
 from einstruct.layers.linear import StructuredLinear
 
-from ..test_linear import PRESETS, einsum_reference
-from ..test_linear_fast import graph_nodes
+from .test_linear import PRESETS, einsum_reference
+from .test_linear_fast import graph_nodes
 
 SHAPES = [(256, 256), (144, 36), (1000, 500)]
 

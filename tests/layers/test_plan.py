@@ -12,7 +12,7 @@ import einstruct as es
 from einstruct.layers import layerplan, strides
 from einstruct.layers.layout import fill, inverse
 
-from ..test_linear import PRESETS
+from .test_linear import PRESETS
 
 SHAPES = [(256, 256), (1024, 512), (144, 36), (1000, 500)]
 

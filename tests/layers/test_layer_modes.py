@@ -1,5 +1,5 @@
 """Regressions of issue 14 (defects 1, 2, 4): weights read live in every mode, autocast in both grad modes,
-FLOPs that do not depend on where they are asked for. The systematic matrix is tests/test_mode_matrix.py."""
+FLOPs that do not depend on where they are asked for. The systematic matrix is tests/layers/test_mode_matrix.py."""
 
 import pytest
 import torch

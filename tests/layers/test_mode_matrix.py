@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import einstruct as es
 from einstruct.layers.linear import StructuredLinear
 
-from .test_hostile import valid_specs
+from ..test_hostile import valid_specs
 from .test_linear import PRESETS
 
 STRUCTURES = {
