@@ -19,7 +19,7 @@ _LAZY = {
     "structure": ".layers.model",
     "summary": ".layers.model",
     "param_groups": ".mup",
-    "mup_init": ".mup",
+    "mup_init": ".mupinit",
     "coord_check": ".coordcheck",
     "BTTMoE": ".layers.moe",
     "MoE": ".layers.moe",
