@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import rules
-from .errors import SpecError
+from .errors import MupError
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,13 @@ def param_groups(
     keeps a ``name`` list of its parameters and ``lr_mult``.
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise SpecError(f"lr must be a positive number, got {lr!r}")
+        raise MupError(f"lr must be a positive number, got {lr!r}")
     if weight_decay is not None and (
         isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0
     ):
-        raise SpecError(f"weight_decay must be a number >= 0 or None, got {weight_decay!r}")
+        raise MupError(f"weight_decay must be a number >= 0 or None, got {weight_decay!r}")
     if not isinstance(scale_weight_decay, bool):
-        raise SpecError(f"scale_weight_decay must be True or False, got {scale_weight_decay!r}")
+        raise MupError(f"scale_weight_decay must be True or False, got {scale_weight_decay!r}")
     rates = assign(model, base, optimizer=optimizer, input_lr_mult=input_lr_mult, delta=delta)
     return groups(model, rates, lr, weight_decay, scale_weight_decay)
 
@@ -161,19 +161,19 @@ def assign(
     from .layers.moe import BTTMoE
 
     if not isinstance(model, nn.Module):
-        raise SpecError(f"param_groups() needs an nn.Module, got {type(model).__name__}")
+        raise MupError(f"param_groups() needs an nn.Module, got {type(model).__name__}")
     for what, other in (("base", base), ("delta", delta)):
         if other is not None and not isinstance(other, nn.Module):
-            raise SpecError(
+            raise MupError(
                 f"{what} must be an nn.Module (the model at {'its base' if what == 'base' else 'another'} "
                 f"width), got {type(other).__name__}"
             )
     key = optimizer.lower() if isinstance(optimizer, str) else optimizer
     if key not in OPTIMIZERS:
-        raise SpecError(f"optimizer {optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}")
+        raise MupError(f"optimizer {optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}")
     rule = OPTIMIZERS[key]
     if isinstance(input_lr_mult, bool) or not isinstance(input_lr_mult, (int, float)) or not input_lr_mult > 0:
-        raise SpecError(f"input_lr_mult must be a positive number, got {input_lr_mult!r}")
+        raise MupError(f"input_lr_mult must be a positive number, got {input_lr_mult!r}")
     ref = base if base is not None else model
     base_modules = dict(_named_modules(ref))
     delta_modules = None if delta is None else dict(_named_modules(delta))
@@ -189,12 +189,12 @@ def assign(
     def counterpart(name: str, m: nn.Module, ok, modules: dict, what: str) -> nn.Module:
         b = modules.get(name)
         if b is None:
-            raise SpecError(
+            raise MupError(
                 f"module {name!r} of the model is not in {what}; {what} must be the same architecture at "
                 f"{'the base' if what == 'base' else 'another'} width (structured or not), with the same module names"
             )
         if not ok(b):
-            raise SpecError(
+            raise MupError(
                 f"module {name!r} is a {type(m).__name__} in the model but a {type(b).__name__} in {what}; "
                 f"build {what} from the same model code"
             )
@@ -334,13 +334,13 @@ def _no_weight_decay(model: nn.Module):
                 continue
             got = getattr(m, attr)()
             if isinstance(got, str) or not hasattr(got, "__iter__"):
-                raise SpecError(
+                raise MupError(
                     f"{type(m).__name__}.{attr}() of module {prefix or '<root>'!r} must return a set of "
                     f"parameter names, got {type(got).__name__}"
                 )
             for n in got:
                 if not isinstance(n, str):
-                    raise SpecError(f"{type(m).__name__}.{attr}() returned {n!r}; it must return strings")
+                    raise MupError(f"{type(m).__name__}.{attr}() returned {n!r}; it must return strings")
                 if attr == "no_weight_decay_keywords":
                     keywords.add(n)
                 elif any(ch in n for ch in "*?["):

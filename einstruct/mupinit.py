@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import rules
-from .errors import SpecError
+from .errors import MupError
 
 
 def mup_init(model: nn.Module, *, zero_head: bool = True, zero=None, generator: torch.Generator | None = None):
@@ -44,11 +44,11 @@ def mup_init(model: nn.Module, *, zero_head: bool = True, zero=None, generator: 
     from .layers.model import _ties, fans, matmul_layers
 
     if not isinstance(model, nn.Module):
-        raise SpecError(f"mup_init() needs an nn.Module, got {type(model).__name__}")
+        raise MupError(f"mup_init() needs an nn.Module, got {type(model).__name__}")
     if not isinstance(zero_head, bool):
-        raise SpecError(f"zero_head must be True or False, got {zero_head!r}")
+        raise MupError(f"zero_head must be True or False, got {zero_head!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise SpecError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise MupError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     dense_layers = {id(m) for _, m, why in matmul_layers(model) if why is None}
     layers = []
     inside: set[int] = set()
@@ -111,12 +111,12 @@ def _matching(zero, layers) -> set[str]:
     if isinstance(zero, (list, tuple, set, frozenset)):
         unknown = [z for z in zero if z not in names]
         if unknown:
-            raise SpecError(
+            raise MupError(
                 f"zero names {unknown[0]!r}, which is not a linear layer of the model (those are "
                 f"{', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''})"
             )
         return set(zero)
-    raise SpecError(
+    raise MupError(
         f"zero must be a glob, a compiled regex, a callable(name, module) or a list of module names, "
         f"got {type(zero).__name__}"
     )
