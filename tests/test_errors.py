@@ -107,3 +107,22 @@ def test_the_rules_and_errors_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_parsing_sits_under_the_graph_layer():
+    """einstruct/spec.py imports nothing of einstruct.network (nor a graph library), at any level."""
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(es.spec.__file__).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("network" in n for n in names), names
+    from einstruct.spec import floating_cores
+
+    chain = es.Spec("a,ab,bc,cd->d", a=4, b=2, c=2, d=4)  # the middle core reaches x and y only through others
+    assert floating_cores(chain) == []
+    apart = es.Spec("i,i,o->o", i="d_in", o="d_out")  # x and y in different components: rank 1, not floating
+    assert floating_cores(apart) == []
+    with pytest.raises(es.SpecError, match="core G2 of 'a,ab,cd,cd->b' is joined to neither"):
+        es.Spec("a,ab,cd,cd->b", a=4, b=4, c=2, d=2)
