@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 import einstruct as es
-from einstruct import plan
+from einstruct import plan, rules
 
 THETA_A = (0.5, 0.25, 0.25, 0.25, 0.5, 0.25, 0.25)
 THETA_B = (0.75, 0, 0.25, 0, 0.75, 0.25, 0.25)
@@ -259,11 +259,11 @@ def run_cell(d: int, batch: int, labels: list[str], repeats: int, device, infer_
     scopes.close()
     t = {k: statistics.median(v) for k, v in times.items()}
     nan = math.nan
-    dense_flops = 3 * 2 * d * d * batch
+    dense_flops = rules.train_flops(rules.dense_flops(batch, d, d))
     dense_rate = dense_flops / t[("dense", "train")]
     rows = []
     for lab, layer in layers.items():
-        flops = 3 * layer.structure.flops * batch
+        flops = rules.train_flops(layer.structure.flops * batch)
         mem = saved_bytes(lambda m=layer: m(x.detach().requires_grad_(True)), layer)
         ein = EinsumChain(layer)
         mem_ein = saved_bytes(lambda m=ein: m(x.detach().requires_grad_(True)), layer)

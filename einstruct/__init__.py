@@ -7,7 +7,7 @@ from importlib import import_module
 
 from . import presets
 from .compiler import Core, Structure, compile
-from .errors import SpecError
+from .errors import EinstructError, MemoryLimitError, MupError, SpecError
 from .spec import CoreSpec, Spec
 from .theta import theta
 
@@ -19,7 +19,7 @@ _LAZY = {
     "structure": ".layers.model",
     "summary": ".layers.model",
     "param_groups": ".mup",
-    "mup_init": ".mup",
+    "mup_init": ".mupinit",
     "coord_check": ".coordcheck",
     "BTTMoE": ".layers.moe",
     "MoE": ".layers.moe",
@@ -28,7 +28,20 @@ _LAZY = {
     "AUX_WEIGHT": ".layers.moe",
 }
 
-__all__ = ["Core", "CoreSpec", "Spec", "SpecError", "Structure", "compile", "presets", "theta", *_LAZY]
+__all__ = [
+    "Core",
+    "CoreSpec",
+    "EinstructError",
+    "MemoryLimitError",
+    "MupError",
+    "Spec",
+    "SpecError",
+    "Structure",
+    "compile",
+    "presets",
+    "theta",
+    *_LAZY,
+]
 __version__ = "0.1.0"
 
 

@@ -9,7 +9,7 @@ import sys
 
 from . import presets
 from .compiler import compile
-from .errors import SpecError
+from .errors import EinstructError, SpecError
 from .spec import Spec
 from .theta import theta
 
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
             for name, c in sym["cores"].items():
                 print(f"  core {name}: " + ", ".join(f"{k} = {v}" for k, v in c.items()))
         return 0
-    except SpecError as e:
+    except EinstructError as e:
         if args.debug:
             raise
         print(f"einstruct: error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from . import analysis, network, plan
+from . import analysis, network, plan, rules
 from .errors import SpecError
 from .limits import MAX_ELEMENTS, count, human_bytes
 from .resolve import resolve
@@ -65,11 +65,11 @@ class Structure:
 
     @property
     def flops(self) -> int:
-        return 2 * self.macs
+        return rules.forward_flops(self.macs)
 
     @property
     def train_flops(self) -> int:
-        return 3 * self.flops
+        return rules.train_flops(self.flops)
 
     @property
     def steps(self) -> tuple[plan.Step, ...]:
@@ -183,10 +183,10 @@ def _compile(spec: Spec, d_in: int, d_out: int, pad_tolerance: float) -> Structu
                 d_in=fan_in,
                 d_out=fan_out,
                 batch=prod(st.batch),
-                macs=prod(plan.step_axes(st, core_axes)),
-                init_std=math.sqrt(min(fan_in, fan_out)) / fan_in,
-                kappa=(d_in / fan_in) / k,
-                kappa_sgd=((fan_out / fan_in) / (d_out / d_in)) / k,
+                macs=rules.step_macs(sizes[a] for a in plan.step_axes(st, core_axes)),
+                init_std=rules.init_std(fan_in, fan_out),
+                kappa=rules.kappa(fan_in, fan_out, d_in, d_out, k, "adam"),
+                kappa_sgd=rules.kappa(fan_in, fan_out, d_in, d_out, k, "sgd"),
             )
         )
     sub = spec if len(cores) == len(spec.cores) else _subspec(spec, cores)

@@ -72,7 +72,7 @@ class _MLP(nn.Module):
             self.hidden = StructuredLinear(width, width, spec, bias=False, device=device)
         self.out = nn.Linear(width, 1, device=device)
         if device is None or torch.device(device).type != "meta":
-            from .mup import mup_init
+            from .mupinit import mup_init
 
             mup_init(self)  # spectral init of the dense layers, zero biases, the output layer at zero
 

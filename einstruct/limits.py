@@ -2,7 +2,7 @@
 
 The limit is the total memory of the device the tensors would live on (physical RAM for the CPU, the
 card's memory for CUDA; none for the meta device), or ``MAX_BYTES`` when it is set. A request above it
-can never succeed, so it is refused with a SpecError that gives its size in bytes instead of letting the
+can never succeed, so it is refused with a MemoryLimitError that gives its size in bytes instead of letting the
 allocator fail deep inside torch (or, worse, succeed lazily and swap). Torch is imported only for CUDA.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 
-from .errors import SpecError
+from .errors import MemoryLimitError
 
 MAX_ELEMENTS = 2**62  # no tensor holds more elements than this (torch counts them in an int64)
 MAX_BYTES: int | None = None  # override the device's memory (e.g. a tighter limit for a shared machine)
@@ -72,7 +72,7 @@ def device_memory(device) -> int | None:
 
 
 def check_fits(what, n_bytes: int, device, fix: str) -> None:
-    """Raise SpecError if ``n_bytes`` for ``what`` exceed the memory of ``device``.
+    """Raise MemoryLimitError if ``n_bytes`` for ``what`` exceed the memory of ``device``.
 
     ``what`` is a string or a callable giving it, so a check that runs on every forward builds no
     message unless it fails.
@@ -81,7 +81,7 @@ def check_fits(what, n_bytes: int, device, fix: str) -> None:
     if limit is not None and n_bytes > limit:
         where = getattr(device, "type", None) or device or "cpu"
         what = what() if callable(what) else what
-        raise SpecError(
+        raise MemoryLimitError(
             f"{what} need {human_bytes(n_bytes)}, more than the {human_bytes(limit)} of memory on {where}; {fix}"
         )
 

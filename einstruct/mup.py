@@ -1,4 +1,5 @@
-"""muP for whole models (THEORY 4): param_groups (learning rates, weight decay) and mup_init (initialisation).
+"""muP learning rates for whole models (THEORY 4): param_groups (learning rates, weight decay); the rules
+themselves are in einstruct.rules, the initialisation (mup_init) in einstruct.mupinit.
 
     base = make_model(width=64, device="meta")        # the same architecture at the base width
     opt = torch.optim.AdamW(es.param_groups(model, lr=3e-3, base=base, weight_decay=0.1))
@@ -56,18 +57,16 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import re
-import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .errors import SpecError
+from . import rules
+from .errors import MupError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = {"adamw": "adam", "adam": "adam", "sgd": "sgd"}
+OPTIMIZERS = rules.OPTIMIZER_RULES
 
 
 @dataclass(frozen=True)
@@ -109,13 +108,13 @@ def param_groups(
     keeps a ``name`` list of its parameters and ``lr_mult``.
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise SpecError(f"lr must be a positive number, got {lr!r}")
+        raise MupError(f"lr must be a positive number, got {lr!r}")
     if weight_decay is not None and (
         isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0
     ):
-        raise SpecError(f"weight_decay must be a number >= 0 or None, got {weight_decay!r}")
+        raise MupError(f"weight_decay must be a number >= 0 or None, got {weight_decay!r}")
     if not isinstance(scale_weight_decay, bool):
-        raise SpecError(f"scale_weight_decay must be True or False, got {scale_weight_decay!r}")
+        raise MupError(f"scale_weight_decay must be True or False, got {scale_weight_decay!r}")
     rates = assign(model, base, optimizer=optimizer, input_lr_mult=input_lr_mult, delta=delta)
     return groups(model, rates, lr, weight_decay, scale_weight_decay)
 
@@ -162,19 +161,19 @@ def assign(
     from .layers.moe import BTTMoE
 
     if not isinstance(model, nn.Module):
-        raise SpecError(f"param_groups() needs an nn.Module, got {type(model).__name__}")
+        raise MupError(f"param_groups() needs an nn.Module, got {type(model).__name__}")
     for what, other in (("base", base), ("delta", delta)):
         if other is not None and not isinstance(other, nn.Module):
-            raise SpecError(
+            raise MupError(
                 f"{what} must be an nn.Module (the model at {'its base' if what == 'base' else 'another'} "
                 f"width), got {type(other).__name__}"
             )
     key = optimizer.lower() if isinstance(optimizer, str) else optimizer
     if key not in OPTIMIZERS:
-        raise SpecError(f"optimizer {optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}")
+        raise MupError(f"optimizer {optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}")
     rule = OPTIMIZERS[key]
     if isinstance(input_lr_mult, bool) or not isinstance(input_lr_mult, (int, float)) or not input_lr_mult > 0:
-        raise SpecError(f"input_lr_mult must be a positive number, got {input_lr_mult!r}")
+        raise MupError(f"input_lr_mult must be a positive number, got {input_lr_mult!r}")
     ref = base if base is not None else model
     base_modules = dict(_named_modules(ref))
     delta_modules = None if delta is None else dict(_named_modules(delta))
@@ -190,12 +189,12 @@ def assign(
     def counterpart(name: str, m: nn.Module, ok, modules: dict, what: str) -> nn.Module:
         b = modules.get(name)
         if b is None:
-            raise SpecError(
+            raise MupError(
                 f"module {name!r} of the model is not in {what}; {what} must be the same architecture at "
                 f"{'the base' if what == 'base' else 'another'} width (structured or not), with the same module names"
             )
         if not ok(b):
-            raise SpecError(
+            raise MupError(
                 f"module {name!r} is a {type(m).__name__} in the model but a {type(b).__name__} in {what}; "
                 f"build {what} from the same model code"
             )
@@ -229,19 +228,15 @@ def assign(
             outputs.add(s[0] if isinstance(m, nn.MultiheadAttention) else s[1])
 
     def dense(fan_in: int, fan_out: int, b_in: int, b_out: int) -> float:
-        return b_in / fan_in if rule == "adam" else (fan_out / fan_in) / (b_out / b_in)
+        return rules.lr_mult(fan_in, fan_out, b_in, b_out, rule)
 
     def layer_rule(name: str, m: nn.Module, ok) -> tuple[float, float, bool, nn.Module]:
         """(muP multiplier, input_lr_mult or 1, whether it is an input layer, base module) of a layer."""
         b = counterpart(name, m, ok, base_modules, "base")
         d = None if delta_modules is None else counterpart(name, m, ok, delta_modules, "delta")
         (fan_in, fan_out), (b_in, b_out) = pair(m), pair(b)
-        if fan_in != b_in:
-            grows = True
-        elif d is not None:
-            grows = pair(d)[0] != b_in
-        else:
-            grows = at_base and fan_in in outputs
+        d_in = None if d is None else pair(d)[0]
+        grows = rules.fan_in_grows(fan_in, b_in, d_in, at_base=at_base, output_sizes=outputs)
         return dense(fan_in, fan_out, b_in, b_out), (1.0 if grows else input_lr_mult), not grows, b
 
     claimed: dict[int, tuple[float, str, float]] = {}
@@ -268,11 +263,11 @@ def assign(
                     getattr(m, core),
                     mult * kappa * inp,
                     f"core {core} of {where} (rank-1 kappa {kappa:g})",
-                    1 / (mult * kappa),
+                    rules.decay_mult(mult * kappa),
                 )
             e = m.num_experts
             rmult = dense(m.in_features, e, fans(b)[0], e)
-            claim(m.router.weight, rmult * inp, f"router of {where}", 1 / rmult)
+            claim(m.router.weight, rmult * inp, f"router of {where}", rules.decay_mult(rmult))
         elif is_linear_like(m):
             mult, inp, is_input, _ = layer_rule(name, m, is_linear_like)
             where = f"{'input ' if is_input else ''}layer {name!r}"
@@ -284,10 +279,10 @@ def assign(
                         getattr(m, core),
                         mult * kappa * inp,
                         f"core {core} of {where} (kappa {kappa:g})",
-                        1 / (mult * kappa),
+                        rules.decay_mult(mult * kappa),
                     )
             else:
-                claim(m.weight, mult * inp, f"weight of {where}", 1 / mult)
+                claim(m.weight, mult * inp, f"weight of {where}", rules.decay_mult(mult))
         elif isinstance(m, nn.MultiheadAttention):  # its out_proj is an nn.Linear, with the rule above
             _, inp, is_input, b = layer_rule(name, m, lambda b: isinstance(b, nn.MultiheadAttention))
             where = f"{'input ' if is_input else ''}attention {name!r}"
@@ -300,11 +295,11 @@ def assign(
                 p = getattr(m, pname, None)
                 if p is not None:
                     mult = dense(getattr(m, fan_in), outs * m.embed_dim, getattr(b, fan_in), outs * b.embed_dim)
-                    claim(p, mult * inp, f"{pname} of {where}", 1 / mult)
+                    claim(p, mult * inp, f"{pname} of {where}", rules.decay_mult(mult))
         elif isinstance(m, nn.Embedding):
             b = counterpart(name, m, lambda b: isinstance(b, nn.Embedding), base_modules, "base")
-            mult = 1.0 if rule == "adam" else m.embedding_dim / b.embedding_dim
-            claim(m.weight, mult, f"embedding {name!r}", 1 / mult)
+            mult = rules.fixed_fan_in_mult(m.embedding_dim, b.embedding_dim, rule)
+            claim(m.weight, mult, f"embedding {name!r}", rules.decay_mult(mult))
     no_decay = _no_weight_decay(model)
     rates = []
     for name, p in _named_parameters(model):
@@ -317,9 +312,9 @@ def assign(
             if rule == "sgd" and b is not None and len(b) == p.dim():
                 grown = [(s, t) for s, t in zip(p.shape, b) if s != t]
                 if len(grown) == 1:
-                    mult = grown[0][0] / grown[0][1]
+                    mult = rules.fixed_fan_in_mult(grown[0][0], grown[0][1], rule)
                     reason += f" (SGD: one dim grows, {grown[0][1]} -> {grown[0][0]})"
-            decay_mult = 1 / mult
+            decay_mult = rules.decay_mult(mult)
         decay = p.dim() >= 2
         if decay and no_decay(name):
             decay, reason = False, reason + " (in the model's no_weight_decay)"
@@ -339,13 +334,13 @@ def _no_weight_decay(model: nn.Module):
                 continue
             got = getattr(m, attr)()
             if isinstance(got, str) or not hasattr(got, "__iter__"):
-                raise SpecError(
+                raise MupError(
                     f"{type(m).__name__}.{attr}() of module {prefix or '<root>'!r} must return a set of "
                     f"parameter names, got {type(got).__name__}"
                 )
             for n in got:
                 if not isinstance(n, str):
-                    raise SpecError(f"{type(m).__name__}.{attr}() returned {n!r}; it must return strings")
+                    raise MupError(f"{type(m).__name__}.{attr}() returned {n!r}; it must return strings")
                 if attr == "no_weight_decay_keywords":
                     keywords.add(n)
                 elif any(ch in n for ch in "*?["):
@@ -354,115 +349,6 @@ def _no_weight_decay(model: nn.Module):
                     names.add(_clean(f"{prefix}.{n}" if prefix else n))
     return lambda name: (
         name in names or any(fnmatch.fnmatchcase(name, g) for g in globs) or any(k in name for k in keywords)
-    )
-
-
-# ---- initialisation ------------------------------------------------------------------------------------
-
-
-def mup_init(model: nn.Module, *, zero_head: bool = True, zero=None, generator: torch.Generator | None = None):
-    """Give the dense layers of ``model`` THEORY 4's muP init, in place; returns the model.
-
-    - Every nn.Linear and Conv1D weight is drawn from N(0, sigma^2) with sigma = sqrt(min(fan_in,
-      fan_out)) / fan_in (the spectral rule StructuredLinear applies to each of its cores): 1/sqrt(d) for
-      a hidden d x d layer, a width-independent std for the input layer, and sqrt(fan_out) / fan_in, which
-      shrinks as 1/width, for the output head. Their biases start at 0 (as StructuredLinear's do). The
-      rule depends only on each layer's own shape, so no base model is needed.
-    - A weight that is all zeros stays zero (the model's own zero init: the last linear of a residual
-      branch, a router).
-    - ``zero_head``: the output head, the last matmul layer in registration order (the one
-      ``es.structure``'s default keeps dense), starts at 0 (THEORY 4).
-    - ``zero``: more layers that start at 0 (THEORY 4 also zeroes the last linear of every residual branch
-      and the attention query projection): a glob on module names, a compiled regex, a callable
-      ``(name, module) -> bool``, or a collection of names. A StructuredLinear there (or as the head) gets
-      its last core zeroed, as ``zero_init=True`` does; other StructuredLinear layers are left as they are
-      (built with the per-core rule already).
-    - Left alone: embeddings (their width-independent init is already muP's: the fan-in of a lookup is 1),
-      norms, nn.MultiheadAttention, MoE routers and BTTMoE layers. A layer whose weight is tied to another
-      module (a head sharing the embedding) is left alone too, with a UserWarning naming it: re-drawing it
-      would re-draw the other module.
-
-    ``generator``: a torch.Generator (on the weights' device) for reproducible draws.
-    """
-    from .layers.linear import StructuredLinear
-    from .layers.model import _ties, fans, matmul_layers
-
-    if not isinstance(model, nn.Module):
-        raise SpecError(f"mup_init() needs an nn.Module, got {type(model).__name__}")
-    if not isinstance(zero_head, bool):
-        raise SpecError(f"zero_head must be True or False, got {zero_head!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise SpecError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    dense_layers = {id(m) for _, m, why in matmul_layers(model) if why is None}
-    layers = []
-    inside: set[int] = set()
-    for name, m in model.named_modules():
-        if id(m) in inside:
-            continue
-        if isinstance(m, StructuredLinear):
-            inside.update(id(c) for c in m.modules())
-            layers.append((name, m))
-        elif id(m) in dense_layers:
-            layers.append((name, m))
-        elif isinstance(m, nn.MultiheadAttention):  # its out_proj is no head
-            inside.update(id(c) for c in m.modules())
-    zeroed = _matching(zero, layers)
-    if zero_head and layers:
-        zeroed.add(layers[-1][0])
-    ties = _ties(model)
-    tied = []
-    with torch.no_grad():
-        for name, m in layers:
-            z = name in zeroed
-            if isinstance(m, StructuredLinear):
-                if z:
-                    getattr(m, m.core_names[-1]).zero_()
-                    m.zero_init = True
-                    if m.bias is not None:
-                        m.bias.zero_()
-                continue
-            if id(m) in ties:
-                tied.append(f"{name!r} (shared with {', '.join(map(repr, ties[id(m)]))})")
-                continue
-            w = m.weight
-            if z or (not w.is_meta and not bool(torch.any(w != 0))):
-                w.zero_()
-            else:
-                fan_in, fan_out = fans(m)
-                w.normal_(0.0, math.sqrt(min(fan_in, fan_out)) / fan_in, generator=generator)
-            if getattr(m, "bias", None) is not None:
-                m.bias.zero_()
-    if tied:
-        warnings.warn(
-            f"mup_init(): left {len(tied)} weight-tied layer(s) as they are, since re-drawing them would "
-            f"re-draw the module they share a weight with: {'; '.join(tied)}",
-            UserWarning,
-            stacklevel=2,
-        )
-    return model
-
-
-def _matching(zero, layers) -> set[str]:
-    if zero is None:
-        return set()
-    names = [n for n, _ in layers]
-    if isinstance(zero, str):
-        return {n for n in names if fnmatch.fnmatchcase(n, zero)}
-    if isinstance(zero, re.Pattern):
-        return {n for n in names if zero.fullmatch(n)}
-    if callable(zero):
-        return {n for n, m in layers if zero(n, m)}
-    if isinstance(zero, (list, tuple, set, frozenset)):
-        unknown = [z for z in zero if z not in names]
-        if unknown:
-            raise SpecError(
-                f"zero names {unknown[0]!r}, which is not a linear layer of the model (those are "
-                f"{', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''})"
-            )
-        return set(zero)
-    raise SpecError(
-        f"zero must be a glob, a compiled regex, a callable(name, module) or a list of module names, "
-        f"got {type(zero).__name__}"
     )
 
 

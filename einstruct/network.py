@@ -1,4 +1,4 @@
-"""The tensor network of a spec: connectivity (a networkx graph) and the exact minimum x-y cut.
+"""The tensor network of a spec: the exact minimum x-y cut (connectivity is checked in einstruct.spec).
 
 For the cut, axes are nodes with a capacity (split into an in- and an out-node), tensors (x, cores, y)
 are nodes of unbounded capacity. The minimum x-y cut is the structural rank bound (THEORY 3); pairwise
@@ -19,32 +19,6 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from fractions import Fraction
-
-import networkx as nx
-
-X, Y = "<x>", "<y>"
-
-
-def graph(spec) -> nx.Graph:
-    """Undirected bipartite graph: tensor nodes ('<x>', '<y>', core names) and axis nodes ('axis:a')."""
-    g = nx.Graph()
-    operands = [(X, spec.x), (Y, spec.y)] + [(c.name, c.axes) for c in spec.cores]
-    for node, axes in operands:
-        g.add_node(node, kind="tensor")
-        for a in axes:
-            g.add_node(f"axis:{a}", kind="axis", axis=a)
-            g.add_edge(node, f"axis:{a}")
-    return g
-
-
-def floating_cores(spec) -> list[str]:
-    """Cores joined neither to x nor to y (directly or through other cores): scalar factors, not structure.
-
-    x and y may lie in different components: that is a rank-1 map (e.g. low rank with rank 1).
-    """
-    g = graph(spec)
-    anchored = nx.node_connected_component(g, X) | nx.node_connected_component(g, Y)
-    return [c.name for c in spec.cores if c.name not in anchored]
 
 
 def min_cut(spec, capacity: Callable[[str], int | Fraction], *, product: bool = False) -> tuple:

@@ -211,8 +211,6 @@ def _validate(spec: Spec, einsum: str) -> None:
                     f"axis '{a}' appears only in core {c.name} ('{c.axes}') of {einsum!r}: it would be summed "
                     "away inside the core; remove it or share it with another operand"
                 )
-    from .network import floating_cores
-
     floating = floating_cores(spec)
     if floating:
         raise SpecError(
@@ -232,3 +230,23 @@ def _validate(spec: Spec, einsum: str) -> None:
                     f"the {label} axes of {einsum!r} ({listing}) multiply to d^{total}, not {base}: "
                     f"their exponents must add up to 1 (within 0.01)"
                 )
+
+
+def floating_cores(spec) -> list[str]:
+    """Cores joined neither to x nor to y (directly or through other cores): scalar factors, not structure.
+
+    x and y may lie in different components: that is a rank-1 map (e.g. low rank with rank 1). Found by
+    spreading from the axes of x and y through the cores that share an axis (no graph library: parsing sits
+    under the graph layer, einstruct.network).
+    """
+    reached = set(spec.x) | set(spec.y)
+    joined: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for c in spec.cores:
+            if c.name not in joined and reached.intersection(c.axes):
+                joined.add(c.name)
+                reached.update(c.axes)
+                grew = True
+    return [c.name for c in spec.cores if c.name not in joined]

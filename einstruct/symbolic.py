@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sympy
 
+from . import plan, rules
+
 
 def symbols():
     d_in, d_out, d = sympy.symbols("d_in d_out d", positive=True, integer=True)
@@ -23,28 +25,30 @@ def symbolic(st, square: bool | None = None) -> dict:
     syms = {"d_in": d, "d_out": d, "d": d} if square else {"d_in": d_in, "d_out": d_out, "d": sympy.Min(d_in, d_out)}
     size = {a: s.sympy(syms) for a, s in st.spec.sizes.items()}
     prod = lambda axes: sympy.Mul(*(size[a] for a in axes))
+    spec_axes = [c.axes for c in st.spec.cores]  # a step's core is its index in the spec
     k = len(st.cores)
     lin, lout = syms["d_in"], syms["d_out"]
     macs = sympy.Integer(0)
     cores = {}
     for c in st.cores:
         s = c.step
-        macs += prod(set(s.before) | set(c.axes))
+        macs += rules.step_macs(size[a] for a in plan.step_axes(s, spec_axes))
         fi, fo = prod(s.contracted), prod(s.produced)
         cores[c.name] = {
             "d_in": fi,
             "d_out": fo,
             "batch": prod(s.batch),
             "params": prod(c.axes),
-            "init_std": sympy.sqrt(sympy.Min(fi, fo)) / fi,
-            "kappa": sympy.simplify((lin / fi) / k),
-            "kappa_sgd": sympy.simplify(((fo / fi) / (lout / lin)) / k),
+            "init_std": rules.init_std(fi, fo),
+            "kappa": sympy.simplify(rules.kappa(fi, fo, lin, lout, k, "adam")),
+            "kappa_sgd": sympy.simplify(rules.kappa(fi, fo, lin, lout, k, "sgd")),
         }
     macs = sympy.simplify(macs)
+    flops = rules.forward_flops(macs)
     return {
         "macs": macs,
-        "flops": sympy.expand(2 * macs),
-        "train_flops": sympy.expand(6 * macs),
+        "flops": sympy.expand(flops),
+        "train_flops": sympy.expand(rules.train_flops(flops)),
         "params": sympy.simplify(sum((v["params"] for v in cores.values()), sympy.Integer(0))),
         "cores": cores,
     }

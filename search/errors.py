@@ -6,13 +6,19 @@ from __future__ import annotations
 import errno
 import os
 
+from einstruct.errors import EinstructError, MemoryLimitError
 
-class SearchError(ValueError):
+
+class SearchError(EinstructError, ValueError):
     """A task, data file, budget or setting is unusable; the message names the problem and the fix."""
 
 
 class DataError(SearchError):
     """A data path is missing, empty, too short for one batch, or in the wrong format."""
+
+
+class TrainingMemoryError(SearchError, MemoryLimitError):
+    """A task's model at some width needs more memory to train than its device (or this process) has."""
 
 
 # What drivers say, in their own words, when the disk under a database is full or a database file is damaged.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 import einstruct as es
+from einstruct import rules
 from einstruct.layers.model import fans, is_linear
 
 
@@ -21,7 +22,7 @@ def linear_forward_flops(module: nn.Module, rows: int) -> int:
     """Forward FLOPs of one nn.Linear (or GPT-2 Conv1D) or StructuredLinear applied to ``rows`` rows."""
     if is_linear(module):
         d_in, d_out = fans(module)
-        return 2 * rows * d_in * d_out
+        return rules.dense_flops(rows, d_in, d_out)
     if isinstance(module, es.StructuredLinear):
         return int(module.flops(rows, training=True))
     raise TypeError(f"not a linear layer: {type(module).__name__}")
@@ -29,12 +30,11 @@ def linear_forward_flops(module: nn.Module, rows: int) -> int:
 
 def linear_train_flops(module: nn.Module, rows: int, input_needs_grad: bool = True) -> int:
     fwd = linear_forward_flops(module, rows)
-    if input_needs_grad:
-        return 3 * fwd
-    if isinstance(module, es.StructuredLinear):
-        first = module.structure.cores[0].macs * 2 * rows  # only this step has no input gradient to make
-        return 3 * fwd - first
-    return 2 * fwd
+    if isinstance(module, es.StructuredLinear):  # only its first step reads the input
+        first = rules.input_step_flops(module.structure, rows)
+    else:
+        first = fwd
+    return rules.train_flops(fwd, first, input_needs_grad=input_needs_grad)
 
 
 def model_train_flops(model: nn.Module, rows: int, data_fed: frozenset[str] = frozenset()) -> int:

@@ -19,6 +19,7 @@ import re
 import sys
 from dataclasses import dataclass
 
+from einstruct import rules
 from einstruct.cli import closed_pipe, run_command
 
 from . import frontier as fr
@@ -31,7 +32,7 @@ THETA = ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")
 REQUIRED = ("number", "level", "trial", "state", "train_flops", "family", "structure", "width", "loss")
 INTS = ("number", "level", "trial", "train_flops", "width", "steps", "params", "blocks", "rank")
 FLOATS = ("allowance", "omega", "psi", "nu", "loss", "seconds", *THETA)
-MACS = 6  # training FLOPs ~ 6 x forward MACs x examples (forward 2, backward 4 FLOPs per MAC)
+MACS = rules.TRAIN_FLOPS_PER_MAC  # training FLOPs ~ 6 x forward MACs x examples (forward 2, backward 4 per MAC)
 TOP_TABLES = 3  # winning structures shown with their einstruct tables
 FLOOR_POINTS, FLOOR_SPAN = 5, 10.0  # a floor fit needs 5 frontier computes spanning a factor of 10
 

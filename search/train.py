@@ -498,7 +498,7 @@ def main(argv=None) -> int:
     except Exception as e:  # bad input, a machine's failure or a bug: one line each
         if args.debug:
             raise
-        if isinstance(e, (SearchError, es.SpecError)):
+        if isinstance(e, (SearchError, es.EinstructError)):
             return fail(str(e))
         from .errors import disk_full, out_of_memory
 

@@ -1,4 +1,5 @@
-"""Hostile input, fuzzed: specs, sizes, theta and layer arguments either work or raise SpecError, nothing else.
+"""Hostile input, fuzzed: specs, sizes, theta and layer arguments either work or raise SpecError (or, for
+tensors too large for the memory limit, MemoryLimitError), nothing else.
 
 Property tests (hypothesis, derandomized so CI is deterministic) feed random and malformed input through
 es.Spec, es.theta, es.compile and es.StructuredLinear. A failure that is not a SpecError with a one-line
@@ -48,10 +49,11 @@ def memory_limit(n_bytes):
 
 
 def spec_error_or(fn):
-    """fn() or None when it raised SpecError with a useful one-line message; anything else fails the test."""
+    """fn() or None when it raised SpecError (or MemoryLimitError) with a useful one-line message; anything else
+    fails the test."""
     try:
         return fn()
-    except es.SpecError as e:
+    except (es.SpecError, es.MemoryLimitError) as e:
         msg = str(e)
         assert isinstance(e, ValueError)
         assert len(msg) >= 20 and "\n" not in msg, f"unhelpful SpecError message: {msg!r}"
@@ -420,7 +422,7 @@ def test_valid_random_specs_compile_and_match_their_matrix(case, normalize, n):
 def test_huge_layer_is_refused_with_its_size_before_allocating(spec):
     t0 = time.perf_counter()
     with pytest.raises(
-        es.SpecError,
+        es.MemoryLimitError,
         match=r"parameters of StructuredLinear\(10000000 -> 10000000.*need [0-9.]+ "
         r"[TGP]iB \([0-9.e+]+ bytes\), more than the",
     ):
@@ -431,7 +433,7 @@ def test_huge_layer_is_refused_with_its_size_before_allocating(spec):
 def test_the_limit_counts_dtype_and_device():
     with memory_limit(10**6):  # 1 MB: a 256x256 dense layer is 256 KiB in float32, 512 KiB in float64
         es.StructuredLinear(256, 256, "dense", dtype=torch.float64)
-        with pytest.raises(es.SpecError, match="more than the 977 KiB"):
+        with pytest.raises(es.MemoryLimitError, match="more than the 977 KiB"):
             es.StructuredLinear(512, 512, "dense")
         es.StructuredLinear(10**4, 10**4, "dense", device="meta")  # nothing is allocated on meta
 
@@ -440,13 +442,13 @@ def test_forward_whose_intermediates_cannot_fit_is_refused_before_running():
     layer = es.StructuredLinear(64, 64, es.presets.btt(rank=4))
     x = torch.zeros(1, 64).expand(10**12, 64)  # a stride-0 view: no memory until the forward copies it
     t0 = time.perf_counter()
-    with pytest.raises(es.SpecError, match=r"intermediates of the forward .* for 1000000000000 rows need .*iB"):
+    with pytest.raises(es.MemoryLimitError, match=r"intermediates of the forward .* for 1000000000000 rows need .*iB"):
         layer(x)
     assert time.perf_counter() - t0 < 5
     with memory_limit(10**4):
-        with pytest.raises(es.SpecError, match="dense matrix"):
+        with pytest.raises(es.MemoryLimitError, match="dense matrix"):
             layer.to_dense()
-        with pytest.raises(es.SpecError, match="for 64 rows"):
+        with pytest.raises(es.MemoryLimitError, match="for 64 rows"):
             layer(torch.randn(64, 64))
         layer(torch.randn(2, 64))  # small batches still run
 

@@ -197,7 +197,7 @@ def test_frozen_parameters_are_left_out():
     assert "inp.weight" not in r and "inp.bias" not in r and "hidden.A" in r
 
 
-def test_user_mistakes_raise_spec_error():
+def test_user_mistakes_raise_mup_error():
     model = Net(D, es.presets.kron())
 
     class Other(nn.Module):
@@ -205,22 +205,22 @@ def test_user_mistakes_raise_spec_error():
             super().__init__()
             self.inp = nn.Linear(16, D0)
 
-    with pytest.raises(es.SpecError, match="'hidden'"):
+    with pytest.raises(es.MupError, match="'hidden'"):
         es.param_groups(model, LR, base=Other())
     wrong = meta_base()
     wrong.hidden = nn.Embedding(D0, D0, device="meta")
-    with pytest.raises(es.SpecError, match="'hidden' is a StructuredLinear in the model but a Embedding in base"):
+    with pytest.raises(es.MupError, match="'hidden' is a StructuredLinear in the model but a Embedding in base"):
         es.param_groups(model, LR, base=wrong)
-    with pytest.raises(es.SpecError, match="module 'hidden' of the model is not in delta"):
+    with pytest.raises(es.MupError, match="module 'hidden' of the model is not in delta"):
         es.param_groups(model, LR, base=meta_base(), delta=Other(), input_lr_mult=0.1)
-    with pytest.raises(es.SpecError, match=r"delta must be an nn\.Module"):
+    with pytest.raises(es.MupError, match=r"delta must be an nn\.Module"):
         es.param_groups(model, LR, delta="wide")
-    with pytest.raises(es.SpecError, match="scale_weight_decay must be True or False"):
+    with pytest.raises(es.MupError, match="scale_weight_decay must be True or False"):
         es.param_groups(model, LR, scale_weight_decay="yes")
-    with pytest.raises(es.SpecError, match="optimizer 'lion'"):
+    with pytest.raises(es.MupError, match="optimizer 'lion'"):
         es.param_groups(model, LR, optimizer="lion")
     for bad in (0, -1.0, float("nan"), "3e-3"):
-        with pytest.raises(es.SpecError, match="lr must be"):
+        with pytest.raises(es.MupError, match="lr must be"):
             es.param_groups(model, bad)
-    with pytest.raises(es.SpecError, match="weight_decay"):
+    with pytest.raises(es.MupError, match="weight_decay"):
         es.param_groups(model, LR, weight_decay=-0.1)

@@ -188,7 +188,7 @@ def test_no_weight_decay_and_keywords_of_the_model_and_its_submodules_are_honour
         def no_weight_decay(self):
             return "pos_embed"
 
-    with pytest.raises(es.SpecError, match=r"Bad\.no_weight_decay\(\) of module '<root>' must return a set"):
+    with pytest.raises(es.MupError, match=r"Bad\.no_weight_decay\(\) of module '<root>' must return a set"):
         es.param_groups(Bad(), LR)
 
 
@@ -296,9 +296,9 @@ def test_mup_init_keeps_zero_weights_structured_layers_embeddings_and_tied_heads
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         es.mup_init(MLP(64), zero=["down"], zero_head=False)
-    with pytest.raises(es.SpecError, match="zero names 'nope'"):
+    with pytest.raises(es.MupError, match="zero names 'nope'"):
         es.mup_init(MLP(64), zero=["nope"])
-    with pytest.raises(es.SpecError, match="zero must be"):
+    with pytest.raises(es.MupError, match="zero must be"):
         es.mup_init(MLP(64), zero=3)
 
 

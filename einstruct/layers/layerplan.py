@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .. import rules
 from ..compiler import Structure
 from . import strides
 from .layout import ChainLayout, fill, inverse, plan_chain
@@ -210,6 +211,6 @@ def build(st: Structure) -> LayerPlan:
 def default_dense_rows(st: Structure, in_features: int, out_features: int) -> int:
     """Largest batch (rows) that runs on the materialised dense matrix in inference; 0 for never."""
     weight = in_features * out_features
-    if st.flops >= 2 * weight or weight > DENSE_MAX_WEIGHT:
+    if st.flops >= rules.dense_flops(1, in_features, out_features) or weight > DENSE_MAX_WEIGHT:
         return 0
     return min(DENSE_MAX_ROWS, DENSE_MAX_MACS // weight)

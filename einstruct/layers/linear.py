@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import limits
+from .. import limits, rules
 from ..compiler import Structure
 from ..compiler import compile as compile_structure
 from ..errors import SpecError
@@ -139,7 +139,7 @@ class StructuredLinear(nn.Module):
             )
         std = {c.name: (c.init_std if init_scale is None else float(init_scale)) for c in self.structure.cores}
         if self.low_rank_init:
-            std[self.structure.cores[0].name] = 1.0 / math.sqrt(self.in_features)
+            std[self.structure.cores[0].name] = rules.low_rank_std(self.in_features)
         self.init_stds: dict[str, float] = std  # metadata on the module, never on tensors
         factory = {"device": device, "dtype": dtype}
         self._check_parameter_memory(bias, device, dtype)
@@ -388,7 +388,7 @@ class StructuredLinear(nn.Module):
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
             raise SpecError(f"flops(batch) needs a non-negative integer number of rows, got {batch!r}")
         if self.uses_dense(batch, training=training, cached=cached):
-            return 2 * self.in_features * self.out_features * batch
+            return rules.dense_flops(batch, self.in_features, self.out_features)
         return self.structure.flops * batch
 
     def extra_repr(self) -> str:

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from .. import presets
-from ..errors import SpecError
+from ..errors import MemoryLimitError, SpecError
 from ..spec import Spec
 from .linear import StructuredLinear
 from .matmuls import _cannot, _ties, dense_weight, fans, is_conv1d, is_linear, matmul_layers  # noqa: F401 (re-exported)
@@ -341,8 +341,8 @@ def _replacement(name: str, lin: nn.Module, spec: Spec, copy_weights: bool, kwar
             if copy_weights and bias is not None:
                 with torch.no_grad():
                     new.bias.copy_(bias)
-    except SpecError as e:
-        raise SpecError(f"cannot structure {what} with {spec.label or spec.einsum}: {e}") from e
+    except (SpecError, MemoryLimitError) as e:  # the same class, with the layer named
+        raise type(e)(f"cannot structure {what} with {spec.label or spec.einsum}: {e}") from e
     return _like(new, lin)
 
 
@@ -361,6 +361,6 @@ def _moe_replacement(name: str, lin: nn.Module, spec: Spec, cfg: MoEConfig, kwar
             new = BTTMoE(d_in, d_out, **common, **kw)
         else:
             new = MoE(d_in, d_out, hidden=cfg.hidden_ratio * d_in, spec=spec, **common, **kw)
-    except SpecError as e:
-        raise SpecError(f"cannot make {what} a {cfg.label}: {e}") from e
+    except (SpecError, MemoryLimitError) as e:
+        raise type(e)(f"cannot make {what} a {cfg.label}: {e}") from e
     return _like(new, lin)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import rules
 from ..errors import SpecError
 from .linear import StructuredLinear
 from .matmuls import fans, is_linear
@@ -136,7 +137,8 @@ def summary(model: nn.Module, baseline: ModelSummary | None = None) -> ModelSumm
             )
         elif is_linear(m):  # nn.Linear or GPT-2's Conv1D
             d_in, d_out = fans(m)
-            rows.append(LayerRow(name, "dense", d_in, d_out, d_in * d_out, 2 * d_in * d_out, 2 * d_in * d_out))
+            f = rules.dense_flops(1, d_in, d_out)
+            rows.append(LayerRow(name, "dense", d_in, d_out, d_in * d_out, f, f))
     total = sum(p.numel() for p in model.parameters())
     return ModelSummary(rows=tuple(rows), model_params=total, baseline=baseline)
 

@@ -11,7 +11,7 @@ from torch import nn
 import einstruct as es
 
 from .. import flops
-from ..errors import SearchError
+from ..errors import SearchError, TrainingMemoryError
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ class Task:
         return "use a smaller width (or a smaller batch in the task's settings)"
 
     def check_memory(self, model: nn.Module, device) -> None:
-        """Refuse (SearchError) a model, built on the meta device, whose training cannot fit on ``device``."""
+        """Refuse (TrainingMemoryError, a SearchError) a model, built on the meta device, whose training cannot
+        fit on ``device``."""
         from einstruct.limits import count, human_bytes, training_memory_limit
 
         limit = training_memory_limit(device)
@@ -121,7 +122,7 @@ class Task:
         need = self.training_bytes(model, 2 if _kind(device) == "cuda" else 4)
         if need > limit:
             params = sum(p.numel() for p in model.parameters())
-            raise SearchError(
+            raise TrainingMemoryError(
                 f"the {self.name} model at width {_width_of(model)} has {count(params)} parameters and needs at least "
                 f"{human_bytes(need)} to train, more than the {human_bytes(limit)} of memory on {_kind(device)} this "
                 f"process may use; {self.memory_hint()}"

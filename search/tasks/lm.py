@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import einstruct as es
+from einstruct import rules
 from einstruct.layers.moe import is_btt_expert_spec
 
 from ..errors import DataError, SearchError
@@ -185,7 +186,7 @@ class LanguageModel(Task):
             total = self.flops_per_step(self.build(None, w, device="meta"))
         except (SearchError, es.SpecError):
             total = 0
-        head = 6 * self.rows_per_step() * w * self.vocab  # the head's training FLOPs (its input needs a gradient)
+        head = rules.train_flops(rules.dense_flops(self.rows_per_step(), w, self.vocab))  # the head (input needs grad)
         share = (
             f" ({head / total:.0%} of the {total:.3g} training FLOPs per step of dense at width {w})" if total else ""
         )
@@ -244,8 +245,7 @@ class LanguageModel(Task):
 
     def extra_train_flops(self, width: int) -> int:
         c = self.config
-        per_token_fwd = 2 * (2 * c.context * width)  # QK^T and AV, no causal halving
-        return 3 * per_token_fwd * c.depth * self.rows_per_step()
+        return rules.train_flops(rules.attention_flops(c.context, width) * c.depth * self.rows_per_step())
 
     def _sample(self, tokens, n: int, generator: torch.Generator, device):
         c = self.config

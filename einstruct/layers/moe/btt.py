@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import presets
+from ... import presets, rules
 from ...compiler import compile as compile_structure
 from ...errors import SpecError
 from ..linear import RMS_EPS
@@ -181,10 +181,10 @@ class BTTMoE(_Routed):
     def flops(self, batch: int) -> int:
         """Forward FLOPs for ``batch`` rows on the path that runs: router + expert steps."""
         batch = check_batch(batch)
-        return self._router_flops(batch) + self._rows_per_expert(batch) * self.expert_flops_per_token()
+        return rules.moe_flops(self._router_flops(batch), self._rows_per_expert(batch), self.expert_flops_per_token())
 
     def _input_step_flops(self, batch: int) -> int:
-        return self._rows_per_expert(batch) * 2 * self.expert_structure.cores[0].macs
+        return rules.input_step_flops(self.expert_structure, self._rows_per_expert(batch))
 
     @property
     def params(self) -> int:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import presets
+from ... import presets, rules
 from ...errors import SpecError
 from ...spec import Spec
 from ..checks import check_features
@@ -39,14 +39,14 @@ def _linear(d_in: int, d_out: int, spec, zero: bool, factory: dict, **kwargs) ->
 
 def _linear_flops(m: nn.Module, rows: int) -> int:
     if isinstance(m, nn.Linear):
-        return 2 * rows * m.in_features * m.out_features
+        return rules.dense_flops(rows, m.in_features, m.out_features)
     return int(m.flops(rows))
 
 
 def _first_step_flops(m: nn.Module, rows: int) -> int:
     if isinstance(m, nn.Linear):
-        return 2 * rows * m.in_features * m.out_features
-    return 2 * rows * m.structure.cores[0].macs
+        return rules.dense_flops(rows, m.in_features, m.out_features)
+    return rules.input_step_flops(m.structure, rows)
 
 
 class MoE(_Routed):
@@ -137,7 +137,7 @@ class MoE(_Routed):
     def flops(self, batch: int) -> int:
         """Forward FLOPs for ``batch`` rows on the path that runs: router + expert FFNs."""
         batch = check_batch(batch)
-        return self._router_flops(batch) + self._rows_per_expert(batch) * self.expert_flops_per_token()
+        return rules.moe_flops(self._router_flops(batch), self._rows_per_expert(batch), self.expert_flops_per_token())
 
     def _input_step_flops(self, batch: int) -> int:
         return self._rows_per_expert(batch) * _first_step_flops(self.experts[0].fc, 1)

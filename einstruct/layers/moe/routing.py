@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ... import rules
 from ...errors import SpecError
 from ..checks import check_features
 from .config import Z_LOSS_WEIGHT, _check_dispatch, _check_experts
@@ -120,19 +121,20 @@ class _Routed(nn.Module):
         return out.scatter(1, idx, gates)
 
     def _router_flops(self, batch: int) -> int:
-        return 2 * batch * self.in_features * self.num_experts
+        return rules.dense_flops(batch, self.in_features, self.num_experts)
 
     def train_flops(self, batch: int, input_needs_grad: bool = True) -> int:
         """Forward + backward FLOPs for ``batch`` rows (backward 2x forward; without an input gradient, the
         matmuls that read the input skip it)."""
-        fwd = self.flops(batch)
-        if input_needs_grad:
-            return 3 * fwd
-        return 3 * fwd - self._router_flops(batch) - self._input_step_flops(batch)
+        return rules.train_flops(
+            self.flops(batch),
+            self._router_flops(batch) + self._input_step_flops(batch),
+            input_needs_grad=input_needs_grad,
+        )
 
     def _rows_per_expert(self, batch: int) -> int:
         """Rows summed over experts that the running path pushes through expert networks."""
-        return batch * (self.num_experts if self.dispatch == "dense" else self.active)
+        return rules.moe_expert_rows(batch, self.num_experts, self.active, self.dispatch)
 
 
 def _paths_table(layer: _Routed, title: str) -> str:
@@ -142,7 +144,7 @@ def _paths_table(layer: _Routed, title: str) -> str:
     rows = [("path", "experts run per token", "flops/token", "of which router", "")]
     for path, m in (("dense", layer.num_experts), ("sparse", layer.active)):
         runs = "<- runs" if path == layer.dispatch else ""
-        rows.append((path, str(m), f"{router + m * expert:,}", f"{router:,}", runs))
+        rows.append((path, str(m), f"{rules.moe_flops(router, m, expert):,}", f"{router:,}", runs))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [title, f"experts {layer.num_experts}, active {layer.active} per token; params {layer.params:,}", ""]
     lines += [
