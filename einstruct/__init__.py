@@ -21,6 +21,7 @@ _LAZY = {
     "param_groups": ".mup",
     "mup_init": ".mup",
     "coord_check": ".coordcheck",
+    "StructureConfig": ".config",
     "BTTMoE": ".layers.moe",
     "MoE": ".layers.moe",
     "MoEConfig": ".layers.moe",
