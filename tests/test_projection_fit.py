@@ -92,3 +92,23 @@ def test_copy_weights_is_init_project():
         es.structure(make(), "btt", init="svd")
     with pytest.raises(es.SpecError, match="copy_weights=True is init='project'"):
         es.structure(make(), "btt", init="mup", copy_weights=True)
+
+
+def test_a_model_whose_weights_are_already_structured_projects_with_zero_error():
+    torch.manual_seed(6)
+    specs = {"0": es.presets.btt(rank=2), "2": THREE_TT, "4": es.presets.monarch(blocks=4)}
+    pick = lambda name, m: specs.get(name)
+    model = nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8)
+    )
+    es.structure(model, None, select=pick, normalize=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # gains and biases off their init too
+    x = torch.randn(5, 64)
+    want = model(x).detach()
+    es.merge(model)  # the same model with its structured matrices held densely
+    es.structure(model, None, select=pick, init="project")
+    errors = {r.name: r.projection_error for r in es.summary(model).rows}
+    assert all(errors[n] < 1e-5 for n in specs), errors
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
