@@ -26,6 +26,31 @@ INITS = ("mup", "project")
 _MODES = ("all", "all_but_last", "intermediate")
 
 
+def project_weights(init, copy_weights: bool = False) -> bool:
+    """Whether structure() projects pretrained weights: ``init='project'``, or its older name
+    ``copy_weights=True`` (``init=None``: whatever copy_weights says)."""
+    if init is None:
+        return bool(copy_weights)
+    if init not in INITS:
+        raise SpecError(
+            f"init must be 'mup' (fresh cores at their muP stds) or 'project' (the pretrained weights projected "
+            f"onto the structure), got {init!r}"
+        )
+    if copy_weights and init != "project":
+        raise SpecError("copy_weights=True is init='project'; it cannot be combined with init='mup': drop one")
+    return init == "project"
+
+
+def only_config(**given) -> None:
+    """Refuse arguments given to ``structure(model, config)`` beside the config (each name -> whether set)."""
+    extra = [k for k, v in given.items() if v is not False and v is not None]
+    if extra:
+        raise SpecError(
+            f"structure(model, config) takes every setting from the StructureConfig; got {extra[0]}= as well: "
+            "put it in the config (dataclasses.replace(config, ...))"
+        )
+
+
 def spec_to_dict(spec: Spec) -> dict:
     """A JSON-ready dict that :func:`spec_from_dict` turns back into an equal Spec."""
     named = ",".join([spec.x] + [f"{c.name}:{c.axes}" for c in spec.cores]) + "->" + spec.y
@@ -99,11 +124,9 @@ class StructureConfig:
             object.__setattr__(self, "moe", MoEConfig.of(self.moe))
         if not isinstance(self.normalize, bool):
             raise SpecError(f"StructureConfig: normalize must be True or False, got {self.normalize!r}")
-        if self.init not in INITS:
-            raise SpecError(
-                f"StructureConfig: init must be 'mup' (fresh muP draws) or 'project' (project the pretrained "
-                f"weights), got {self.init!r}"
-            )
+        if self.init is None:
+            raise SpecError("StructureConfig: init must be 'mup' (fresh muP draws) or 'project', got None")
+        project_weights(self.init)  # the one check of init's values
         if not isinstance(self.layer_options, dict):
             raise SpecError(f"StructureConfig: layer_options must be a dict, got {type(self.layer_options).__name__}")
         if "normalize" in self.layer_options:

@@ -106,27 +106,13 @@ def structure(
     ``spec`` may be an :class:`einstruct.StructureConfig` holding every argument (then give no others).
     What was done is recorded on ``model`` (:mod:`einstruct.layers.record`) for :func:`einstruct.save`.
     """
-    from ..config import StructureConfig
+    from ..config import StructureConfig, only_config, project_weights
 
     if isinstance(spec, StructureConfig):
-        given = [
-            k
-            for k, v in (
-                ("select", select != "all_but_last"),
-                ("init", init),
-                ("copy_weights", copy_weights),
-                ("tied", tied != "skip"),
-                ("moe", moe),
-            )
-            if v
-        ] + list(layer_kwargs)
-        if given:
-            raise SpecError(
-                f"structure(model, config) takes every setting from the StructureConfig; got {given[0]}= as well: "
-                "put it in the config (dataclasses.replace(config, ...))"
-            )
+        only_config(select=select != "all_but_last", init=init, copy_weights=copy_weights, tied=tied != "skip", moe=moe)
+        only_config(**layer_kwargs)
         return structure(model, spec.resolved_spec(), **spec.structure_kwargs())
-    copy_weights = _init_mode(init, copy_weights)
+    copy_weights = project_weights(init, copy_weights)
     if not isinstance(model, nn.Module):
         raise SpecError(f"structure() needs an nn.Module, got {type(model).__name__}")
     if tied not in TIED:
@@ -179,20 +165,6 @@ def structure(
                 parent._modules[key] = built[id(child)]
     log.info("structure(): replaced %d linear layers", len(built))
     return model
-
-
-def _init_mode(init, copy_weights) -> bool:
-    """Whether to project pretrained weights: ``init='project'``, or its older name ``copy_weights=True``."""
-    if init is None:
-        return bool(copy_weights)
-    if init not in ("mup", "project"):
-        raise SpecError(
-            f"init must be 'mup' (fresh cores at their muP stds) or 'project' (the pretrained weights projected "
-            f"onto the structure), got {init!r}"
-        )
-    if copy_weights and init != "project":
-        raise SpecError("copy_weights=True is init='project'; it cannot be combined with init='mup': drop one")
-    return init == "project"
 
 
 def _warn(select, unsupported, tied_left, kept_all, layers) -> None:
