@@ -172,8 +172,8 @@ def coord_check_model(
     """Run the coordinate check on ``make_model(width) -> nn.Module`` (see the module docstring).
 
     ``data``: an iterable of ``(x, y)`` batches; ``loss_fn(model(x), y)`` a scalar; ``base_width``: the
-    width the rates are relative to (default: the smallest); ``out``: a directory for the CSV table and
-    the PNG plot (none written when None).
+    width the rates are relative to (default: the smallest; es.coord_check passes its own default, 64);
+    ``out``: a directory for the CSV table and the PNG plot (none written when None).
     """
     ws = _check(widths, steps, lr, optimizer, loss_fn)
     base_width = ws[0] if base_width is None else base_width

@@ -169,6 +169,8 @@ def test_hugging_face_model_round_trip(tmp_path):
     es.structure(model, es.presets.low_rank(rank=8), select="*.attn.c_proj", init="project")
     es.save(model, tmp_path / "gpt2")
     loaded = es.load(tmp_path / "gpt2", transformers.AutoModelForCausalLM.from_config(cfg)).eval()
+    err = model.transformer.h[1].attn.c_proj.projection_error
+    assert 0 < err < 1 and loaded.transformer.h[1].attn.c_proj.projection_error == err  # kept in the record
     assert isinstance(loaded.transformer.h[0].mlp.c_fc, StructuredLinear)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # the tie survives
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))

@@ -134,6 +134,8 @@ def build(name: str, e: dict, device=None, dtype=None) -> nn.Module:
         )
     else:
         raise SpecError(f"structure record: module {name!r} has an unknown layer class {kind!r}")
+    if "projection_error" in e:  # what init="project" reached when the layer was made, shown by es.summary
+        new.projection_error = float(e["projection_error"])
     want = e.get("resolved")
     if want is not None and _resolved(new.structure) != want:
         raise SpecError(
