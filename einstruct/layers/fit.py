@@ -87,10 +87,10 @@ def fit_cores(
             s = s + own
             cores[k] = torch.einsum(f"{s}{b}->{axes[k]}", new)
         err = error()
-        if err <= tol * norm2 or last - err <= tol * max(last, norm2 * 1e-300):
-            last = err
-            break
+        done = err <= tol * norm2 or last - err <= tol * last  # exact, or a sweep gained under tol of the error
         last = err
+        if done:
+            break
     return _balance(cores, st)
 
 
