@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
+from .spec import Spec
 
 D_DATA = 16
 TEACHER_WIDTH = 64
@@ -109,11 +110,39 @@ def coord_check(
     batch: int = 64,
     freeze_input: bool = True,
     seed: int = 0,
-) -> CoordCheckResult:
+    data=None,
+    loss_fn=None,
+    optimizer: str = "adam",
+    out=None,
+):
     """Train the MLP at each width and measure the per-step feature-update RMS (see the module docstring).
 
-    ``spec``: an es.Spec, a preset name, or 'dense'/None for an nn.Linear hidden layer.
+    ``spec``: an es.Spec, a preset name, or 'dense'/None for an nn.Linear hidden layer. Or a callable
+    ``make_model(width) -> nn.Module``: the check on that model instead, with ``data`` (``(x, y)``
+    batches), ``loss_fn``, ``optimizer`` and ``out`` (a directory for its table and plot), both rate rules
+    side by side (:func:`einstruct.coordcheck_model.coord_check_model`; ``structured_rates``, ``batch``
+    and ``freeze_input`` are this MLP's settings and do not apply).
     """
+    if callable(spec) and not isinstance(spec, (str, Spec)):
+        from .coordcheck_model import coord_check_model
+
+        return coord_check_model(
+            spec,
+            widths,
+            data=data,
+            loss_fn=loss_fn,
+            steps=steps,
+            lr=lr,
+            base_width=base_width,
+            optimizer=optimizer,
+            out=out,
+            seed=seed,
+        )
+    if data is not None or loss_fn is not None or out is not None:
+        raise SpecError(
+            "data=, loss_fn= and out= are for coord_check(make_model, ...) on your own model; the spec form "
+            "trains its own MLP on a synthetic task"
+        )
     sp, label = _spec(spec)
     ws = tuple(widths)
     if not ws or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in ws):

@@ -57,6 +57,8 @@ EXAMPLES = {
     "structure_transformer.py": ["--steps", "2", "--width", "32", "--base-width", "16"],
     "moe_gpt.py": ["--data", "{corpus}", "--train-flops", "2e9"],
     "regression_frontier.py": ["--dry-run", "--out", "{tmp}/rf"],  # its 30-minute default plan, checked
+    "pretrained_conversion.py": ["--data", "{corpus}", "--pretrain-steps", "3", "--finetune-steps", "2"],
+    "trainer_integration.py": ["--data", "{corpus}", "--steps", "2"],
 }
 
 

@@ -60,6 +60,7 @@ from torch import nn
 from .. import presets
 from ..errors import MemoryLimitError, SpecError
 from ..spec import Spec
+from . import record
 from .linear import StructuredLinear
 from .matmuls import _cannot, _ties, dense_weight, fans, is_conv1d, is_linear, matmul_layers  # noqa: F401 (re-exported)
 from .moe import BTTMoE, MoE, MoEConfig, is_btt_expert_spec
@@ -81,6 +82,7 @@ def structure(
     spec,
     select: Select = "all_but_last",
     *,
+    init: str | None = None,
     copy_weights: bool = False,
     tied: str = "skip",
     moe=None,
@@ -92,13 +94,25 @@ def structure(
     The default ``select="all_but_last"`` keeps the output head dense (THEORY 4: muP treats the head as
     a dense readout with its own rule; a structured head is a choice to make on purpose, with
     ``select="all"``). New layers keep the device, dtype, bias presence, training mode and requires_grad
-    of the layers they replace. Weights are not copied unless ``copy_weights=True`` (then the closest
-    structured matrix, :func:`einstruct.from_dense`, of the layer's (out, in) matrix: a Conv1D's weight
-    is transposed first). A layer whose weight is all zeros is replaced with ``zero_init=True``. Every
-    replacement is built before any is swapped in, so an error leaves the model unchanged.
-    ``layer_kwargs`` go to StructuredLinear (or to the MoE layer with ``moe=``). If ``model`` itself is
-    an nn.Linear or Conv1D, the new layer is returned instead.
+    of the layers they replace. ``init="mup"`` (the default) draws fresh cores at their muP stds;
+    ``init="project"`` sets each new layer to the closest structured matrix, :func:`einstruct.from_dense`,
+    of the layer's pretrained (out, in) matrix (a Conv1D's weight is transposed first) and copies the bias,
+    recording the relative error in ``layer.projection_error`` (es.summary shows it);
+    ``copy_weights=True`` is the older name of ``init="project"``. A layer whose weight is all zeros is
+    replaced with ``zero_init=True``. Every replacement is built before any is swapped in, so an error
+    leaves the model unchanged. ``layer_kwargs`` go to StructuredLinear (or to the MoE layer with
+    ``moe=``). If ``model`` itself is an nn.Linear or Conv1D, the new layer is returned instead.
+
+    ``spec`` may be an :class:`einstruct.StructureConfig` holding every argument (then give no others).
+    What was done is recorded on ``model`` (:mod:`einstruct.layers.record`) for :func:`einstruct.save`.
     """
+    from ..config import StructureConfig, only_config, project_weights
+
+    if isinstance(spec, StructureConfig):
+        only_config(select=select != "all_but_last", init=init, copy_weights=copy_weights, tied=tied != "skip", moe=moe)
+        only_config(**layer_kwargs)
+        return structure(model, spec.resolved_spec(), **spec.structure_kwargs())
+    copy_weights = project_weights(init, copy_weights)
     if not isinstance(model, nn.Module):
         raise SpecError(f"structure() needs an nn.Module, got {type(model).__name__}")
     if tied not in TIED:
@@ -110,8 +124,8 @@ def structure(
     _check_layer_kwargs(layer_kwargs, cfg)
     if cfg is not None and copy_weights:
         raise SpecError(
-            "copy_weights=True cannot be combined with moe=: an MoE layer has no single matrix to "
-            "project onto; drop one of them"
+            "init='project' (copy_weights=True) cannot be combined with moe=: an MoE layer has no single "
+            "matrix to project onto; drop one of them"
         )
     if cfg is not None and cfg.kind == "btt":
         if not is_btt_expert_spec(spec):
@@ -129,18 +143,22 @@ def structure(
         tied_left = [(n, ties[id(m)]) for n, m, _ in chosen if id(m) in ties]
         chosen = [(n, m, sp) for n, m, sp in chosen if id(m) not in ties]
     built: dict[int, nn.Module] = {}
+    entries: dict[str, dict] = {}
     for name, lin, sp in chosen:
         if cfg is None:
             built[id(lin)] = _replacement(name or "<root>", lin, sp, copy_weights, layer_kwargs)
         else:
             built[id(lin)] = _moe_replacement(name or "<root>", lin, sp, cfg, layer_kwargs)
+        entries[name] = record.entry(lin, built[id(lin)], sp, layer_kwargs, cfg)
     _warn(select, unsupported, tied_left, kept_all, layers)
     if tied == "untie":
         broken = [f"{n!r} (shared with {', '.join(map(repr, ties[id(m)]))})" for n, m, _ in chosen if id(m) in ties]
         if broken:
             log.info("structure(): tied='untie' broke the weight ties of %s", ", ".join(broken))
     if id(model) in built:
+        record.attach(built[id(model)], entries)
         return built[id(model)]
+    record.attach(model, entries)
     for parent in model.modules():
         for key, child in list(parent._modules.items()):
             if child is not None and id(child) in built:
@@ -330,7 +348,7 @@ def _replacement(name: str, lin: nn.Module, spec: Spec, copy_weights: bool, kwar
     try:
         if copy_weights and not zero:
             if w.is_meta:
-                raise SpecError("copy_weights=True needs real weights, but they are on the meta device")
+                raise SpecError("init='project' needs real weights, but they are on the meta device")
             from .projection import from_dense
 
             new = from_dense(w, spec, bias=bias, **kw)

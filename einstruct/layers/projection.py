@@ -13,6 +13,15 @@ Supported structures are those whose closest member has a closed form:
   singular values split as sqrt between the two cores (the per-block SVD of the ICML appendix; for low
   rank this is the truncated SVD of W, for Kronecker the Van Loan-Pitsianis nearest Kronecker product).
 
+- **any other spec the compiler accepts** (three or more cores, or bond axes in one core only): no closed
+  form; the cores are *fitted* by alternating least squares (:mod:`einstruct.layers.fit`: deterministic,
+  a local optimum, exact when W already has the structure in the cases the tests cover).
+
+Specs it cannot project raise a SpecError naming them: those with an axis of x or y in no core (such as
+``ga,A:ab->gb``, one block repeated along g: the matrix is then the same along that axis).
+``layer.projection_error`` is the relative error ``||W - layer.to_dense()||_F / ||W||_F`` reached (0 for a
+zero W); es.summary shows it.
+
 A layer whose sizes are padded (THEORY 2) is fitted to W embedded in zeros at its padded size.
 """
 
@@ -26,8 +35,8 @@ from ..compiler import Structure
 from ..errors import SpecError
 
 SUPPORTED = (
-    "one core (dense, block diagonal) or two cores joined by bond axes "
-    "(low rank, Kronecker, Tensor-Train, BTT, Monarch, theta)"
+    "every axis of x and y in some core (closed form for one core or two cores joined by bond axes, a "
+    "least-squares fit otherwise)"
 )
 
 
@@ -63,6 +72,9 @@ def from_dense(W, spec, bias=None, **layer_kwargs):
         if bias is not None:
             layer.bias.copy_(bias.detach())
         _match_gains(layer, cores)
+        scale = float(W.detach().double().norm())
+        miss = float((layer.to_dense().double() - W.detach().double()).norm())
+    layer.projection_error = miss / scale if scale > 0 else 0.0
     return layer
 
 
@@ -97,18 +109,15 @@ def project(W: torch.Tensor, st: Structure) -> dict[str, torch.Tensor]:
                 f"neither x nor y; supported specs have {SUPPORTED}"
             )
         return {c.name: torch.einsum(f"{letters}->{c.axes}", T).to(dtype)}
-    if len(cores) != 2:
-        raise SpecError(
-            f"from_dense has no closed-form projection for {spec.einsum!r} with {len(cores)} cores; "
-            f"supported specs have {SUPPORTED}"
-        )
-    c1, c2 = sorted(cores, key=lambda c: c.index)
-    for a in spec.axes:
-        if a not in xy and len(where[a]) != 2:
+    if len(cores) != 2 or any(a not in xy and len(where[a]) != 2 for a in spec.axes):
+        if W.is_complex():
             raise SpecError(
-                f"from_dense: bond axis '{a}' of {spec.einsum!r} is only in core {where[a][0]}; "
-                f"bond axes must join the two cores; supported specs have {SUPPORTED}"
+                f"from_dense fits {spec.einsum!r} by least squares, which needs a real weight; got {W.dtype}"
             )
+        from .fit import fit_cores
+
+        return {name: t.to(dtype) for name, t in fit_cores(T, st).items()}
+    c1, c2 = sorted(cores, key=lambda c: c.index)
     S = "".join(a for a in spec.axes if a in xy and a in c1.axes and a in c2.axes)
     P = "".join(a for a in spec.axes if a in xy and a in c1.axes and a not in c2.axes)
     Q = "".join(a for a in spec.axes if a in xy and a in c2.axes and a not in c1.axes)

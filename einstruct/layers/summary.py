@@ -20,7 +20,9 @@ class LayerRow:
 
     ``flops``: the training forward (and every no-grad batch outside ``es.inference_cache``);
     ``inference_flops``: a no-grad batch of at most ``dense_rows`` rows inside ``es.inference_cache`` (the
-    materialised matrix where the layer has one, else the same as ``flops``).
+    materialised matrix where the layer has one, else the same as ``flops``); ``projection_error``: for a
+    layer made with ``init="project"`` (or es.from_dense), the relative error ``||W - M||_F / ||W||_F`` of
+    its matrix M against the pretrained W it was projected from; None otherwise.
     """
 
     name: str
@@ -30,6 +32,7 @@ class LayerRow:
     params: int
     flops: int
     inference_flops: int
+    projection_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ class ModelSummary:
         total = ["total", "", "", "", f"{self.params:,}", f"{self.flops:,}", f"{self.inference_flops:,}"]
         if base is not None:
             total += [_ratio(self.params, self.baseline.params), _ratio(self.flops, self.baseline.flops)]
+        if any(r.projection_error is not None for r in self.rows):  # projected layers: their relative error
+            head.append("proj err")
+            for r, line in zip(self.rows, body):
+                line.append("-" if r.projection_error is None else f"{r.projection_error:.3g}")
+            total.append("")
         widths = [max(len(row[i]) for row in [head, *body, total]) for i in range(len(head))]
         fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         rule = "-" * len(fmt(head))
@@ -88,6 +96,7 @@ class ModelSummary:
         lines.append(
             "flops/ex: forward FLOPs per example in training (and in inference outside es.inference_cache); "
             "inference*: a no-grad batch of at most dense_rows rows inside es.inference_cache"
+            + ("; proj err: ||W - M||_F / ||W||_F of a projected layer" if "proj err" in head else "")
         )
         lines.append(f"model parameters (all, biases and norms included): {self.model_params:,}")
         if self.baseline is not None:
@@ -133,6 +142,7 @@ def summary(model: nn.Module, baseline: ModelSummary | None = None) -> ModelSumm
                     st.params,
                     m.flops(1, training=True),
                     m.flops(1, training=False, cached=True),
+                    getattr(m, "projection_error", None),
                 )
             )
         elif is_linear(m):  # nn.Linear or GPT-2's Conv1D

@@ -136,9 +136,9 @@ def test_padded_layer_projects_into_its_padded_structure():
 
 
 def test_unsupported_specs_and_bad_inputs_raise_spec_error():
-    three = es.Spec("abc,A:ad,B:be,C:cf->def", a=4, b=4, c=4, d=4, e=4, f=4)
-    with pytest.raises(es.SpecError, match="supported"):
-        es.from_dense(torch.randn(64, 64), three)
+    shared = es.Spec("ga,A:ab->gb", g=4, a=16, b=16)  # one block reused along g: no core holds axis g
+    with pytest.raises(es.SpecError, match=r"axis 'g'.*in no core.*supported"):
+        es.from_dense(torch.randn(64, 64), shared)
     with pytest.raises(es.SpecError, match="2-d"):
         es.from_dense(torch.randn(64), es.presets.btt())
     with pytest.raises(es.SpecError, match="bias"):
