@@ -17,6 +17,9 @@ import math
 from dataclasses import dataclass
 
 from .errors import SearchError
+from .settings import default
+
+LEVELS, RATIO, TOP_TRIALS = default("levels"), default("ratio"), default("top_trials")  # the options' defaults
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,9 @@ class Level:
         return self.allowance * self.trials
 
 
-def plan_levels(budget: float, levels: int = 3, ratio: float = 4.0, top_trials: int = 8) -> tuple[Level, ...]:
+def plan_levels(
+    budget: float, levels: int = LEVELS, ratio: float = RATIO, top_trials: int = TOP_TRIALS
+) -> tuple[Level, ...]:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
         raise SearchError(f"--budget must be a positive number of FLOPs such as 1e13, got {budget!r}")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 3:
@@ -50,7 +55,9 @@ def plan_levels(budget: float, levels: int = 3, ratio: float = 4.0, top_trials: 
     return tuple(out)
 
 
-def budget_for(level: int, allowance: float, levels: int = 3, ratio: float = 4.0, top_trials: int = 8) -> float:
+def budget_for(
+    level: int, allowance: float, levels: int = LEVELS, ratio: float = RATIO, top_trials: int = TOP_TRIALS
+) -> float:
     """The smallest total budget whose plan (``plan_levels`` with these settings) gives ``level`` an allowance of
     at least ``allowance`` FLOPs per trial. A level's number of trials does not depend on the budget."""
     plan = lambda b: plan_levels(b, levels, ratio, top_trials)[level].allowance
@@ -162,7 +169,14 @@ def cheapest(task, cands) -> Cheapest | None:
 
 
 def check_plan(
-    task, space, refs, budget: float, min_steps: int, levels: int = 3, ratio: float = 4.0, top_trials: int = 8
+    task,
+    space,
+    refs,
+    budget: float,
+    min_steps: int,
+    levels: int = LEVELS,
+    ratio: float = RATIO,
+    top_trials: int = TOP_TRIALS,
 ) -> Feasibility:
     """Which levels of ``plan_levels(budget, levels, ratio, top_trials)`` can train a candidate of ``space`` (or one
     of its references ``refs``) for ``min_steps`` steps. Raises SearchError, naming the budget that would do, when

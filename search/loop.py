@@ -33,6 +33,7 @@ import einstruct as es
 
 from . import faults, outputs, train
 from . import ledger as ledger_mod
+from . import settings as settings_mod
 from . import space as space_mod
 from .budget import Level, check_plan, plan_levels
 from .errors import SearchError
@@ -43,42 +44,9 @@ from .tasks import get as get_task
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {
-    "task": "regression",
-    "data": None,
-    "budget": 6e10,
-    "levels": 3,
-    "ratio": 3.0,
-    "top_trials": 7,
-    "sampler": "tpe",
-    "seed": 0,
-    "space": "full",
-    "min_steps": 20,
-    "target_steps": 300,
-    "device": "auto",
-    "task_settings": {},
-    "heartbeat": 10,
-    "checkpoints": 10,
-    "checkpoint_steps": 50,
-}
-KEYED = (
-    "task",
-    "data",
-    "budget",
-    "levels",
-    "ratio",
-    "top_trials",
-    "sampler",
-    "seed",
-    "space",
-    "min_steps",
-    "target_steps",
-    "task_settings",
-)  # must match when a study is resumed
-SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp")
-# heartbeat: seconds between a running trial's heartbeats (a dead worker's trial is retried after 3 missed);
-# checkpoints: how many times a trial saves its state, so a retry repeats at most 1/checkpoints of it, but
-# never more often than every checkpoint_steps steps (each save is a write to the storage).
+DEFAULTS = settings_mod.DEFAULTS  # every option's default, by name: defined once, in search.settings
+KEYED = settings_mod.KEYED  # the options that must match when a study is resumed
+SAMPLERS = settings_mod.SAMPLERS
 
 
 class Reporter:
@@ -144,9 +112,7 @@ def settings_for(name: str, folder: str, given: dict, stored: dict | None = None
     ``stored``: the settings kept in the study's database, which are the study's once it exists; without
     them (a study from before they were stored there, or a new one), the folder's study.json.
     """
-    unknown = set(given) - set(DEFAULTS) - {"storage"}
-    if unknown:
-        raise SearchError(f"unknown setting(s) {', '.join(sorted(unknown))}; settings are {', '.join(DEFAULTS)}")
+    settings_mod.check_names(set(given) - {"storage"})
     path = os.path.join(folder, "study.json")
     if stored is None and os.path.exists(path):
         stored = _study_json(path)
@@ -157,7 +123,7 @@ def settings_for(name: str, folder: str, given: dict, stored: dict | None = None
                 f"study {name!r} already exists with {k}={stored[k]!r}, not {given[k]!r}; run it with the same "
                 "settings to resume (leave the option out to take the study's), or pick a new --study name"
             )
-    out = dict(DEFAULTS)
+    out = settings_mod.Settings().as_dict()
     out.update({k: v for k, v in stored.items() if k in DEFAULTS})
     out.update({k: v for k, v in given.items() if v is not None and k in DEFAULTS})
     return out
@@ -313,9 +279,15 @@ def run_search(
     reporter: Reporter | None = None,
     worker: int = 0,
     estimate: bool = True,
+    settings: settings_mod.Settings | None = None,
     **given,
 ) -> SearchStudy:
     """Run (or resume, or join) a budgeted structure search; returns the SearchStudy. See search.run.
+
+    The options are ``settings`` (a search.settings.Settings: every field counts as given) and keyword
+    arguments of the same names, which take precedence; an option left out takes the stored study's value, or
+    its default. They are checked as the command line checks them: a SearchError with one line naming the
+    option, before anything is read or trained.
 
     ``worker`` is kept for callers that number their processes; workers tell themselves apart through the
     study's worker table (each live worker gets its own ordinal, which offsets its sampler's seed, so that
@@ -326,8 +298,9 @@ def run_search(
 
     name = check_study_name(study)
     folder = study_dir(name, out)
-    asked = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
-    plan_levels(asked["budget"], asked["levels"], asked["ratio"], asked["top_trials"])  # a bad value before a clash
+    if settings is not None:
+        given = {**settings.as_dict(), **given}
+    settings_mod.Settings.from_dict({k: v for k, v in given.items() if v is not None or k not in DEFAULTS}).check()
     url = storage or default_url(folder)
     if storage is not None:
         check_storage(storage)  # before anything is read or trained: a bad URL fails in seconds
@@ -343,9 +316,8 @@ def run_search(
             f"study {name!r} exists in its storage from before settings were kept there, and its "
             f"study.json is missing from {folder}: restore study.json from a backup to resume it"
         )
+    settings_mod.check(cfg)  # the study's own settings, as stored
     rep = reporter or Reporter()
-    if cfg["sampler"] not in SAMPLERS:
-        raise SearchError(f"unknown sampler {cfg['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
     heartbeat = int(cfg["heartbeat"]) if cfg["heartbeat"] else 0
     if not heartbeat and _sqlite_file(url) is None:
         raise SearchError(

@@ -97,10 +97,9 @@ class Settings:
     def from_dict(cls, values: dict, *, strict: bool = True) -> Settings:
         """Settings from a dict of options (the rest default). ``strict``: an unknown name is an error; else
         (stored settings of an older or newer version) it is ignored."""
+        if strict:
+            check_names(values)
         names = cls.names()
-        unknown = sorted(set(values) - set(names))
-        if unknown and strict:
-            raise SearchError(f"unknown setting(s) {', '.join(unknown)}; settings are {', '.join(names)}")
         return cls(**{k: _normal(v) for k, v in values.items() if k in names})
 
     def as_dict(self) -> dict:
@@ -120,6 +119,14 @@ class Settings:
         cannot train (the meta device, a GPU index that is not there)."""
         check(self.as_dict())
         return self
+
+
+def check_names(values) -> None:
+    """Refuse option names that are not Settings fields."""
+    names = Settings.names()
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise SearchError(f"unknown setting(s) {', '.join(unknown)}; settings are {', '.join(names)}")
 
 
 def _normal(v):
