@@ -437,11 +437,13 @@ def _settings_section(study: Study) -> list[str]:
     s = study.settings
     if not s:
         return [*out, "study.json is missing: the settings are unknown.", ""]
-    rows = [[f"`{k}`", f"`{json.dumps(v)}`"] for k, v in sorted(s.items())]
-    rows.append(["`storage`", f"`{redact(study.meta.get('storage', ''))}`"])  # redacted already; older files too
+    from .settings import described
+
+    rows = [[f"`{k}`", f"`{json.dumps(v)}`", what] for k, v, what in described(s)]
+    rows.append(["`storage`", f"`{redact(study.meta.get('storage', ''))}`", ""])  # redacted already; older files too
     if "version" in study.meta:
-        rows.append(["`einstruct version`", f"`{study.meta['version']}`"])
-    return out + _table(["setting", "value"], rows)
+        rows.append(["`einstruct version`", f"`{study.meta['version']}`", ""])
+    return out + _table(["setting", "value", "meaning"], rows)
 
 
 def _budget_section(study: Study) -> list[str]:

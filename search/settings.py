@@ -179,6 +179,13 @@ def to_argv(given: dict) -> list[str]:
     return out
 
 
+def described(stored: dict) -> list[tuple[str, object, str]]:
+    """(name, value, help) of stored settings (study.json's), the options in Settings order, then any name this
+    version does not know (a study of another version) with no help; what the report shows."""
+    known = [(f.name, stored[f.name], f.metadata["help"]) for f in fields(Settings) if f.name in stored]
+    return known + [(k, stored[k], "") for k in sorted(set(stored) - set(Settings.names()))]
+
+
 # ---- the checks -------------------------------------------------------------------------------------
 
 
