@@ -37,7 +37,8 @@ from . import settings as settings_mod
 from . import space as space_mod
 from .budget import Level, check_plan, plan_levels
 from .errors import SearchError
-from .ledger import Ledger
+from .ledger import Ledger, Refused, Status
+from .outcomes import Rejected
 from .recovery import OWNER, Recoverer, TrialLost, Worker, checkpoint_path, clean_folder, retry_of, set_attrs, tell
 from .storage import check_storage, check_study_name, default_url, open_storage, redact, study_dir
 from .tasks import get as get_task
@@ -437,7 +438,7 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         row = _evaluate(trial, st, cand, lv, ctx)
         if row is None:
             return
-        if str(row.get("reason", "")).startswith(("same as trial", "duplicate of trial")):
+        if row.get("rejected") is not None and Rejected(row["rejected"]).duplicate:
             # the sampler is stuck on a point: explore once
             st.enqueue_trial(search_space.random_params(explore), user_attrs={"exploration": True})
         rows = result.rows()
@@ -459,7 +460,7 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         ]
         for ref in refs:
             w = reference_width(task, ref.spec(), task.widths, lv.allowance, cfg["min_steps"], cfg["target_steps"])
-            params = search_space.params_for(space_mod.Candidate(ref.family, w, ref.theta, ref.blocks, ref.rank))
+            params = search_space.params_for(ref.at(w))
             if not any(all(h.get(k) == v for k, v in params.items()) for h in have):
                 st.enqueue_trial(params, user_attrs={"reference": True})
                 faults.point("after_reference_enqueued")
@@ -530,6 +531,9 @@ def _waiting(st) -> bool:
     return bool(st.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
+_NEWER_COLUMNS = ("family_params", "group")  # a record from before them matches without them
+
+
 def _twin(st, trial, cand):
     """A finished, trained trial of this level with exactly the same candidate, if any."""
     from optuna.trial import TrialState
@@ -540,7 +544,7 @@ def _twin(st, trial, cand):
         if (
             t.number != trial.number
             and t.user_attrs.get("train_flops", 0) > 0
-            and all(rec.get(k) == v for k, v in cols.items())
+            and all(rec.get(k) == v for k, v in cols.items() if k in rec or k not in _NEWER_COLUMNS)
         ):
             return t
     return None
@@ -587,7 +591,8 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         faults.point("after_tell")
         return {**attrs, "state": state.name, "loss": value if value is not None else attrs.get("loss", "")}
 
-    def reject(reason, **more):
+    def reject(kind: Rejected, reason: str, **more):
+        more = {"rejected": kind.value, **more}
         return told(TrialState.PRUNED) if finish(TrialState.PRUNED, reason=reason, **more) else lost_row
 
     if pred is None:
@@ -599,18 +604,24 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
             # row keeps the twin's loss for reading; the report counts it as a duplicate, never as a point.
             rec = twin.user_attrs.get("record", {})
             attrs.update({k: rec.get(k, "") for k in ("steps", "params", "omega", "psi", "nu", "seconds")})
-            return reject(f"same as trial {twin.number}: not retrained", loss=twin.value)
+            return reject(
+                Rejected.REPEAT,
+                f"same as trial {twin.number}: not retrained",
+                loss=twin.value,
+                duplicate_of=twin.number,
+            )
     try:
         spec = cand.spec()
         layer = es.compile(cand.structure_spec(), cand.width)
         steps, per_step = train.plan(task, spec, cand.width, lv.allowance)
     except (es.SpecError, SearchError) as e:
-        return reject(f"invalid at width {cand.width}: {e}")
+        return reject(Rejected.INVALID, f"invalid at width {cand.width}: {e}")
     attrs.update(omega=layer.omega, psi=layer.psi, nu=layer.nu)
     if steps < cfg["min_steps"]:
         return reject(
+            Rejected.STEPS,
             f"width {cand.width} gets only {steps} steps of {per_step:.3g} FLOPs within the allowance "
-            f"(minimum {cfg['min_steps']})"
+            f"(minimum {cfg['min_steps']})",
         )
     seed = int(cfg["seed"])
     ckpt = checkpoint_path(ctx.folder, lv.index, trial.number)  # this attempt's own file
@@ -638,22 +649,25 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         retry_of=pred,
     )
     faults.point("after_reserve")
-    if why:
+    if why is not None:
         _remove(ckpt)
-    if why.startswith("budget"):
-        left = ledger.budget - ledger.spent()
-        return reject(f"allowance {need:.3g} does not fit the {left:.3g} FLOPs left in the budget")
-    if why.startswith("level"):
-        return reject(f"{why.split(': ', 1)[1]} (other workers took them)")
-    if why.startswith("same"):
-        return reject(
-            f"duplicate of trial {why.split(': ', 1)[1]}: the same point is trained there already (by "
-            "another worker, at the same time); not trained twice"
-        )
-    if why.startswith("retried"):
-        return reject(f"duplicate retry of trial {first}: another retry continues it; not trained")
-    if why:  # 'taken': another worker runs this very trial
-        log.warning("trial %s is held by another worker; left to it", trial.number)
+        if why.kind is Refused.BUDGET:
+            return reject(
+                Rejected.BUDGET, f"allowance {need:.3g} does not fit the {why.left:.3g} FLOPs left in the budget"
+            )
+        if why.kind is Refused.LEVEL:
+            return reject(Rejected.LEVEL, f"{why.detail} (other workers took them)")
+        if why.kind is Refused.SAME:
+            return reject(
+                Rejected.CONCURRENT,
+                f"duplicate of trial {why.trial}: the same point is trained there already (by "
+                "another worker, at the same time); not trained twice",
+            )
+        if why.kind is Refused.RETRIED:
+            return reject(
+                Rejected.RETRY_TAKEN, f"duplicate retry of trial {first}: another retry continues it; not trained"
+            )
+        log.warning("trial %s is held by another worker; left to it", trial.number)  # TAKEN: it runs this very trial
         return None
     if pred is not None:  # taken over: the predecessor's checkpoint has served (this attempt has its own copy)
         _remove(checkpoint_path(ctx.folder, lv.index, history[-1]))
@@ -686,7 +700,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     except Exception as e:  # a crash in one candidate must not lose the study
         log.exception("trial %s failed", trial.number)
         state = finish(TrialState.FAIL, train_flops=need, reason=f"crashed: {type(e).__name__}: {e}")
-        if state is None or ledger.settle(tid, need) != "done":  # unknown spend: charged everything it reserved
+        if state is None or ledger.settle(tid, need) != Status.DONE:  # unknown spend: charged everything it reserved
             return lost_row
         _remove(ckpt)
         return told(state)
@@ -709,7 +723,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         return lost_row
     settled = ledger.settle(tid, spent)  # only if the reservation is still this trial's
     faults.point("after_settle")
-    if settled != "done":
+    if settled != Status.DONE:
         log.warning(
             "trial %s was taken for dead by another worker while it trained; its result is discarded", trial.number
         )

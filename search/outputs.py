@@ -6,7 +6,7 @@ import csv
 import json
 import os
 
-from .space import THETA_KEYS
+from .families import legacy_columns
 
 COLUMNS = [
     "number",
@@ -17,11 +17,7 @@ COLUMNS = [
     "allowance",
     "family",
     "structure",
-    *THETA_KEYS,
-    "blocks",
-    "rank",
-    "experts",
-    "active",
+    *legacy_columns(),  # the built-in families' own: theta's entries, blocks, rank, experts, active
     "width",
     "steps",
     "params",
@@ -31,6 +27,10 @@ COLUMNS = [
     "loss",
     "seconds",
     "reason",
+    "rejected",  # why a trial was not trained (search.outcomes.Rejected), empty for a trained one
+    "duplicate_of",  # the trial a duplicate repeats
+    "family_params",  # the family's arguments as a JSON object (any family, built-in or the user's)
+    "group",  # the family's report group for this structure (search.families)
 ]
 
 

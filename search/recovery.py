@@ -43,6 +43,7 @@ import time
 import uuid
 
 from . import faults
+from .ledger import Status
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ class Recoverer:
 
         running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         rows = {r.trial_id: r for r in self.ledger.rows()}
-        waiting = [r for r in rows.values() if r.level == level and r.status == "lost" and r.owner is not None]
+        waiting = [r for r in rows.values() if r.level == level and r.status == Status.LOST and r.owner is not None]
         if not running and not waiting:
             return
         self.live.refresh()
@@ -294,8 +295,8 @@ class Recoverer:
             return  # alive after all (the claim stays with this worker: it looks again next time)
         rec = dict(t.user_attrs.get("record", {}))
         outcome = rec.pop("outcome", None)
-        if row is not None and outcome and row.status in ("running", "done"):
-            if self.ledger.settle(tid, int(rec.get("train_flops", row.amount))) == "done":
+        if row is not None and outcome and row.status in (Status.RUNNING, Status.DONE):
+            if self.ledger.settle(tid, int(rec.get("train_flops", row.amount))) == Status.DONE:
                 faults.point("recover_settled")
                 state = TrialState[outcome]
                 tell(st, t.number, state, rec.get("loss") if state == TrialState.COMPLETE else None)
@@ -320,7 +321,7 @@ class Recoverer:
         again = len(history) < self.max_retry
         charged = self.ledger.lose(tid, retry=again)
         faults.point("recover_lost")
-        if again and self.ledger.row(tid).status in ("lost", "retried"):
+        if again and self.ledger.row(tid).status in (Status.LOST, Status.RETRIED):
             trials = st.get_trials(deepcopy=False)
             if not any(u.user_attrs.get("retry_of_id") == tid for u in trials):
                 self._enqueue_retry(st, t, history)
@@ -397,7 +398,7 @@ def clean_folder(folder: str, level_studies, ledger) -> list[str]:
         for t in st.get_trials(deepcopy=False):
             finished[(level, t.number)] = t.state.is_finished()
     for level, number, n in files:
-        if finished.get((level, number)) and status.get((level, number)) != "lost":
+        if finished.get((level, number)) and status.get((level, number)) != Status.LOST:
             removed += _remove(os.path.join(ckdir, n))
     return removed
 
