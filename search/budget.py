@@ -126,27 +126,15 @@ class _Replay:
     def suggest_float(self, key, low, high):
         return self.params[key]
 
+    def suggest_int(self, key, low, high):
+        return self.params[key]
+
 
 def candidates(space, refs, width: int, families: bool = True) -> list:
     """The points that hold the cheapest candidate of ``space`` at ``width``: every reference and (``families``)
-    every option of each discrete family, and for theta the rank-1 low-rank point theta(1,0,0,0,1,0,0), the
-    cheapest theta: a structured layer's chain reads all of x in its first step and writes all of y in its last,
-    so two cores cost at least d_in + d_out MACs per example, which rank-1 low rank costs exactly (a theta point
-    left with one core is dense). Each point is replayed through ``space.suggest``: one the space proposes."""
-    from .space import BTT_RANKS, MOE_ACTIVE, MOE_EXPERTS, MONARCH_BLOCKS, Candidate
-
-    pts = [Candidate(r.family, width, r.theta, r.blocks, r.rank, r.experts, r.active) for r in refs]
-    for family in space.families if families else ():
-        if family == "dense":
-            pts.append(Candidate("dense", width))
-        elif family == "theta":
-            pts.append(Candidate("theta", width, theta=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0)))
-        elif family == "monarch":
-            pts += [Candidate("monarch", width, blocks=b) for b in MONARCH_BLOCKS]
-        elif family == "btt":
-            pts += [Candidate("btt", width, rank=r) for r in BTT_RANKS]
-        else:  # the MoE families
-            pts += [Candidate(family, width, experts=e, active=min(a, e)) for e in MOE_EXPERTS for a in MOE_ACTIVE]
+    each family's cheap points (``Family.cheap_points``: every option of a discrete family; for theta the rank-1
+    low-rank point, the cheapest theta). Each point is replayed through ``space.suggest``: one the space proposes."""
+    pts = [r.at(width) for r in refs] + (space.cheap_candidates(width) if families else [])
     return [space.suggest(_Replay(space.params_for(c))) for c in pts]
 
 

@@ -158,7 +158,7 @@ def _read_curves(folder: str, name: str | None, meta: dict) -> tuple[dict, str, 
     except Exception as e:
         return {}, f"final losses only (study.db could not be read: {type(e).__name__})", None
     finally:
-        st.engine.dispose()
+        optuna_api.engine(st).dispose()
     if meta.get("settings", {}).get("schedule", "constant") == "cosine":
         return {}, "final losses only (cosine schedule: intermediate points are not fair, THEORY 8)", pick
     if not curves:
@@ -393,8 +393,15 @@ def plot_taxonomy(study: Study, path: str) -> dict:
     drawn = [tuple(map(float, xy)) for xy in sc.get_offsets()] if rows else []
     return {
         "points": [
-            {"structure": r["structure"], "family": r["family"], "group": study.group(r), "omega": x, "psi": y,
-             "nu": r["nu"], "loss": r["loss"]}
+            {
+                "structure": r["structure"],
+                "family": r["family"],
+                "group": study.group(r),
+                "omega": x,
+                "psi": y,
+                "nu": r["nu"],
+                "loss": r["loss"],
+            }
             for r, (x, y) in zip(rows, drawn)
         ],
         "annotations": [t.get_text() for t in ax.texts if t.get_text() != "no trained trials yet"],

@@ -407,7 +407,7 @@ def _summary(result) -> None:
     """What a finished search prints: the budget spent, each level's best trial, the winner's einstruct table."""
     import einstruct as es
 
-    from .space import Candidate
+    from .space import Candidate, make_space
 
     print(
         f"\nspent {result.spent:.4g} of {result.settings['budget']:.4g} training FLOPs; "
@@ -422,7 +422,7 @@ def _summary(result) -> None:
             )
     b = result.best()
     if b:
-        cand = Candidate.from_row(b)
+        cand = Candidate.from_row(b, make_space(result.settings["space"], (1,)).by_name())
         spec = cand.structure_spec()
         print(f"\nbest structure at the top level, as a {b['width']}x{b['width']} layer:\n")
         print(es.compile(spec, int(b["width"])).table())

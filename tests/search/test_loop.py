@@ -12,7 +12,7 @@ from search import outputs
 from search.budget import plan_levels
 from search.errors import SearchError
 from search.loop import run_search
-from search.space import Candidate, make_space, references, theta_from_unit
+from search.space import make_space, references, theta_from_unit
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
 SETTINGS = dict(
@@ -158,7 +158,7 @@ def test_space_samples_are_valid_and_references_round_trip():
             return self.p[k]
 
     for ref in references(space):
-        cand = Candidate(ref.family, 64, ref.theta, ref.blocks, ref.rank)
+        cand = ref.at(64)
         assert space.suggest(Fixed(space.params_for(cand))) == cand
 
 
