@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from . import optuna_api
 from .errors import SearchError
 
 
@@ -175,16 +176,7 @@ def stored(engine, search: str) -> dict:
             out["settings"] = json.loads(text) if text else None
         if "einstruct_budget" in tables:
             out["budget"] = c.execute(sa.select(BUDGET.c.budget).where(BUDGET.c.search == search)).scalar()
-        if "studies" in tables:
-            studies = sa.table("studies", sa.column("study_name"))
-            out["studies"] = (
-                c.execute(
-                    sa.select(sa.func.count())
-                    .select_from(studies)
-                    .where(studies.c.study_name.like(search.replace("_", r"\_") + ".L%", escape="\\"))
-                ).scalar()
-                > 0
-            )
+        out["studies"] = optuna_api.has_studies(c, tables, search + ".L")
     return out
 
 

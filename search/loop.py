@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import einstruct as es
 
-from . import faults, outputs, train
+from . import faults, optuna_api, outputs, train
 from . import ledger as ledger_mod
 from . import settings as settings_mod
 from . import space as space_mod
@@ -172,7 +172,7 @@ def _stored_study(url: str, name: str):
     if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
         return {**nothing, "file": path, "empty": os.path.exists(path)}, None
     store = open_storage(url)
-    return {**ledger_mod.stored(store.engine, name), "file": path, "empty": False}, store
+    return {**ledger_mod.stored(optuna_api.engine(store), name), "file": path, "empty": False}, store
 
 
 def _known(stored: dict) -> bool:
@@ -377,7 +377,8 @@ def run_search(
     os.makedirs(folder, exist_ok=True)
     store = store or open_storage(url)
     keyed = {k: cfg[k] for k in KEYED}
-    ledger = result.ledger = Ledger(store.engine, name, float(cfg["budget"]), keyed)  # refuses another stored budget
+    engine = optuna_api.engine(store)
+    ledger = result.ledger = Ledger(engine, name, float(cfg["budget"]), keyed)  # refuses another stored budget
     saved = ledger.store_settings(keyed)  # the first worker's settings are the study's
     for k in KEYED:
         if k in saved and _differs(saved[k], keyed[k]):
@@ -432,7 +433,7 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
             warnings.simplefilter("ignore", UserWarning)
             with me.asking():
                 trial = st.ask()
-                st._storage.set_trial_system_attr(trial._trial_id, OWNER, me.token)
+                optuna_api.set_system_attr(st, optuna_api.trial_id(trial), OWNER, me.token)
         faults.point("after_ask")
         cand = search_space.suggest(trial)
         row = _evaluate(trial, st, cand, lv, ctx)
@@ -454,7 +455,7 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         if not ledger.claim(f"{name}.L{lv.index}.references", me.token, lambda o: (live.refresh(), live.dead(o))[1]):
             return False  # a live worker is queueing them
         have = [
-            t.system_attrs.get("fixed_params", t.params)
+            optuna_api.queued_params(t) or t.params
             for t in st.get_trials(deepcopy=False)
             if t.user_attrs.get("reference")
         ]
@@ -479,7 +480,7 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         )
         result.studies.append((lv.index, st))
         ledger.adopt(
-            (t._trial_id, lv.index, t.user_attrs["train_flops"])
+            (optuna_api.trial_id(t), lv.index, t.user_attrs["train_flops"])
             for t in st.get_trials(deepcopy=False)
             if t.state.is_finished() and t.user_attrs.get("train_flops", 0) > 0
         )
@@ -564,7 +565,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
 
     task, cfg, ledger, rep = ctx.task, ctx.cfg, ctx.ledger, ctx.rep
     attrs = {"level": lv.index, "allowance": int(lv.allowance), "train_flops": 0, **cand.columns()}
-    tid = trial._trial_id
+    tid = optuna_api.trial_id(trial)
     pred = trial.user_attrs.get("retry_of_id")  # the lost trial this one continues
     history = list(trial.user_attrs.get("retry_history", []))
     first = retry_of(trial) if pred is not None else None

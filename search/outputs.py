@@ -63,20 +63,22 @@ def trial_rows(level_studies, charges: dict | None = None) -> list[dict]:
     ledger charged it (a running trial: what it may have spent so far); a trial without a reservation spent
     nothing. So trials.csv and the ledger always agree. Without ``charges``, the trials' own records count.
     """
+    from .optuna_api import trial_id
+
     rows = []
     for level, study in level_studies:
         for t in study.get_trials(deepcopy=False):
             if t.state.name == "WAITING":
                 continue  # enqueued: not a trial yet
             if t.state.name == "RUNNING" and (
-                t._trial_id not in charges if charges is not None else "train_flops" not in t.user_attrs
+                trial_id(t) not in charges if charges is not None else "train_flops" not in t.user_attrs
             ):
                 continue  # in progress and not yet charged
             a = {**t.user_attrs.get("record", {}), **t.user_attrs}
             row = {k: a.get(k, "") for k in COLUMNS}
             row.update(level=level, trial=t.number, state=t.state.name, train_flops=int(a.get("train_flops", 0)))
             if charges is not None:
-                row["train_flops"] = int(charges.get(t._trial_id, 0))
+                row["train_flops"] = int(charges.get(trial_id(t), 0))
             row["loss"] = t.value if t.value is not None else a.get("loss", "")
             rows.append(row)
     for i, r in enumerate(rows):

@@ -43,6 +43,7 @@ import time
 import uuid
 
 from . import faults
+from . import optuna_api as oa
 from .ledger import Status
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def set_attrs(st, trial_id: int, **attrs) -> bool:
 
     try:
         for k, v in attrs.items():
-            st._storage.set_trial_user_attr(trial_id, k, v)
+            oa.set_user_attr(st, trial_id, k, v)
     except UpdateFinishedTrialError:
         return False
     return True
@@ -269,7 +270,7 @@ class Recoverer:
             return
         self.live.refresh()
         for t in running:
-            row = rows.get(t._trial_id)
+            row = rows.get(oa.trial_id(t))
             owner = (row.owner if row is not None else None) or t.system_attrs.get(OWNER)
             if owner == self.worker.token:
                 continue
@@ -277,8 +278,8 @@ class Recoverer:
                 continue  # perhaps a live worker's, between its ask and its owner record
             if owner is not None and not self.live.dead(owner):
                 continue
-            if self.ledger.claim(f"recover:{t._trial_id}", self.worker.token, self.live.dead):
-                self._finish(st, level, t._trial_id)
+            if self.ledger.claim(f"recover:{oa.trial_id(t)}", self.worker.token, self.live.dead):
+                self._finish(st, level, oa.trial_id(t))
         if waiting:
             self._chains(st, [r.trial_id for r in waiting])
 
@@ -286,7 +287,7 @@ class Recoverer:
         from optuna.trial import TrialState
 
         self.live.refresh()  # first the workers, then the trial: an unowned trial read after a refresh that shows
-        t = st._storage.get_trial(tid)  # nobody asking cannot belong to a live worker (it records its owner first)
+        t = oa.get_trial(st, tid)  # nobody asking cannot belong to a live worker (it records its owner first)
         if t.state != TrialState.RUNNING:
             return
         row = self.ledger.row(tid)
@@ -306,7 +307,7 @@ class Recoverer:
             tell(st, t.number, TrialState.PRUNED)
             return
         if row is None:  # it never reserved: it trained nothing; put a queued point back in the queue
-            fixed = t.system_attrs.get("fixed_params")
+            fixed = oa.queued_params(t)
             if fixed is not None:
                 trials = st.get_trials(deepcopy=False)
                 if not any(u.user_attrs.get("requeued_from") == tid for u in trials):
@@ -342,7 +343,7 @@ class Recoverer:
             user_attrs={
                 **keep,
                 "retry_of": history[0] if history else t.number,
-                "retry_of_id": t._trial_id,
+                "retry_of_id": oa.trial_id(t),
                 "retry_history": [*history, t.number],
             },
         )
@@ -353,7 +354,7 @@ class Recoverer:
         from optuna.trial import TrialState
 
         trials = st.get_trials(deepcopy=False)
-        by_id = {t._trial_id: t for t in trials}
+        by_id = {oa.trial_id(t): t for t in trials}
         for tid in lost_ids:
             t = by_id.get(tid)
             if t is None or t.state == TrialState.RUNNING:

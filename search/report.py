@@ -158,7 +158,9 @@ def _read_curves(folder: str, name: str | None, meta: dict) -> tuple[dict, str, 
     except Exception as e:
         return {}, f"final losses only (study.db could not be read: {type(e).__name__})", None
     finally:
-        optuna_api.engine(st).dispose()
+        from .optuna_api import engine
+
+        engine(st).dispose()
     if meta.get("settings", {}).get("schedule", "constant") == "cosine":
         return {}, "final losses only (cosine schedule: intermediate points are not fair, THEORY 8)", pick
     if not curves:
