@@ -26,6 +26,10 @@ _LAZY = {
     "MoEConfig": ".layers.moe",
     "moe_aux_loss": ".layers.moe",
     "AUX_WEIGHT": ".layers.moe",
+    "is_btt_expert_spec": ".layers.moe",
+    "training_memory_limit": ".limits",
+    "human_bytes": ".limits",
+    "count": ".limits",
 }
 
 __all__ = ["Core", "CoreSpec", "Spec", "SpecError", "Structure", "compile", "presets", "theta", *_LAZY]
