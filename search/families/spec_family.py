@@ -144,7 +144,7 @@ class SpecFamily(Family):
             try:
                 out[p.name] = p.check(args[p.name])
             except (TypeError, ValueError) as e:
-                raise FamilyError(f"params.{p.name}", f"{e}") from None
+                raise FamilyError(p.name, f"{e}") from None
         return out
 
     def build(self, args):
