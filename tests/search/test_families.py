@@ -280,3 +280,23 @@ def test_mpo3_is_opt_in():
     assert labels[0] == "dense" and len(labels) == 3
     for ref in references(sp):
         es.compile(ref.at(64).structure_spec(), 64)  # every reference builds
+
+
+def test_mpo3_named_point_kronecker3_matches_docs():
+    """docs/mpo3.md section 1: Kronecker with three factors has params 3 d^(2/3), MACs 3 d^(4/3), (2/3, 1, 1/3)."""
+    st = es.compile(BUILTIN["mpo3"].build(_mpo3(*(1 / 3,) * 6, 0.0, 0.0)), 4096)
+    assert (st.params, st.macs) == (3 * 16**2, 3 * 4096 * 16)
+    assert (st.omega, st.psi, st.nu) == pytest.approx((2 / 3, 1.0, 1 / 3))
+
+
+def test_readme_space_file_is_the_example_file():
+    import re
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    block = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(block) == 1
+    assert tomllib.loads(block[0]) == tomllib.loads(EXAMPLE.read_text())
