@@ -160,11 +160,26 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def help_text(name: str) -> str:
-    """An option's help with its default, as --help and README's table show it."""
+def shown_default(name: str) -> str:
     d = default(name)
-    shown = "none" if d is None else json.dumps(d) if isinstance(d, dict) else f"{d:g}" if isinstance(d, float) else d
-    return f"{option(name).metadata['help']} (default {shown})"
+    return (
+        "none" if d is None else json.dumps(d) if isinstance(d, dict) else f"{d:g}" if isinstance(d, float) else str(d)
+    )
+
+
+def help_text(name: str) -> str:
+    """An option's help with its default, as --help shows it."""
+    return f"{option(name).metadata['help']} (default {shown_default(name)})"
+
+
+def markdown_table() -> str:
+    """README's table of the options (tests/search/test_settings.py checks that README holds exactly this)."""
+    out = ["| option (Python) | default | keyed | meaning |", "|---|---|---|---|"]
+    for f in fields(Settings):
+        what = f.metadata["help"].replace("|", "\\|")
+        keyed = "yes" if f.metadata["keyed"] else ""
+        out.append(f"| `{flag(f.name)}` (`{f.name}`) | `{shown_default(f.name)}` | {keyed} | {what} |")
+    return "\n".join(out) + "\n"
 
 
 def to_argv(given: dict) -> list[str]:

@@ -55,6 +55,22 @@ def test_rejections_cost_nothing_and_say_why(finished):
             assert float(r["loss"]) == float(twin["loss"])
 
 
+def test_a_rejected_trial_records_its_kind_and_a_repeat_its_twin(finished):
+    from search.outcomes import Rejected, duplicate_of
+
+    _, out = finished
+    rows = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+    kinds = {r["rejected"] for r in rows if r["state"] == "PRUNED"}
+    assert kinds and kinds <= {k.value for k in Rejected}, kinds  # every pruned trial says which kind
+    assert all(r["rejected"] == "" for r in rows if r["state"] == "COMPLETE")
+    for r in rows:
+        repeat = r["rejected"] == Rejected.REPEAT
+        assert repeat == r["reason"].startswith("same as trial") == (r["duplicate_of"] != ""), r
+        if repeat:
+            assert duplicate_of(r) == int(r["reason"].split()[3].rstrip(":"))
+    assert duplicate_of({"reason": "same as trial 13: not retrained"}) == 13  # a trials.csv from before the column
+
+
 def test_references_come_first_at_every_level(finished):
     result, out = finished
     rows = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
