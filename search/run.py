@@ -76,8 +76,10 @@ def _open_choice(name: str):
     (``module:NAME``)."""
 
     def check(text: str) -> str:
+        from .families.loader import is_user_space
+
         known = settings.choices(name)
-        if text in known or text.endswith(".toml") or os.sep in text or ":" in text:
+        if text in known or is_user_space(text):
             return text
         shown = ", ".join(map(repr, known))
         raise argparse.ArgumentTypeError(
@@ -198,11 +200,6 @@ def feasibility_warnings(f) -> list[str]:
             f"--budget {fix:.3g} or more lets the references train there"
         )
     return out
-
-
-def check_settings(cfg: dict) -> None:
-    """search.settings.check: kept for callers of this module."""
-    settings.check(cfg)
 
 
 def _internal_error(prog: str, e: BaseException, url: str | None) -> int:

@@ -41,6 +41,7 @@ import einstruct as es
 
 from . import distributed
 from .errors import SearchError
+from .settings import MAX_SEED
 from .tasks.base import Task, check_positive
 
 BLOWUP = 10.0  # the training loss above BLOWUP x its first value counts as divergence
@@ -414,9 +415,6 @@ def check_device(device) -> torch.device:
         except Exception:  # whatever the backend says, it cannot train here
             raise SearchError(f"device {device!r} is not available here; use auto, cpu or cuda") from None
     return dev
-
-
-MAX_SEED = 2**32 - 1
 
 
 def main(argv=None) -> int:
