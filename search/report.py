@@ -23,14 +23,14 @@ from einstruct.cli import closed_pipe, run_command
 
 from . import frontier as fr
 from .errors import SearchError
+from .families.theta import KEYS as THETA
 from .outputs import write_atomic
 from .storage import redact
 
 PLOTS = {"frontier": "loss_vs_compute.png", "taxonomy": "taxonomy.png", "history": "history.png"}
-THETA = ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")
 REQUIRED = ("number", "level", "trial", "state", "train_flops", "family", "structure", "width", "loss")
 INTS = ("number", "level", "trial", "train_flops", "width", "steps", "params", "blocks", "rank")
-FLOATS = ("allowance", "omega", "psi", "nu", "loss", "seconds", *THETA)
+FLOATS = ("allowance", "omega", "psi", "nu", "loss", "seconds", *THETA)  # theta's entries: search.families.theta
 MACS = 6  # training FLOPs ~ 6 x forward MACs x examples (forward 2, backward 4 FLOPs per MAC)
 TOP_TABLES = 3  # winning structures shown with their einstruct tables
 FLOOR_POINTS, FLOOR_SPAN = 5, 10.0  # a floor fit needs 5 frontier computes spanning a factor of 10
