@@ -107,56 +107,6 @@ def make_sampler(name: str, seed: int):
         return makers[name]()
 
 
-def settings_for(name: str, folder: str, given: dict, stored: dict | None = None) -> dict:
-    """Defaults < stored settings < given ones; a given setting that contradicts the stored study is an error.
-
-    ``stored``: the settings kept in the study's database, which are the study's once it exists; without
-    them (a study from before they were stored there, or a new one), the folder's study.json.
-    """
-    settings_mod.check_names(set(given) - {"storage"})
-    path = os.path.join(folder, "study.json")
-    if stored is None and os.path.exists(path):
-        stored = _study_json(path)
-    stored = stored or {}
-    for k in KEYED:
-        if k in given and given[k] is not None and k in stored and _differs(given[k], stored[k]):
-            raise SearchError(
-                f"study {name!r} already exists with {k}={stored[k]!r}, not {given[k]!r}; run it with the same "
-                "settings to resume (leave the option out to take the study's), or pick a new --study name"
-            )
-    out = settings_mod.Settings().as_dict()
-    out.update({k: v for k, v in stored.items() if k in DEFAULTS})
-    out.update({k: v for k, v in given.items() if v is not None and k in DEFAULTS})
-    return out
-
-
-def _study_json(path: str) -> dict:
-    import json
-
-    try:
-        with open(path) as f:
-            stored = json.load(f).get("settings", {})
-        if not isinstance(stored, dict):
-            raise ValueError("its settings are not a JSON object")
-    except (OSError, ValueError, AttributeError) as e:
-        raise SearchError(
-            f"{path} cannot be read as this study's settings ({e}); restore it, or delete it to "
-            "start the study's settings afresh"
-        ) from None
-    return stored
-
-
-def _differs(a, b) -> bool:
-    import json
-
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return not math.isclose(float(a), float(b), rel_tol=1e-9)
-    try:  # as stored: a tuple and the list it becomes in JSON are the same setting
-        return json.loads(json.dumps(a, sort_keys=True)) != json.loads(json.dumps(b, sort_keys=True))
-    except (TypeError, ValueError):
-        return a != b
-
-
 def _sqlite_file(url: str) -> str | None:
     if not url.startswith("sqlite"):
         return None
@@ -195,7 +145,7 @@ def _check_records(name: str, folder: str, url: str, stored: dict) -> None:
     if os.path.exists(meta):
         import json
 
-        _study_json(meta)  # an unreadable study.json is its own error
+        settings_mod.read_study_json(meta)  # an unreadable study.json is its own error
         with open(meta) as f:
             spent = json.load(f).get("spent")
     if not n and not os.path.exists(meta):
@@ -307,7 +257,7 @@ def run_search(
         check_storage(storage)  # before anything is read or trained: a bad URL fails in seconds
     known, store = _stored_study(url, name)
     _check_records(name, folder, url, known)
-    cfg = settings_for(name, folder, given, known["settings"])
+    cfg = settings_mod.for_study(name, folder, given, known["settings"])
     if (
         known["settings"] is None
         and known["budget"] is not None
@@ -379,14 +329,7 @@ def run_search(
     keyed = {k: cfg[k] for k in KEYED}
     engine = optuna_api.engine(store)
     ledger = result.ledger = Ledger(engine, name, float(cfg["budget"]), keyed)  # refuses another stored budget
-    saved = ledger.store_settings(keyed)  # the first worker's settings are the study's
-    for k in KEYED:
-        if k in saved and _differs(saved[k], keyed[k]):
-            raise SearchError(
-                f"study {name!r} already exists with {k}={saved[k]!r}, not {keyed[k]!r}; run it with the "
-                "same settings to resume (leave the option out to take the study's), or pick a new "
-                "--study name"
-            )
+    settings_mod.check_same(name, ledger.store_settings(keyed), keyed)  # the first worker's settings are the study's
     me = Worker(ledger, heartbeat)
     try:
         _work(

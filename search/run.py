@@ -216,11 +216,10 @@ def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
 
 def _check(args, given: dict) -> None:
     """check_settings on the study's settings as the search will see them (stored ones for what is not given)."""
-    from .loop import settings_for
     from .storage import study_dir
 
     settings.Settings.from_dict({k: v for k, v in given.items() if v is not None}).check()  # before a clash
-    settings.check(settings_for(args.study, study_dir(args.study, args.out), given))
+    settings.check(settings.for_study(args.study, study_dir(args.study, args.out), given))
 
 
 def _failed(e: BaseException, args) -> int:

@@ -227,8 +227,8 @@ def _whole(v, low: int) -> bool:
 
 
 def check(cfg: dict) -> None:
-    """``Settings.check`` on a dict holding every option (defaults < stored < given, as loop.settings_for
-    merges them)."""
+    """``Settings.check`` on a dict holding every option (defaults < stored < given, as ``for_study`` merges
+    them)."""
     from .budget import plan_levels
 
     budget, levels, ratio, top = cfg["budget"], cfg["levels"], cfg["ratio"], cfg["top_trials"]
@@ -274,3 +274,60 @@ def check(cfg: dict) -> None:
     from .train import check_device
 
     check_device(cfg["device"])
+
+
+# ---- a study's settings: defaults < stored < given --------------------------------------------------
+
+
+def for_study(name: str, folder: str, given: dict, stored: dict | None = None) -> dict:
+    """Every option of study ``name``: defaults < stored settings < given ones (None: not given); a given keyed
+    option that contradicts the stored study is an error.
+
+    ``stored``: the settings kept in the study's database, which are the study's once it exists; without them
+    (a study from before they were stored there, or a new one), the folder's study.json. A stored name this
+    version does not know is skipped, and one it lacks takes its default: studies of other versions resume.
+    """
+    check_names(set(given) - {"storage"})
+    path = os.path.join(folder, "study.json")
+    if stored is None and os.path.exists(path):
+        stored = read_study_json(path)
+    stored = stored or {}
+    check_same(name, stored, {k: v for k, v in given.items() if v is not None})
+    out = Settings().as_dict()
+    out.update({k: v for k, v in stored.items() if k in out})
+    out.update({k: v for k, v in given.items() if v is not None and k in out})
+    return out
+
+
+def check_same(name: str, stored: dict, given: dict) -> None:
+    """Refuse a keyed option of ``given`` that differs from the ``stored`` study's (numbers within 1e-9)."""
+    for k in KEYED:
+        if k in given and k in stored and differs(given[k], stored[k]):
+            raise SearchError(
+                f"study {name!r} already exists with {k}={stored[k]!r}, not {given[k]!r}; run it with the same "
+                "settings to resume (leave the option out to take the study's), or pick a new --study name"
+            )
+
+
+def read_study_json(path: str) -> dict:
+    """The settings a study.json records."""
+    try:
+        with open(path) as f:
+            stored = json.load(f).get("settings", {})
+        if not isinstance(stored, dict):
+            raise ValueError("its settings are not a JSON object")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SearchError(
+            f"{path} cannot be read as this study's settings ({e}); restore it, or delete it to "
+            "start the study's settings afresh"
+        ) from None
+    return stored
+
+
+def differs(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return not math.isclose(float(a), float(b), rel_tol=1e-9)
+    try:  # as stored: a tuple and the list it becomes in JSON are the same setting
+        return json.loads(json.dumps(a, sort_keys=True)) != json.loads(json.dumps(b, sort_keys=True))
+    except (TypeError, ValueError):
+        return a != b

@@ -114,10 +114,10 @@ def test_old_settings_are_read_and_new_ones_default(tmp_path):
     take their defaults, and a given setting is still compared with the stored one."""
     stored = {k: v for k, v in Settings(budget=3e9, seed=4).keyed().items() if k != "target_steps"}
     stored["schedule"] = "constant"  # a name this version does not know
-    cfg = loop.settings_for("old", str(tmp_path), {}, stored)
+    cfg = settings.for_study("old", str(tmp_path), {}, stored)
     assert cfg == Settings(budget=3e9, seed=4).as_dict()
     with pytest.raises(SearchError, match=re.escape("already exists with budget=3000000000.0, not 1000.0")):
-        loop.settings_for("old", str(tmp_path), {"budget": 1e3}, stored)
+        settings.for_study("old", str(tmp_path), {"budget": 1e3}, stored)
     rows = settings.described({**stored, "heartbeat": 2})
     assert [r[0] for r in rows] == [*(n for n in Settings.names() if n in stored or n == "heartbeat"), "schedule"]
 
