@@ -35,48 +35,16 @@ ledger is the budget's source of truth; trials.csv takes every trial's train_flo
 
 from __future__ import annotations
 
-import enum
 import json
 import time
-from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from . import optuna_api
 from .errors import SearchError
+from .outcomes import Refusal, Refused, Status
 
-
-class Status(str, enum.Enum):
-    """A reservation's status (stored as its value; see the module for its life)."""
-
-    RUNNING = "running"
-    DONE = "done"
-    LOST = "lost"
-    RETRIED = "retried"
-    DEAD = "dead"
-
-
-class Refused(enum.Enum):
-    """Why ``Ledger.reserve`` refused a reservation."""
-
-    BUDGET = "budget"  # the amount does not fit what the budget has left
-    LEVEL = "level"  # the level's slots are taken
-    SAME = "same"  # another trial of the level holds the same point
-    RETRIED = "retried"  # retry_of is not a lost trial waiting for its retry (another retry took it over)
-    TAKEN = "taken"  # this trial holds a reservation already
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A refused reservation: its kind, a sentence for people, and what each kind knows."""
-
-    kind: Refused
-    detail: str
-    trial: int | None = None  # SAME: the number of the trial that holds the point
-    left: float | None = None  # BUDGET: the FLOPs the budget has left
-
-    def __str__(self) -> str:
-        return f"{self.kind.value}: {self.detail}"
+__all__ = ["Ledger", "Refusal", "Refused", "Status", "create_tables", "stored"]
 
 
 _META = sa.MetaData()

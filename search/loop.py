@@ -37,8 +37,8 @@ from . import settings as settings_mod
 from . import space as space_mod
 from .budget import Level, check_plan, plan_levels
 from .errors import SearchError
-from .ledger import Ledger, Refused, Status
-from .outcomes import Rejected
+from .ledger import Ledger
+from .outcomes import Refused, Rejected, Status
 from .recovery import OWNER, Recoverer, TrialLost, Worker, checkpoint_path, clean_folder, retry_of, set_attrs, tell
 from .storage import check_storage, check_study_name, default_url, open_storage, redact, study_dir
 from .tasks import get as get_task

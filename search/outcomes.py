@@ -1,4 +1,5 @@
-"""Why a trial was not trained, as a type: the kind of rejection a trial records, and the trial a duplicate repeats.
+"""Typed results where strings used to be parsed: a budget reservation's status and why one was refused
+(search.ledger), and why a trial was not trained with the trial a duplicate repeats (search.loop, the report).
 
 A rejected trial keeps a sentence for people in its ``reason``; code reads the kind (``rejected`` in the trial's
 record) and, for a duplicate, ``duplicate_of`` (the number of the trial it repeats; a trials.csv column), never
@@ -9,6 +10,40 @@ from __future__ import annotations
 
 import enum
 import re
+from dataclasses import dataclass
+
+
+class Status(str, enum.Enum):
+    """A budget reservation's status, stored as its value (search.ledger's docstring follows a row's life)."""
+
+    RUNNING = "running"
+    DONE = "done"
+    LOST = "lost"
+    RETRIED = "retried"
+    DEAD = "dead"
+
+
+class Refused(enum.Enum):
+    """Why ``Ledger.reserve`` refused a reservation."""
+
+    BUDGET = "budget"  # the amount does not fit what the budget has left
+    LEVEL = "level"  # the level's slots are taken
+    SAME = "same"  # another trial of the level holds the same point
+    RETRIED = "retried"  # retry_of is not a lost trial waiting for its retry (another retry took it over)
+    TAKEN = "taken"  # this trial holds a reservation already
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused reservation: its kind, a sentence for people, and what each kind knows."""
+
+    kind: Refused
+    detail: str
+    trial: int | None = None  # SAME: the number of the trial that holds the point
+    left: float | None = None  # BUDGET: the FLOPs the budget has left
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.detail}"
 
 
 class Rejected(str, enum.Enum):

@@ -44,7 +44,7 @@ import uuid
 
 from . import faults
 from . import optuna_api as oa
-from .ledger import Status
+from .outcomes import Status
 
 log = logging.getLogger(__name__)
 
