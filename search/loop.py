@@ -249,8 +249,7 @@ def run_search(
 
     name = check_study_name(study)
     folder = study_dir(name, out)
-    if settings is not None:
-        given = {**settings.as_dict(), **given}
+    given = settings_mod.normal({**(settings.as_dict() if settings is not None else {}), **given})
     settings_mod.Settings.from_dict({k: v for k, v in given.items() if v is not None or k not in DEFAULTS}).check()
     url = storage or default_url(folder)
     if storage is not None:

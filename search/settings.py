@@ -100,7 +100,7 @@ class Settings:
         if strict:
             check_names(values)
         names = cls.names()
-        return cls(**{k: _normal(v) for k, v in values.items() if k in names})
+        return cls(**{k: v for k, v in normal(values).items() if k in names})
 
     def as_dict(self) -> dict:
         """Every option by name, as study.json records it (a fresh copy)."""
@@ -129,8 +129,9 @@ def check_names(values) -> None:
         raise SearchError(f"unknown setting(s) {', '.join(unknown)}; settings are {', '.join(names)}")
 
 
-def _normal(v):
-    return os.fspath(v) if isinstance(v, os.PathLike) else v
+def normal(values: dict) -> dict:
+    """Options as study.json stores them: a path object (data=Path(...)) becomes its string."""
+    return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in values.items()}
 
 
 def _copy(v):

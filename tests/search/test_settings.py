@@ -104,6 +104,12 @@ def test_python_only_mistakes_are_one_line_errors_too(tmp_path):
     assert not (tmp_path / "py").exists()
 
 
+def test_a_path_object_is_stored_as_its_string(tmp_path):
+    assert Settings.from_dict({"data": tmp_path / "corpus.txt"}).data == str(tmp_path / "corpus.txt")
+    with pytest.raises(SearchError, match="does not exist"):  # the task reads it; study.json could not hold a Path
+        loop.run_search("py", out=str(tmp_path / "py"), task="lm", data=tmp_path / "corpus.txt", dry_run=True)
+
+
 def test_settings_pass_to_worker_processes_unchanged():
     given = {"budget": 1e-3 + 6e10, "task_settings": {"batch": 8, "widths": [16, 32]}, "seed": 7, "data": None}
     assert _given(settings.to_argv(given)) == {k: v for k, v in given.items() if v is not None}
