@@ -72,3 +72,21 @@ def test_the_engine_and_the_studies_table_are_the_storages(storage):
         assert not oa.has_studies(c, tables, "myxs.L")  # '_' is a character, not a LIKE wildcard
         assert not oa.has_studies(c, tables, "my_s.L1")
         assert not oa.has_studies(c, set(), "my_s.L")  # Optuna's tables are not there: nothing is read
+
+
+def test_no_other_module_of_the_search_reaches_into_optuna():
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    private = re.compile(
+        r"\._trial_id\b|\._storage\b|fixed_params|\b(?!self\b|optuna_api\b)\w+\.engine\b|\boptuna\.[\w.]*\._\w+"
+    )
+    found = []
+    for folder, _, names in os.walk(os.path.join(root, "search")):
+        for n in names:
+            path = os.path.join(folder, n)
+            if n.endswith(".py") and os.path.abspath(path) != os.path.abspath(oa.__file__):
+                text = open(path).read()
+                found += [f"{os.path.relpath(path, root)}: {m.group(0)}" for m in private.finditer(text)]
+    assert not found, found
