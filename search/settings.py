@@ -66,7 +66,7 @@ class Settings:
     seed: int = _option(0, "seed for sampling and training, 0 .. 2^32 - 1", keyed=True)
     space: str = _option(
         "full",
-        "search space: a built-in name (full, theta, btt: beta = delta = 0, moe: opt-in), a space file "
+        "search space: a built-in name (full, theta, btt: beta = delta = 0, moe and mpo3: opt-in), a space file "
         "(myspace.toml) or a Python object (package.module:SPACE)",
         keyed=True,
         choices=_spaces,
