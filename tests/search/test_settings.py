@@ -137,6 +137,7 @@ def test_a_study_from_before_the_settings_table_resumes_from_its_study_json(tmp_
     with sqlite3.connect(folder / "study.db") as c:
         c.execute("DELETE FROM einstruct_study")
     meta = json.load(open(folder / "study.json"))
+    assert meta["settings"] == Settings.from_dict(SETTINGS).as_dict()  # study.json records every option
     for k in ("heartbeat", "checkpoints", "checkpoint_steps", "device"):
         meta["settings"].pop(k)
     meta["settings"]["schedule"] = "constant"
