@@ -130,3 +130,27 @@ def test_a_python_module_family_is_trained_grouped_and_drawn(from_module):
     folder, rows = from_module
     _check(folder, rows, "my_families:SPACE", "kron3", "Kronecker-3", {"rank": (1, 2)})
     assert {r["family"] for r in rows} == {"dense", "kron3"}
+
+
+def test_the_command_line_takes_a_space_file(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "search.run", *a], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    tiny = json.dumps(TINY["task_settings"])
+    ok = run(
+        "--space", str(ROOT / "examples/spaces/my_space.toml"), "--dry-run", "--budget", "1e9", "--task-settings", tiny
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "references at every level: dense, btt(r=1), tt3(rank=2)" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[families.tt3]\nspec = "ga,gaf,fge->fe"\nsizes = { g = "{rnk}", a = "d_in", f = "d_out", e = 1 }\n')
+    err = run("--space", str(bad), "--dry-run")
+    assert err.returncode == 2 and err.stdout == ""
+    assert err.stderr == (
+        f"search.run: error: space file {bad}: family tt3, key sizes.g: {{rnk}} names no parameter "
+        "(declared: none); add it to params\n"
+    )
