@@ -12,7 +12,6 @@ candidate, for the budget check.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,12 +154,6 @@ class Candidate:
             **dict.fromkeys(legacy_columns(), ""),
             **self.fam.columns(self.arguments),
             "width": self.width,
-            "family_params": json.dumps(self.arguments, sort_keys=True, default=_plain),
+            "family_params": json.dumps(self.arguments, sort_keys=True, default=str),
             "group": self.group,
         }
-
-
-def _plain(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return str(v)
