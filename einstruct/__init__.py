@@ -30,6 +30,10 @@ _LAZY = {
     "MoEConfig": ".layers.moe",
     "moe_aux_loss": ".layers.moe",
     "AUX_WEIGHT": ".layers.moe",
+    "is_btt_expert_spec": ".layers.moe",
+    "training_memory_limit": ".limits",
+    "human_bytes": ".limits",
+    "count": ".limits",
 }
 
 __all__ = [

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 
+from search import settings
 from search.errors import SearchError
 from search.loop import run_search
 from search.report import PLOTS, write_report
@@ -29,8 +30,9 @@ def main() -> int:
     p.add_argument("--study", default="regression-frontier")
     p.add_argument("--budget", type=float, default=2e12, help="total training FLOPs (default 2e12)")
     p.add_argument("--levels", type=int, default=4, help="compute levels (default 4)")
-    p.add_argument("--ratio", type=float, default=3.0, help="compute factor between levels (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    ratio = settings.default("ratio")  # the search's own default, as python -m search.run has it
+    p.add_argument("--ratio", type=float, default=ratio, help=f"compute factor between levels (default {ratio:g})")
+    p.add_argument("--seed", type=int, default=settings.default("seed"))
     p.add_argument("--out", default=None, help="study folder (default runs/<study>)")
     p.add_argument(
         "--results",

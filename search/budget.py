@@ -17,6 +17,9 @@ import math
 from dataclasses import dataclass
 
 from .errors import SearchError
+from .settings import default
+
+LEVELS, RATIO, TOP_TRIALS = default("levels"), default("ratio"), default("top_trials")  # the options' defaults
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,9 @@ class Level:
         return self.allowance * self.trials
 
 
-def plan_levels(budget: float, levels: int = 3, ratio: float = 4.0, top_trials: int = 8) -> tuple[Level, ...]:
+def plan_levels(
+    budget: float, levels: int = LEVELS, ratio: float = RATIO, top_trials: int = TOP_TRIALS
+) -> tuple[Level, ...]:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
         raise SearchError(f"--budget must be a positive number of FLOPs such as 1e13, got {budget!r}")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 3:
@@ -50,7 +55,9 @@ def plan_levels(budget: float, levels: int = 3, ratio: float = 4.0, top_trials: 
     return tuple(out)
 
 
-def budget_for(level: int, allowance: float, levels: int = 3, ratio: float = 4.0, top_trials: int = 8) -> float:
+def budget_for(
+    level: int, allowance: float, levels: int = LEVELS, ratio: float = RATIO, top_trials: int = TOP_TRIALS
+) -> float:
     """The smallest total budget whose plan (``plan_levels`` with these settings) gives ``level`` an allowance of
     at least ``allowance`` FLOPs per trial. A level's number of trials does not depend on the budget."""
     plan = lambda b: plan_levels(b, levels, ratio, top_trials)[level].allowance
@@ -119,27 +126,15 @@ class _Replay:
     def suggest_float(self, key, low, high):
         return self.params[key]
 
+    def suggest_int(self, key, low, high):
+        return self.params[key]
+
 
 def candidates(space, refs, width: int, families: bool = True) -> list:
     """The points that hold the cheapest candidate of ``space`` at ``width``: every reference and (``families``)
-    every option of each discrete family, and for theta the rank-1 low-rank point theta(1,0,0,0,1,0,0), the
-    cheapest theta: a structured layer's chain reads all of x in its first step and writes all of y in its last,
-    so two cores cost at least d_in + d_out MACs per example, which rank-1 low rank costs exactly (a theta point
-    left with one core is dense). Each point is replayed through ``space.suggest``: one the space proposes."""
-    from .space import BTT_RANKS, MOE_ACTIVE, MOE_EXPERTS, MONARCH_BLOCKS, Candidate
-
-    pts = [Candidate(r.family, width, r.theta, r.blocks, r.rank, r.experts, r.active) for r in refs]
-    for family in space.families if families else ():
-        if family == "dense":
-            pts.append(Candidate("dense", width))
-        elif family == "theta":
-            pts.append(Candidate("theta", width, theta=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0)))
-        elif family == "monarch":
-            pts += [Candidate("monarch", width, blocks=b) for b in MONARCH_BLOCKS]
-        elif family == "btt":
-            pts += [Candidate("btt", width, rank=r) for r in BTT_RANKS]
-        else:  # the MoE families
-            pts += [Candidate(family, width, experts=e, active=min(a, e)) for e in MOE_EXPERTS for a in MOE_ACTIVE]
+    each family's cheap points (``Family.cheap_points``: every option of a discrete family; for theta the rank-1
+    low-rank point, the cheapest theta). Each point is replayed through ``space.suggest``: one the space proposes."""
+    pts = [r.at(width) for r in refs] + (space.cheap_candidates(width) if families else [])
     return [space.suggest(_Replay(space.params_for(c))) for c in pts]
 
 
@@ -162,7 +157,14 @@ def cheapest(task, cands) -> Cheapest | None:
 
 
 def check_plan(
-    task, space, refs, budget: float, min_steps: int, levels: int = 3, ratio: float = 4.0, top_trials: int = 8
+    task,
+    space,
+    refs,
+    budget: float,
+    min_steps: int,
+    levels: int = LEVELS,
+    ratio: float = RATIO,
+    top_trials: int = TOP_TRIALS,
 ) -> Feasibility:
     """Which levels of ``plan_levels(budget, levels, ratio, top_trials)`` can train a candidate of ``space`` (or one
     of its references ``refs``) for ``min_steps`` steps. Raises SearchError, naming the budget that would do, when

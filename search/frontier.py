@@ -13,11 +13,12 @@ the lowest-loss point (hull vertices past the lowest loss are dominated and left
 that compute range whose loss is at most (1 + tol) times the hull's (piecewise log-log linear) loss at its
 compute. Points with more compute than the lowest-loss point are never on it.
 
-Grouping (``group_of``): a trial row belongs to its family (dense, Monarch, BTT), and a theta row to the
-named THEORY 2 point it matches within 0.011 per entry: dense ((1,0,0,1,0,0,0) or (1,0,0,0,1,0,1)), low
-rank ((1,0,0,0,1,0,rho), rho < 1), Kronecker ((.5,.5,0,.5,.5,0,0)), Tensor-Train ((.5,.5,0,.5,.5,0,rho),
-rho > 0) and BTT ((.5,0,.5,0,.5,.5,rho), Monarch-like at rho = 0 but with sqrt(d) blocks); any other theta
-is "theta". Each group gets one frontier over all its widths, structures and compute levels.
+Grouping (``group_of``): a trial row belongs to its family's group (search.families: each family declares its
+label and family-level group, e.g. Monarch, BTT, a user's own), and a theta row to the named THEORY 2 point it
+matches within 0.011 per entry: dense ((1,0,0,1,0,0,0) or (1,0,0,0,1,0,1)), low rank ((1,0,0,0,1,0,rho), rho <
+1), Kronecker ((.5,.5,0,.5,.5,0,0)), Tensor-Train ((.5,.5,0,.5,.5,0,rho), rho > 0) and BTT ((.5,0,.5,0,.5,.5,rho),
+Monarch-like at rho = 0 but with sqrt(d) blocks); any other theta is "theta". Each group gets one frontier over
+all its widths, structures and compute levels.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import SearchError
+from .families import theta as theta_family
 
-GROUPS = ("dense", "low rank", "Kronecker", "Tensor-Train", "Monarch", "BTT", "theta", "BTT-MoE", "MoE")
-MATCH_TOL = 0.011  # the papers write .33 and .67
+MATCH_TOL = theta_family.MATCH_TOL
+theta_group = theta_family.theta_group  # the THEORY 2 named points (search.families.theta)
 
 
 # ---------------------------------------------------------------- points and the frontier
@@ -300,33 +302,18 @@ def multipliers(fit_struct: PowerLaw, fit_dense: PowerLaw, losses=None, n: int =
 
 # ---------------------------------------------------------------- grouping
 
-_NAMED = (  # (group, theta with None for "any rho", rho condition)
-    ("dense", (1, 0, 0, 1, 0, 0, 0), None),
-    ("dense", (1, 0, 0, 0, 1, 0, 1), None),
-    ("low rank", (1, 0, 0, 0, 1, 0, None), lambda r: r < 1 - MATCH_TOL),
-    ("Kronecker", (0.5, 0.5, 0, 0.5, 0.5, 0, 0), None),
-    ("Tensor-Train", (0.5, 0.5, 0, 0.5, 0.5, 0, None), lambda r: r > MATCH_TOL),
-    ("BTT", (0.5, 0, 0.5, 0, 0.5, 0.5, None), None),
-)
 
+def group_of(row: dict, families: dict | None = None) -> str:
+    """The frontier group of a trial row (trials.csv columns): its family's group for this structure
+    (``Family.group_of``; theta gives the THEORY 2 named point). ``families``: a study's own families by name; a
+    family known to neither them nor the registry keeps the row's ``group`` column, else its name."""
+    from .families import BUILTIN, Candidate, Family
 
-def theta_group(theta: Sequence[float]) -> str:
-    """The THEORY 2 named point theta matches (within 0.011 per entry), else "theta"."""
-    t = [float(v) for v in theta]
-    for name, ref, cond in _NAMED:
-        if all(r is None or abs(v - r) <= MATCH_TOL for v, r in zip(t, ref)) and (cond is None or cond(t[6])):
-            return name
-    return "theta"
-
-
-def group_of(row: dict) -> str:
-    """The frontier group of a trial row (trials.csv columns): family, or the named point of a theta row."""
-    family = str(row.get("family", "")).strip()
-    if family == "theta":
-        try:
-            return theta_group([float(row[k]) for k in ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")])
-        except (KeyError, TypeError, ValueError):
-            return "theta"
-    return {"dense": "dense", "monarch": "Monarch", "btt": "BTT", "btt_moe": "BTT-MoE", "moe": "MoE"}.get(
-        family, family or "other"
-    )
+    name = str(row.get("family", "")).strip()
+    fam = (families or {}).get(name) or BUILTIN.get(name)
+    if fam is None:
+        return str(row.get("group") or "").strip() or name or "other"
+    try:
+        return Candidate.from_row({**row, "width": row.get("width") or 0}, {name: fam}).group
+    except (KeyError, TypeError, ValueError, SearchError):
+        return Family.group_of(fam, {})  # the family-level group

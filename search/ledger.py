@@ -40,7 +40,12 @@ import time
 
 import sqlalchemy as sa
 
+from . import optuna_api
 from .errors import SearchError
+from .outcomes import Refusal, Refused, Status
+
+__all__ = ["Ledger", "Refusal", "Refused", "Status", "create_tables", "stored"]
+
 
 _META = sa.MetaData()
 BUDGET = sa.Table(
@@ -93,11 +98,11 @@ WORKER = sa.Table(
     sa.Column("ended", sa.Integer, nullable=False),  # 1 once its run_search returned or raised
 )
 _ADDED = {"einstruct_reservation": ("number", "owner", "spare", "retry_of", "point"), "einstruct_claim": ("owner",)}
-HOLDS_SLOT = ("running", "done", "lost", "dead")  # a retried row's slot belongs to its retry
+HOLDS_SLOT = tuple(s.value for s in Status if s != Status.RETRIED)  # a retried row's slot belongs to its retry
 
 
 def _holds_slot(r) -> bool:  # a lost row from before owners were recorded gave its slot to its retry at once
-    return r.status in HOLDS_SLOT and not (r.status == "lost" and r.owner is None)
+    return r.status in HOLDS_SLOT and not (r.status == Status.LOST and r.owner is None)
 
 
 def create_tables(engine) -> None:
@@ -139,16 +144,7 @@ def stored(engine, search: str) -> dict:
             out["settings"] = json.loads(text) if text else None
         if "einstruct_budget" in tables:
             out["budget"] = c.execute(sa.select(BUDGET.c.budget).where(BUDGET.c.search == search)).scalar()
-        if "studies" in tables:
-            studies = sa.table("studies", sa.column("study_name"))
-            out["studies"] = (
-                c.execute(
-                    sa.select(sa.func.count())
-                    .select_from(studies)
-                    .where(studies.c.study_name.like(search.replace("_", r"\_") + ".L%", escape="\\"))
-                ).scalar()
-                > 0
-            )
+        out["studies"] = optuna_api.has_studies(c, tables, search + ".L")
     return out
 
 
@@ -224,26 +220,25 @@ class Ledger:
         owner=None,
         point=None,
         retry_of=None,
-    ) -> str:
-        """Hold ``amount`` FLOPs for a trial; '' when granted, else why not:
-
-        'budget: ...', 'level: ...' (its ``slots`` are taken), 'same: N' (trial number N holds this ``point``),
-        'retried: ...' (``retry_of`` is not a lost trial waiting for its retry: another retry took it over)
-        or 'taken: ...' (the trial holds a reservation already). A retry (``retry_of`` = the lost trial's id)
-        takes over the lost trial's slot and its spare; if it does not fit, the lost trial's chain ends.
+    ) -> Refusal | None:
+        """Hold ``amount`` FLOPs for a trial; None when granted, else a Refusal saying why not: BUDGET, LEVEL (its
+        ``slots`` are taken), SAME (trial number ``.trial`` holds this ``point``), RETRIED (``retry_of`` is not a
+        lost trial waiting for its retry: another retry took it over) or TAKEN (the trial holds a reservation
+        already). A retry (``retry_of`` = the lost trial's id) takes over the lost trial's slot and its spare; if it
+        does not fit, the lost trial's chain ends.
         """
         amount, bound = int(amount), int(bound)
         with self.engine.begin() as c:
             self._lock(c)
             rows = c.execute(sa.select(RESERVATION).where(RESERVATION.c.search == self.search)).all()
             if any(r.trial_id == trial_id for r in rows):
-                return "taken: this trial holds a reservation already"
+                return Refusal(Refused.TAKEN, "this trial holds a reservation already")
             pred = None
             if retry_of is not None:
                 pred = next((r for r in rows if r.trial_id == retry_of), None)
-                if pred is None or pred.status != "lost":
+                if pred is None or pred.status != Status.LOST:
                     what = f"trial {pred.number} is {pred.status}" if pred is not None else "its trial has no row"
-                    return f"retried: {what}"
+                    return Refusal(Refused.RETRIED, what)
             if point is not None:
                 twin = next(
                     (
@@ -252,21 +247,22 @@ class Ledger:
                         if r.level == level
                         and r.point == point
                         and r.trial_id != retry_of
-                        and r.status in ("running", "done", "lost")
+                        and r.status in (Status.RUNNING, Status.DONE, Status.LOST)
                     ),
                     None,
                 )  # lost: its retry will continue it
                 if twin is not None:
-                    return f"same: {twin.number}"
+                    return Refusal(Refused.SAME, f"trial {twin.number} holds this point", trial=twin.number)
             held = sum(r.amount + (r.spare or 0) for r in rows) - ((pred.spare or 0) if pred is not None else 0)
             if held + amount > self.budget:
                 if pred is not None:
-                    self._set(c, pred.trial_id, status="dead", spare=0)
-                return f"budget: {amount:.3g} FLOPs do not fit the {self.budget - held:.3g} left"
+                    self._set(c, pred.trial_id, status=Status.DEAD.value, spare=0)
+                left = self.budget - held
+                return Refusal(Refused.BUDGET, f"{amount:.3g} FLOPs do not fit the {left:.3g} left", left=left)
             if slots is not None and sum(1 for r in rows if r.level == level and _holds_slot(r)) >= slots:
-                return f"level: level {level} already has its {slots} trials"
+                return Refusal(Refused.LEVEL, f"level {level} already has its {slots} trials")
             if pred is not None:
-                self._set(c, pred.trial_id, status="retried", spare=0)
+                self._set(c, pred.trial_id, status=Status.RETRIED.value, spare=0)
             c.execute(
                 RESERVATION.insert().values(
                     trial_id=trial_id,
@@ -274,7 +270,7 @@ class Ledger:
                     level=level,
                     amount=amount,
                     bound=min(bound, amount),
-                    status="running",
+                    status=Status.RUNNING.value,
                     number=number,
                     owner=owner,
                     spare=0,
@@ -282,7 +278,7 @@ class Ledger:
                     point=point,
                 )
             )
-        return ""
+        return None
 
     @staticmethod
     def _set(c, trial_id, **values):
@@ -300,7 +296,15 @@ class Ledger:
                 for r in c.execute(sa.select(RESERVATION.c.trial_id).where(RESERVATION.c.search == self.search))
             }
             new = [
-                dict(trial_id=t, search=self.search, level=lv, amount=int(f), bound=int(f), status="done", spare=0)
+                dict(
+                    trial_id=t,
+                    search=self.search,
+                    level=lv,
+                    amount=int(f),
+                    bound=int(f),
+                    status=Status.DONE.value,
+                    spare=0,
+                )
                 for t, lv, f in finished
                 if t not in known
             ]
@@ -316,29 +320,29 @@ class Ledger:
             done = c.execute(
                 RESERVATION.update()
                 .where(RESERVATION.c.trial_id == trial_id)
-                .where(RESERVATION.c.status == "running")
+                .where(RESERVATION.c.status == Status.RUNNING.value)
                 .values(bound=int(bound))
             )
             return done.rowcount > 0
 
-    def settle(self, trial_id: int, spent: int) -> str:
+    def settle(self, trial_id: int, spent: int) -> Status | None:
         """The trial finished having spent ``spent`` FLOPs (<= its reservation): the rest goes back.
 
-        Only a running row is settled. Returns the row's status afterwards: 'done' (settled, now or before),
-        or 'lost', 'retried', 'dead' when another worker took the trial for dead first: then the charge stays
-        what that worker recorded and the caller must discard its result. '' if the trial has no row.
+        Only a running row is settled. Returns the row's Status afterwards: DONE (settled, now or before), or LOST,
+        RETRIED, DEAD when another worker took the trial for dead first: then the charge stays what that worker
+        recorded and the caller must discard its result. None if the trial has no row.
         """
         with self.engine.begin() as c:
             moved = c.execute(
                 RESERVATION.update()
                 .where(RESERVATION.c.trial_id == trial_id)
-                .where(RESERVATION.c.status == "running")
-                .values(amount=int(spent), bound=int(spent), status="done", spare=0)
+                .where(RESERVATION.c.status == Status.RUNNING.value)
+                .values(amount=int(spent), bound=int(spent), status=Status.DONE.value, spare=0)
             )
             if moved.rowcount:
-                return "done"
+                return Status.DONE
             row = c.execute(sa.select(RESERVATION.c.status).where(RESERVATION.c.trial_id == trial_id)).first()
-        return row.status if row is not None else ""
+        return Status(row.status) if row is not None else None
 
     def lose(self, trial_id: int, retry: bool = True) -> int:
         """The trial's worker died: charge its bound; with ``retry`` hold the rest of its reservation (and its slot)
@@ -348,14 +352,14 @@ class Ledger:
             row = c.execute(sa.select(RESERVATION).where(RESERVATION.c.trial_id == trial_id)).first()
             if row is None:
                 return 0
-            if row.status != "running":
+            if row.status != Status.RUNNING:
                 return int(row.amount)
             self._set(
                 c,
                 trial_id,
                 amount=row.bound,
                 spare=(row.amount - row.bound) if retry else 0,
-                status="lost" if retry else "dead",
+                status=(Status.LOST if retry else Status.DEAD).value,
             )
             return int(row.bound)
 
@@ -366,8 +370,8 @@ class Ledger:
             c.execute(
                 RESERVATION.update()
                 .where(RESERVATION.c.trial_id == trial_id)
-                .where(RESERVATION.c.status == "lost")
-                .values(status="dead", spare=0)
+                .where(RESERVATION.c.status == Status.LOST.value)
+                .values(status=Status.DEAD.value, spare=0)
             )
 
     def charges(self) -> dict[int, int]:
@@ -375,7 +379,7 @@ class Ledger:
         what it may have spent so far)."""
         with self.engine.connect() as c:
             return {
-                r.trial_id: int(r.bound if r.status == "running" else r.amount)
+                r.trial_id: int(r.bound if r.status == Status.RUNNING else r.amount)
                 for r in c.execute(sa.select(RESERVATION).where(RESERVATION.c.search == self.search))
             }
 
@@ -394,7 +398,7 @@ class Ledger:
 
     def used_slots(self, level: int) -> int:
         with self.engine.connect() as c:
-            legacy_lost = sa.and_(RESERVATION.c.status == "lost", RESERVATION.c.owner.is_(None))
+            legacy_lost = sa.and_(RESERVATION.c.status == Status.LOST.value, RESERVATION.c.owner.is_(None))
             return int(
                 c.execute(
                     sa.select(sa.func.count())

@@ -31,54 +31,23 @@ from dataclasses import dataclass, field
 
 import einstruct as es
 
-from . import faults, outputs, train
+from . import faults, optuna_api, outputs, train
 from . import ledger as ledger_mod
+from . import settings as settings_mod
 from . import space as space_mod
 from .budget import Level, check_plan, plan_levels
 from .errors import SearchError
 from .ledger import Ledger
+from .outcomes import Refused, Rejected, Status
 from .recovery import OWNER, Recoverer, TrialLost, Worker, checkpoint_path, clean_folder, retry_of, set_attrs, tell
 from .storage import check_storage, check_study_name, default_url, open_storage, redact, study_dir
 from .tasks import get as get_task
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {
-    "task": "regression",
-    "data": None,
-    "budget": 6e10,
-    "levels": 3,
-    "ratio": 3.0,
-    "top_trials": 7,
-    "sampler": "tpe",
-    "seed": 0,
-    "space": "full",
-    "min_steps": 20,
-    "target_steps": 300,
-    "device": "auto",
-    "task_settings": {},
-    "heartbeat": 10,
-    "checkpoints": 10,
-    "checkpoint_steps": 50,
-}
-KEYED = (
-    "task",
-    "data",
-    "budget",
-    "levels",
-    "ratio",
-    "top_trials",
-    "sampler",
-    "seed",
-    "space",
-    "min_steps",
-    "target_steps",
-    "task_settings",
-)  # must match when a study is resumed
-SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp")
-# heartbeat: seconds between a running trial's heartbeats (a dead worker's trial is retried after 3 missed);
-# checkpoints: how many times a trial saves its state, so a retry repeats at most 1/checkpoints of it, but
-# never more often than every checkpoint_steps steps (each save is a write to the storage).
+DEFAULTS = settings_mod.DEFAULTS  # every option's default, by name: defined once, in search.settings
+KEYED = settings_mod.KEYED  # the options that must match when a study is resumed
+SAMPLERS = settings_mod.SAMPLERS
 
 
 class Reporter:
@@ -138,58 +107,6 @@ def make_sampler(name: str, seed: int):
         return makers[name]()
 
 
-def settings_for(name: str, folder: str, given: dict, stored: dict | None = None) -> dict:
-    """Defaults < stored settings < given ones; a given setting that contradicts the stored study is an error.
-
-    ``stored``: the settings kept in the study's database, which are the study's once it exists; without
-    them (a study from before they were stored there, or a new one), the folder's study.json.
-    """
-    unknown = set(given) - set(DEFAULTS) - {"storage"}
-    if unknown:
-        raise SearchError(f"unknown setting(s) {', '.join(sorted(unknown))}; settings are {', '.join(DEFAULTS)}")
-    path = os.path.join(folder, "study.json")
-    if stored is None and os.path.exists(path):
-        stored = _study_json(path)
-    stored = stored or {}
-    for k in KEYED:
-        if k in given and given[k] is not None and k in stored and _differs(given[k], stored[k]):
-            raise SearchError(
-                f"study {name!r} already exists with {k}={stored[k]!r}, not {given[k]!r}; run it with the same "
-                "settings to resume (leave the option out to take the study's), or pick a new --study name"
-            )
-    out = dict(DEFAULTS)
-    out.update({k: v for k, v in stored.items() if k in DEFAULTS})
-    out.update({k: v for k, v in given.items() if v is not None and k in DEFAULTS})
-    return out
-
-
-def _study_json(path: str) -> dict:
-    import json
-
-    try:
-        with open(path) as f:
-            stored = json.load(f).get("settings", {})
-        if not isinstance(stored, dict):
-            raise ValueError("its settings are not a JSON object")
-    except (OSError, ValueError, AttributeError) as e:
-        raise SearchError(
-            f"{path} cannot be read as this study's settings ({e}); restore it, or delete it to "
-            "start the study's settings afresh"
-        ) from None
-    return stored
-
-
-def _differs(a, b) -> bool:
-    import json
-
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return not math.isclose(float(a), float(b), rel_tol=1e-9)
-    try:  # as stored: a tuple and the list it becomes in JSON are the same setting
-        return json.loads(json.dumps(a, sort_keys=True)) != json.loads(json.dumps(b, sort_keys=True))
-    except (TypeError, ValueError):
-        return a != b
-
-
 def _sqlite_file(url: str) -> str | None:
     if not url.startswith("sqlite"):
         return None
@@ -205,7 +122,7 @@ def _stored_study(url: str, name: str):
     if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
         return {**nothing, "file": path, "empty": os.path.exists(path)}, None
     store = open_storage(url)
-    return {**ledger_mod.stored(store.engine, name), "file": path, "empty": False}, store
+    return {**ledger_mod.stored(optuna_api.engine(store), name), "file": path, "empty": False}, store
 
 
 def _known(stored: dict) -> bool:
@@ -228,7 +145,7 @@ def _check_records(name: str, folder: str, url: str, stored: dict) -> None:
     if os.path.exists(meta):
         import json
 
-        _study_json(meta)  # an unreadable study.json is its own error
+        settings_mod.read_study_json(meta)  # an unreadable study.json is its own error
         with open(meta) as f:
             spent = json.load(f).get("spent")
     if not n and not os.path.exists(meta):
@@ -313,9 +230,15 @@ def run_search(
     reporter: Reporter | None = None,
     worker: int = 0,
     estimate: bool = True,
+    settings: settings_mod.Settings | None = None,
     **given,
 ) -> SearchStudy:
     """Run (or resume, or join) a budgeted structure search; returns the SearchStudy. See search.run.
+
+    The options are ``settings`` (a search.settings.Settings: every field counts as given) and keyword
+    arguments of the same names, which take precedence; an option left out takes the stored study's value, or
+    its default. They are checked as the command line checks them: a SearchError with one line naming the
+    option, before anything is read or trained.
 
     ``worker`` is kept for callers that number their processes; workers tell themselves apart through the
     study's worker table (each live worker gets its own ordinal, which offsets its sampler's seed, so that
@@ -326,14 +249,14 @@ def run_search(
 
     name = check_study_name(study)
     folder = study_dir(name, out)
-    asked = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
-    plan_levels(asked["budget"], asked["levels"], asked["ratio"], asked["top_trials"])  # a bad value before a clash
+    given = settings_mod.normal({**(settings.as_dict() if settings is not None else {}), **given})
+    settings_mod.Settings.from_dict({k: v for k, v in given.items() if v is not None or k not in DEFAULTS}).check()
     url = storage or default_url(folder)
     if storage is not None:
         check_storage(storage)  # before anything is read or trained: a bad URL fails in seconds
     known, store = _stored_study(url, name)
     _check_records(name, folder, url, known)
-    cfg = settings_for(name, folder, given, known["settings"])
+    cfg = settings_mod.for_study(name, folder, given, known["settings"])
     if (
         known["settings"] is None
         and known["budget"] is not None
@@ -343,9 +266,8 @@ def run_search(
             f"study {name!r} exists in its storage from before settings were kept there, and its "
             f"study.json is missing from {folder}: restore study.json from a backup to resume it"
         )
+    settings_mod.check(cfg)  # the study's own settings, as stored
     rep = reporter or Reporter()
-    if cfg["sampler"] not in SAMPLERS:
-        raise SearchError(f"unknown sampler {cfg['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
     heartbeat = int(cfg["heartbeat"]) if cfg["heartbeat"] else 0
     if not heartbeat and _sqlite_file(url) is None:
         raise SearchError(
@@ -404,15 +326,9 @@ def run_search(
     os.makedirs(folder, exist_ok=True)
     store = store or open_storage(url)
     keyed = {k: cfg[k] for k in KEYED}
-    ledger = result.ledger = Ledger(store.engine, name, float(cfg["budget"]), keyed)  # refuses another stored budget
-    saved = ledger.store_settings(keyed)  # the first worker's settings are the study's
-    for k in KEYED:
-        if k in saved and _differs(saved[k], keyed[k]):
-            raise SearchError(
-                f"study {name!r} already exists with {k}={saved[k]!r}, not {keyed[k]!r}; run it with the "
-                "same settings to resume (leave the option out to take the study's), or pick a new "
-                "--study name"
-            )
+    engine = optuna_api.engine(store)
+    ledger = result.ledger = Ledger(engine, name, float(cfg["budget"]), keyed)  # refuses another stored budget
+    settings_mod.check_same(name, ledger.store_settings(keyed), keyed)  # the first worker's settings are the study's
     me = Worker(ledger, heartbeat)
     try:
         _work(
@@ -459,13 +375,13 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
             warnings.simplefilter("ignore", UserWarning)
             with me.asking():
                 trial = st.ask()
-                st._storage.set_trial_system_attr(trial._trial_id, OWNER, me.token)
+                optuna_api.set_system_attr(st, optuna_api.trial_id(trial), OWNER, me.token)
         faults.point("after_ask")
         cand = search_space.suggest(trial)
         row = _evaluate(trial, st, cand, lv, ctx)
         if row is None:
             return
-        if str(row.get("reason", "")).startswith(("same as trial", "duplicate of trial")):
+        if row.get("rejected") is not None and Rejected(row["rejected"]).duplicate:
             # the sampler is stuck on a point: explore once
             st.enqueue_trial(search_space.random_params(explore), user_attrs={"exploration": True})
         rows = result.rows()
@@ -481,13 +397,13 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         if not ledger.claim(f"{name}.L{lv.index}.references", me.token, lambda o: (live.refresh(), live.dead(o))[1]):
             return False  # a live worker is queueing them
         have = [
-            t.system_attrs.get("fixed_params", t.params)
+            optuna_api.queued_params(t) or t.params
             for t in st.get_trials(deepcopy=False)
             if t.user_attrs.get("reference")
         ]
         for ref in refs:
             w = reference_width(task, ref.spec(), task.widths, lv.allowance, cfg["min_steps"], cfg["target_steps"])
-            params = search_space.params_for(space_mod.Candidate(ref.family, w, ref.theta, ref.blocks, ref.rank))
+            params = search_space.params_for(ref.at(w))
             if not any(all(h.get(k) == v for k, v in params.items()) for h in have):
                 st.enqueue_trial(params, user_attrs={"reference": True})
                 faults.point("after_reference_enqueued")
@@ -506,7 +422,7 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         )
         result.studies.append((lv.index, st))
         ledger.adopt(
-            (t._trial_id, lv.index, t.user_attrs["train_flops"])
+            (optuna_api.trial_id(t), lv.index, t.user_attrs["train_flops"])
             for t in st.get_trials(deepcopy=False)
             if t.state.is_finished() and t.user_attrs.get("train_flops", 0) > 0
         )
@@ -558,6 +474,9 @@ def _waiting(st) -> bool:
     return bool(st.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
+_NEWER_COLUMNS = ("family_params", "group")  # a record from before them matches without them
+
+
 def _twin(st, trial, cand):
     """A finished, trained trial of this level with exactly the same candidate, if any."""
     from optuna.trial import TrialState
@@ -568,7 +487,7 @@ def _twin(st, trial, cand):
         if (
             t.number != trial.number
             and t.user_attrs.get("train_flops", 0) > 0
-            and all(rec.get(k) == v for k, v in cols.items())
+            and all(rec.get(k) == v for k, v in cols.items() if k in rec or k not in _NEWER_COLUMNS)
         ):
             return t
     return None
@@ -588,7 +507,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
 
     task, cfg, ledger, rep = ctx.task, ctx.cfg, ctx.ledger, ctx.rep
     attrs = {"level": lv.index, "allowance": int(lv.allowance), "train_flops": 0, **cand.columns()}
-    tid = trial._trial_id
+    tid = optuna_api.trial_id(trial)
     pred = trial.user_attrs.get("retry_of_id")  # the lost trial this one continues
     history = list(trial.user_attrs.get("retry_history", []))
     first = retry_of(trial) if pred is not None else None
@@ -615,7 +534,8 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         faults.point("after_tell")
         return {**attrs, "state": state.name, "loss": value if value is not None else attrs.get("loss", "")}
 
-    def reject(reason, **more):
+    def reject(kind: Rejected, reason: str, **more):
+        more = {"rejected": kind.value, **more}
         return told(TrialState.PRUNED) if finish(TrialState.PRUNED, reason=reason, **more) else lost_row
 
     if pred is None:
@@ -627,18 +547,24 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
             # row keeps the twin's loss for reading; the report counts it as a duplicate, never as a point.
             rec = twin.user_attrs.get("record", {})
             attrs.update({k: rec.get(k, "") for k in ("steps", "params", "omega", "psi", "nu", "seconds")})
-            return reject(f"same as trial {twin.number}: not retrained", loss=twin.value)
+            return reject(
+                Rejected.REPEAT,
+                f"same as trial {twin.number}: not retrained",
+                loss=twin.value,
+                duplicate_of=twin.number,
+            )
     try:
         spec = cand.spec()
         layer = es.compile(cand.structure_spec(), cand.width)
         steps, per_step = train.plan(task, spec, cand.width, lv.allowance)
     except (es.SpecError, SearchError) as e:
-        return reject(f"invalid at width {cand.width}: {e}")
+        return reject(Rejected.INVALID, f"invalid at width {cand.width}: {e}")
     attrs.update(omega=layer.omega, psi=layer.psi, nu=layer.nu)
     if steps < cfg["min_steps"]:
         return reject(
+            Rejected.STEPS,
             f"width {cand.width} gets only {steps} steps of {per_step:.3g} FLOPs within the allowance "
-            f"(minimum {cfg['min_steps']})"
+            f"(minimum {cfg['min_steps']})",
         )
     seed = int(cfg["seed"])
     ckpt = checkpoint_path(ctx.folder, lv.index, trial.number)  # this attempt's own file
@@ -666,22 +592,25 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         retry_of=pred,
     )
     faults.point("after_reserve")
-    if why:
+    if why is not None:
         _remove(ckpt)
-    if why.startswith("budget"):
-        left = ledger.budget - ledger.spent()
-        return reject(f"allowance {need:.3g} does not fit the {left:.3g} FLOPs left in the budget")
-    if why.startswith("level"):
-        return reject(f"{why.split(': ', 1)[1]} (other workers took them)")
-    if why.startswith("same"):
-        return reject(
-            f"duplicate of trial {why.split(': ', 1)[1]}: the same point is trained there already (by "
-            "another worker, at the same time); not trained twice"
-        )
-    if why.startswith("retried"):
-        return reject(f"duplicate retry of trial {first}: another retry continues it; not trained")
-    if why:  # 'taken': another worker runs this very trial
-        log.warning("trial %s is held by another worker; left to it", trial.number)
+        if why.kind is Refused.BUDGET:
+            return reject(
+                Rejected.BUDGET, f"allowance {need:.3g} does not fit the {why.left:.3g} FLOPs left in the budget"
+            )
+        if why.kind is Refused.LEVEL:
+            return reject(Rejected.LEVEL, f"{why.detail} (other workers took them)")
+        if why.kind is Refused.SAME:
+            return reject(
+                Rejected.CONCURRENT,
+                f"duplicate of trial {why.trial}: the same point is trained there already (by "
+                "another worker, at the same time); not trained twice",
+            )
+        if why.kind is Refused.RETRIED:
+            return reject(
+                Rejected.RETRY_TAKEN, f"duplicate retry of trial {first}: another retry continues it; not trained"
+            )
+        log.warning("trial %s is held by another worker; left to it", trial.number)  # TAKEN: it runs this very trial
         return None
     if pred is not None:  # taken over: the predecessor's checkpoint has served (this attempt has its own copy)
         _remove(checkpoint_path(ctx.folder, lv.index, history[-1]))
@@ -714,7 +643,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     except Exception as e:  # a crash in one candidate must not lose the study
         log.exception("trial %s failed", trial.number)
         state = finish(TrialState.FAIL, train_flops=need, reason=f"crashed: {type(e).__name__}: {e}")
-        if state is None or ledger.settle(tid, need) != "done":  # unknown spend: charged everything it reserved
+        if state is None or ledger.settle(tid, need) != Status.DONE:  # unknown spend: charged everything it reserved
             return lost_row
         _remove(ckpt)
         return told(state)
@@ -737,7 +666,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         return lost_row
     settled = ledger.settle(tid, spent)  # only if the reservation is still this trial's
     faults.point("after_settle")
-    if settled != "done":
+    if settled != Status.DONE:
         log.warning(
             "trial %s was taken for dead by another worker while it trained; its result is discarded", trial.number
         )

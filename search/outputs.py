@@ -6,7 +6,7 @@ import csv
 import json
 import os
 
-from .space import THETA_KEYS
+from .families import legacy_columns
 
 COLUMNS = [
     "number",
@@ -17,11 +17,7 @@ COLUMNS = [
     "allowance",
     "family",
     "structure",
-    *THETA_KEYS,
-    "blocks",
-    "rank",
-    "experts",
-    "active",
+    *legacy_columns(),  # the built-in families' own: theta's entries, blocks, rank, experts, active
     "width",
     "steps",
     "params",
@@ -31,6 +27,10 @@ COLUMNS = [
     "loss",
     "seconds",
     "reason",
+    "rejected",  # why a trial was not trained (search.outcomes.Rejected), empty for a trained one
+    "duplicate_of",  # the trial a duplicate repeats
+    "family_params",  # the family's arguments as a JSON object (any family, built-in or the user's)
+    "group",  # the family's report group for this structure (search.families)
 ]
 
 
@@ -63,20 +63,22 @@ def trial_rows(level_studies, charges: dict | None = None) -> list[dict]:
     ledger charged it (a running trial: what it may have spent so far); a trial without a reservation spent
     nothing. So trials.csv and the ledger always agree. Without ``charges``, the trials' own records count.
     """
+    from .optuna_api import trial_id
+
     rows = []
     for level, study in level_studies:
         for t in study.get_trials(deepcopy=False):
             if t.state.name == "WAITING":
                 continue  # enqueued: not a trial yet
             if t.state.name == "RUNNING" and (
-                t._trial_id not in charges if charges is not None else "train_flops" not in t.user_attrs
+                trial_id(t) not in charges if charges is not None else "train_flops" not in t.user_attrs
             ):
                 continue  # in progress and not yet charged
             a = {**t.user_attrs.get("record", {}), **t.user_attrs}
             row = {k: a.get(k, "") for k in COLUMNS}
             row.update(level=level, trial=t.number, state=t.state.name, train_flops=int(a.get("train_flops", 0)))
             if charges is not None:
-                row["train_flops"] = int(charges.get(t._trial_id, 0))
+                row["train_flops"] = int(charges.get(trial_id(t), 0))
             row["loss"] = t.value if t.value is not None else a.get("loss", "")
             rows.append(row)
     for i, r in enumerate(rows):

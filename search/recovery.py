@@ -43,6 +43,8 @@ import time
 import uuid
 
 from . import faults
+from . import optuna_api as oa
+from .outcomes import Status
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +246,7 @@ def set_attrs(st, trial_id: int, **attrs) -> bool:
 
     try:
         for k, v in attrs.items():
-            st._storage.set_trial_user_attr(trial_id, k, v)
+            oa.set_user_attr(st, trial_id, k, v)
     except UpdateFinishedTrialError:
         return False
     return True
@@ -263,12 +265,12 @@ class Recoverer:
 
         running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         rows = {r.trial_id: r for r in self.ledger.rows()}
-        waiting = [r for r in rows.values() if r.level == level and r.status == "lost" and r.owner is not None]
+        waiting = [r for r in rows.values() if r.level == level and r.status == Status.LOST and r.owner is not None]
         if not running and not waiting:
             return
         self.live.refresh()
         for t in running:
-            row = rows.get(t._trial_id)
+            row = rows.get(oa.trial_id(t))
             owner = (row.owner if row is not None else None) or t.system_attrs.get(OWNER)
             if owner == self.worker.token:
                 continue
@@ -276,8 +278,8 @@ class Recoverer:
                 continue  # perhaps a live worker's, between its ask and its owner record
             if owner is not None and not self.live.dead(owner):
                 continue
-            if self.ledger.claim(f"recover:{t._trial_id}", self.worker.token, self.live.dead):
-                self._finish(st, level, t._trial_id)
+            if self.ledger.claim(f"recover:{oa.trial_id(t)}", self.worker.token, self.live.dead):
+                self._finish(st, level, oa.trial_id(t))
         if waiting:
             self._chains(st, [r.trial_id for r in waiting])
 
@@ -285,7 +287,7 @@ class Recoverer:
         from optuna.trial import TrialState
 
         self.live.refresh()  # first the workers, then the trial: an unowned trial read after a refresh that shows
-        t = st._storage.get_trial(tid)  # nobody asking cannot belong to a live worker (it records its owner first)
+        t = oa.get_trial(st, tid)  # nobody asking cannot belong to a live worker (it records its owner first)
         if t.state != TrialState.RUNNING:
             return
         row = self.ledger.row(tid)
@@ -294,8 +296,8 @@ class Recoverer:
             return  # alive after all (the claim stays with this worker: it looks again next time)
         rec = dict(t.user_attrs.get("record", {}))
         outcome = rec.pop("outcome", None)
-        if row is not None and outcome and row.status in ("running", "done"):
-            if self.ledger.settle(tid, int(rec.get("train_flops", row.amount))) == "done":
+        if row is not None and outcome and row.status in (Status.RUNNING, Status.DONE):
+            if self.ledger.settle(tid, int(rec.get("train_flops", row.amount))) == Status.DONE:
                 faults.point("recover_settled")
                 state = TrialState[outcome]
                 tell(st, t.number, state, rec.get("loss") if state == TrialState.COMPLETE else None)
@@ -305,7 +307,7 @@ class Recoverer:
             tell(st, t.number, TrialState.PRUNED)
             return
         if row is None:  # it never reserved: it trained nothing; put a queued point back in the queue
-            fixed = t.system_attrs.get("fixed_params")
+            fixed = oa.queued_params(t)
             if fixed is not None:
                 trials = st.get_trials(deepcopy=False)
                 if not any(u.user_attrs.get("requeued_from") == tid for u in trials):
@@ -320,7 +322,7 @@ class Recoverer:
         again = len(history) < self.max_retry
         charged = self.ledger.lose(tid, retry=again)
         faults.point("recover_lost")
-        if again and self.ledger.row(tid).status in ("lost", "retried"):
+        if again and self.ledger.row(tid).status in (Status.LOST, Status.RETRIED):
             trials = st.get_trials(deepcopy=False)
             if not any(u.user_attrs.get("retry_of_id") == tid for u in trials):
                 self._enqueue_retry(st, t, history)
@@ -341,7 +343,7 @@ class Recoverer:
             user_attrs={
                 **keep,
                 "retry_of": history[0] if history else t.number,
-                "retry_of_id": t._trial_id,
+                "retry_of_id": oa.trial_id(t),
                 "retry_history": [*history, t.number],
             },
         )
@@ -352,7 +354,7 @@ class Recoverer:
         from optuna.trial import TrialState
 
         trials = st.get_trials(deepcopy=False)
-        by_id = {t._trial_id: t for t in trials}
+        by_id = {oa.trial_id(t): t for t in trials}
         for tid in lost_ids:
             t = by_id.get(tid)
             if t is None or t.state == TrialState.RUNNING:
@@ -397,7 +399,7 @@ def clean_folder(folder: str, level_studies, ledger) -> list[str]:
         for t in st.get_trials(deepcopy=False):
             finished[(level, t.number)] = t.state.is_finished()
     for level, number, n in files:
-        if finished.get((level, number)) and status.get((level, number)) != "lost":
+        if finished.get((level, number)) and status.get((level, number)) != Status.LOST:
             removed += _remove(os.path.join(ckdir, n))
     return removed
 

@@ -17,21 +17,21 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from einstruct import rules
 from einstruct.cli import closed_pipe, run_command
 
 from . import frontier as fr
 from .errors import SearchError
+from .families.theta import KEYS as THETA
 from .outputs import write_atomic
 from .storage import redact
 
 PLOTS = {"frontier": "loss_vs_compute.png", "taxonomy": "taxonomy.png", "history": "history.png"}
-THETA = ("alpha", "beta", "gamma", "delta", "epsilon", "phi", "rho")
 REQUIRED = ("number", "level", "trial", "state", "train_flops", "family", "structure", "width", "loss")
 INTS = ("number", "level", "trial", "train_flops", "width", "steps", "params", "blocks", "rank")
-FLOATS = ("allowance", "omega", "psi", "nu", "loss", "seconds", *THETA)
+FLOATS = ("allowance", "omega", "psi", "nu", "loss", "seconds", *THETA)  # theta's entries: search.families.theta
 MACS = rules.TRAIN_FLOPS_PER_MAC  # training FLOPs ~ 6 x forward MACs x examples (forward 2, backward 4 per MAC)
 TOP_TABLES = 3  # winning structures shown with their einstruct tables
 FLOOR_POINTS, FLOOR_SPAN = 5, 10.0  # a floor fit needs 5 frontier computes spanning a factor of 10
@@ -50,6 +50,12 @@ class Study:
     rows: tuple[dict, ...]  # typed trials.csv rows; absent numbers are nan (floats) or None (integers)
     curves: dict  # (level, trial) -> ((train_flops, loss), ...)
     curve_note: str  # where the points come from, for the report
+    families: dict = field(default_factory=dict)  # the study's own families (a user space), by name
+    space_note: str = ""  # why the study's space could not be read, if it could not
+
+    def group(self, row: dict) -> str:
+        """The row's report group (search.families: the family's group, or theta's named point)."""
+        return fr.group_of(row, self.families)
 
     @property
     def settings(self) -> dict:
@@ -62,7 +68,9 @@ class Study:
 
 def _duplicate(row: dict) -> bool:
     """A trial that repeated a trained candidate of its level (0 FLOPs; PRUNED, or COMPLETE in older studies)."""
-    return row["train_flops"] == 0 and str(row.get("reason", "")).startswith("same as trial")
+    from .outcomes import duplicate_of
+
+    return row["train_flops"] == 0 and duplicate_of(row) is not None
 
 
 def _finite(v) -> bool:
@@ -151,7 +159,9 @@ def _read_curves(folder: str, name: str | None, meta: dict) -> tuple[dict, str, 
     except Exception as e:
         return {}, f"final losses only (study.db could not be read: {type(e).__name__})", None
     finally:
-        st.engine.dispose()
+        from .optuna_api import engine
+
+        engine(st).dispose()
     if meta.get("settings", {}).get("schedule", "constant") == "cosine":
         return {}, "final losses only (cosine schedule: intermediate points are not fair, THEORY 8)", pick
     if not curves:
@@ -183,7 +193,22 @@ def load(folder: str, name: str | None = None) -> Study:
             raise SearchError(f"{meta_path} does not hold a JSON object; restore it or delete it")
     rows = _parse_rows(csv_path)
     curves, note, found = _read_curves(folder, name, meta)
-    return Study(name or found or os.path.basename(folder), folder, meta, rows, curves, note)
+    families, space_note = _study_families(meta)
+    return Study(name or found or os.path.basename(folder), folder, meta, rows, curves, note, families, space_note)
+
+
+def _study_families(meta: dict) -> tuple[dict, str]:
+    """(the study's families by name, '' or why they cannot be read) from the space in its settings."""
+    from .families.loader import is_user_space
+    from .space import make_space
+
+    space = meta.get("settings", {}).get("space")
+    if not isinstance(space, str) or not is_user_space(space):
+        return {}, ""
+    try:
+        return make_space(space, (1,)).by_name(), ""
+    except SearchError as e:
+        return {}, f"the study's space {space} cannot be read here ({e}); its structures are not rebuilt"
 
 
 # ---------------------------------------------------------------- analysis
@@ -212,11 +237,14 @@ def points_of(study: Study, rows=None) -> list[tuple[float, float, dict]]:
 
 
 def groups(study: Study) -> list[Group]:
-    """One Group per structure group with trained trials, in the order of frontier.GROUPS."""
+    """One Group per structure group with trained trials, in the families' order (search.families)."""
+    from .families import report_groups
+
     by: dict[str, list[dict]] = {}
     for r in study.trained():
-        by.setdefault(fr.group_of(r), []).append(r)
-    order = [g for g in fr.GROUPS if g in by] + sorted(g for g in by if g not in fr.GROUPS)
+        by.setdefault(study.group(r), []).append(r)
+    known = report_groups(study.families.values())
+    order = [g for g in known if g in by] + sorted(g for g in by if g not in known)
     out = []
     for g in order:
         pts, seen = [], set()
@@ -322,7 +350,9 @@ def top_level(study: Study) -> int | None:
     return max(levels) if levels else None
 
 
-def plot_taxonomy(study: Study, path: str) -> None:
+def plot_taxonomy(study: Study, path: str) -> dict:
+    """Draw taxonomy.png; returns what it drew: ``points`` (structure, group, omega, psi, nu, loss of each
+    marker, read back from the plot) and ``annotations`` (the labels written next to them)."""
     from matplotlib.colors import LogNorm
 
     fig = _figure(6.5, 5.0)
@@ -349,10 +379,8 @@ def plot_taxonomy(study: Study, path: str) -> None:
             alpha=0.85,
         )
         fig.colorbar(sc, ax=ax, label=f"best held-out loss at level {top}")
-        for r in rows:
-            g = fr.group_of(r)
-            if g != "theta":
-                ax.annotate(g, (r["omega"], r["psi"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        for r in _annotated(study, rows):
+            ax.annotate(study.group(r), (r["omega"], r["psi"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
         for nu in (0.5, 1.0, 1.5):
             ax.scatter([], [], s=30 + 120 * nu, color="none", edgecolors="k", label=f"nu = {nu:g}")
         ax.legend(fontsize=7, loc="lower left", title="size", title_fontsize=7)
@@ -365,6 +393,39 @@ def plot_taxonomy(study: Study, path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.set_title("Taxonomy: colour = loss at the top compute level, size = nu", fontsize=10)
     _save(fig, path)
+    drawn = [tuple(map(float, xy)) for xy in sc.get_offsets()] if rows else []
+    return {
+        "points": [
+            {
+                "structure": r["structure"],
+                "family": r["family"],
+                "group": study.group(r),
+                "omega": x,
+                "psi": y,
+                "nu": r["nu"],
+                "loss": r["loss"],
+            }
+            for r, (x, y) in zip(rows, drawn)
+        ],
+        "annotations": [t.get_text() for t in ax.texts if t.get_text() != "no trained trials yet"],
+    }
+
+
+def _annotated(study: Study, rows: list[dict]) -> list[dict]:
+    """The points labelled with their group: all, except that the catch-all group of a continuous family (a cloud
+    of points, such as "theta") is labelled once, at its best point (``rows`` are best last)."""
+    from .families import BUILTIN, Family
+
+    out, cloud = [], set()
+    for r in reversed(rows):
+        fam = study.families.get(r["family"]) or BUILTIN.get(r["family"])
+        g = study.group(r)
+        if fam is not None and fam.continuous and g == Family.group_of(fam, {}):
+            if g in cloud:
+                continue
+            cloud.add(g)
+        out.append(r)
+    return out
 
 
 def plot_history(study: Study, path: str) -> None:
@@ -416,19 +477,19 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out + [""]
 
 
-def candidate_of(row: dict):
-    """The search.space.Candidate of a trials.csv row."""
-    from .space import Candidate
+def candidate_of(row: dict, families: dict | None = None):
+    """The search.families.Candidate of a trials.csv row (``families``: the study's own, by name)."""
+    from .families import Candidate
 
-    return Candidate.from_row(row)
+    return Candidate.from_row(row, families)
 
 
-def structure_table(row: dict) -> str:
+def structure_table(row: dict, families: dict | None = None) -> str:
     """The einstruct table of a row's structure at its width (or why it cannot be built)."""
     import einstruct as es
 
     try:
-        return es.compile(candidate_of(row).structure_spec(), int(row["width"])).table()
+        return es.compile(candidate_of(row, families).structure_spec(), int(row["width"])).table()
     except (es.SpecError, SearchError, ValueError, TypeError) as e:
         return f"(cannot rebuild this structure: {e})"
 
@@ -438,11 +499,13 @@ def _settings_section(study: Study) -> list[str]:
     s = study.settings
     if not s:
         return [*out, "study.json is missing: the settings are unknown.", ""]
-    rows = [[f"`{k}`", f"`{json.dumps(v)}`"] for k, v in sorted(s.items())]
-    rows.append(["`storage`", f"`{redact(study.meta.get('storage', ''))}`"])  # redacted already; older files too
+    from .settings import described
+
+    rows = [[f"`{k}`", f"`{json.dumps(v)}`", what] for k, v, what in described(s)]
+    rows.append(["`storage`", f"`{redact(study.meta.get('storage', ''))}`", ""])  # redacted already; older files too
     if "version" in study.meta:
-        rows.append(["`einstruct version`", f"`{study.meta['version']}`"])
-    return out + _table(["setting", "value"], rows)
+        rows.append(["`einstruct version`", f"`{study.meta['version']}`", ""])
+    return out + _table(["setting", "value", "meaning"], rows)
 
 
 def _budget_section(study: Study) -> list[str]:
@@ -518,7 +581,7 @@ def _winners_section(study: Study) -> list[str]:
     ]
     for k, r in enumerate(pick, 1):
         out += [
-            f"### {k}. `{r['structure']}` (group {fr.group_of(r)}), width {r['width']}: loss {_g(r['loss'])}",
+            f"### {k}. `{r['structure']}` (group {study.group(r)}), width {r['width']}: loss {_g(r['loss'])}",
             "",
             f"Trial {r['number']} (level {r['level']}, Optuna trial {r['trial']}); {_g(r['train_flops'])} "
             f"training FLOPs, {r['steps'] if r['steps'] is not None else '—'} steps, "
@@ -526,7 +589,7 @@ def _winners_section(study: Study) -> list[str]:
             f"omega {_g(r['omega'], 3)}, psi {_g(r['psi'], 3)}, nu {_g(r['nu'], 3)}.",
             "",
             "```text",
-            structure_table(r).rstrip("\n"),
+            structure_table(r, study.families).rstrip("\n"),
             "```",
             "",
         ]
@@ -644,8 +707,9 @@ def render(study: Study, gs: list[Group]) -> str:
     lines += [
         "## How this was computed",
         "",
-        "- Groups: the family (dense, Monarch, BTT), and for theta the THEORY 2 named point it matches "
-        "within 0.011 per entry (dense, low rank, Kronecker, Tensor-Train, BTT); other theta are 'theta'.",
+        "- Groups: each family's declared group (dense, Monarch, BTT, a space file's own families), and for "
+        "theta the THEORY 2 named point it matches within 0.011 per entry (dense, low rank, Kronecker, "
+        "Tensor-Train, BTT); other theta are 'theta'." + (f" Note: {study.space_note}." if study.space_note else ""),
         "- Points: every held-out evaluation of every trained COMPLETE trial when curves are stored (the "
         "schedule is warmup + constant learning rate, so intermediate points are fair), else final losses; "
         "duplicate trials (0 FLOPs, 'same as trial N') and failed or pruned trials are not points.",

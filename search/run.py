@@ -11,13 +11,15 @@ python -m search.run --study s --storage postgresql://user:pass@db-host/einstruc
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
 import os
 import sys
+from dataclasses import fields
 
 from einstruct.cli import closed_pipe, run_command
 
+from . import settings
 from .budget import round_up
 from .errors import SearchError
 
@@ -28,49 +30,63 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from .loop import DEFAULTS, SAMPLERS
-    from .space import SPACES
-    from .tasks import NAMES
-
+    """The command line: one option per search.settings.Settings field (its help and default from there), then
+    the options of this process."""
     p = _Parser(prog="python -m search.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="default", help="study name; runs/<study>/ holds everything (default: default)")
-    p.add_argument("--task", choices=NAMES, help=f"task (default {DEFAULTS['task']})")
-    p.add_argument("--data", help="data path for lm (text or .bin) and cifar (folder)")
-    p.add_argument(
-        "--budget", type=float, help=f"total training FLOPs over all trials (default {DEFAULTS['budget']:g})"
-    )
-    p.add_argument("--levels", type=int, help="compute levels, >= 3 (default 3)")
-    p.add_argument("--ratio", type=float, help="compute factor between levels, >= 2 (default 3)")
-    p.add_argument("--top-trials", type=int, help="trials at the top level (default 7; each level below x ratio)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default tpe, multivariate)")
-    p.add_argument("--seed", type=int, help="seed for sampling and training (default 0)")
-    p.add_argument(
-        "--space",
-        choices=tuple(SPACES),
-        help="search space: full, theta, btt (beta = delta = 0), moe (dense, BTT, BTT-MoE, MoE; opt-in)",
-    )
-    p.add_argument("--min-steps", type=int, help="reject candidates with fewer steps (default 20)")
-    p.add_argument("--target-steps", type=int, help="steps the references' widths aim for (default 300)")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    for f in fields(settings.Settings):
+        p.add_argument(settings.flag(f.name), dest=f.name, help=settings.help_text(f.name), **_kind(f))
     p.add_argument(
         "--storage",
         help="Optuna storage URL (default: SQLite file in runs/<study>/); workers on "
         "several machines share one postgresql://user:pass@host/db",
     )
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
-    p.add_argument(
-        "--heartbeat",
-        type=int,
-        help="seconds between a worker's heartbeats; a worker that misses 3 "
-        "is taken for dead and its trial retried from its checkpoint; "
-        "0: off (embedded storage only) (default 10)",
-    )
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set for the processes --workers starts
     p.add_argument("--out", help="output folder (default runs/<study>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimated wall time, train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _kind(f) -> dict:
+    """argparse's type (and choices) for a Settings field, from its annotation; the default is None, so that an
+    option left out takes the stored study's value."""
+    kind = {"float": float, "int": int, "dict": _json_object}.get(str(f.type), str)
+    if f.metadata["choices"] is None:
+        return {"type": kind}
+    if f.metadata["open_choices"]:
+        return {"type": _open_choice(f.name)}
+    return {"type": kind, "choices": settings.choices(f.name)}
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); give an object such as '{{\"batch\": 64}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"batch\": 64}}', got {text!r}")
+    return value
+
+
+def _open_choice(name: str):
+    """A value that is one of the option's choices, or names a file (``.toml``) or a Python object
+    (``module:NAME``)."""
+
+    def check(text: str) -> str:
+        from .families.loader import is_user_space
+
+        known = settings.choices(name)
+        if text in known or is_user_space(text):
+            return text
+        shown = ", ".join(map(repr, known))
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {shown}, or give a .toml file or package.module:NAME)"
+        )
+
+    return check
 
 
 class TqdmReporter:
@@ -186,72 +202,6 @@ def feasibility_warnings(f) -> list[str]:
     return out
 
 
-MAX_TRIALS = 100_000  # planned trials over all levels: more is a typo, or a study that cannot finish
-MAX_SEED = 2**32 - 1  # seeds are 0 .. 2^32 - 1 (numpy's range); torch and Optuna take them all
-
-
-def _plan_trials(top: int, levels: int, ratio: float, stop: int) -> int | None:
-    """Trials the plan runs (the top level runs ``top``, each level below ``ratio`` times as many), or None when
-    they are more than ``stop`` (counted without overflow: counting ends as soon as the sum passes it)."""
-    total, n = 0, float(top)
-    for _ in range(levels):
-        if n > stop:
-            return None
-        total += math.floor(n + 1e-9)
-        if total > stop:
-            return None
-        n *= ratio
-    return total
-
-
-def _number(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def check_settings(cfg: dict) -> None:
-    """Refuse settings that cannot make sense, with one line naming the option, before anything is built.
-
-    ``cfg``: the study's settings (defaults < stored < given, as loop.settings_for merges them). Covers what
-    the plan's own checks cannot reach: numbers so large or small that arithmetic on them overflows or
-    underflows, plans of more than MAX_TRIALS trials, seeds outside 0 .. 2^32 - 1, step counts below 1, and
-    devices that cannot train (the meta device, a GPU index that is not there).
-    """
-    from .budget import plan_levels
-
-    budget, levels, ratio, top = cfg["budget"], cfg["levels"], cfg["ratio"], cfg["top_trials"]
-    if _number(budget) and 0 < budget < 1:
-        raise SearchError(
-            f"--budget {budget!r} is less than one FLOP; it is the total training FLOPs of all "
-            "trials, e.g. --budget 1e13"
-        )
-    if _number(ratio) and ratio >= 2 and isinstance(levels, int) and levels >= 3 and isinstance(top, int) and top >= 1:
-        n = _plan_trials(top, levels, ratio, MAX_TRIALS)  # at least: search.loop raises top to the references + 1
-        if n is None:
-            raise SearchError(
-                f"--top-trials {top} with --levels {levels} and --ratio {ratio:g} plans more than the {MAX_TRIALS:,} "
-                f"trials a study may run (the top level runs {top}, each level below {ratio:g} times as many as the "
-                "one above); lower --top-trials, --levels or --ratio"
-            )
-    plan_levels(budget, levels, ratio, top)  # each value's type and range; nothing overflows any more
-    seed = cfg["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise SearchError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
-    for key in ("min_steps", "target_steps"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            what = (
-                "candidates with fewer steps are rejected"
-                if key == "min_steps"
-                else "the references' widths aim for this many steps"
-            )
-            raise SearchError(
-                f"--{key.replace('_', '-')} must be a whole number of steps, 1 or more ({what}), got {v!r}"
-            )
-    from .train import check_device
-
-    check_device(cfg["device"])
-
-
 def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
     from .storage import redact
 
@@ -266,11 +216,10 @@ def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
 
 def _check(args, given: dict) -> None:
     """check_settings on the study's settings as the search will see them (stored ones for what is not given)."""
-    from .loop import DEFAULTS, settings_for
     from .storage import study_dir
 
-    check_settings({**DEFAULTS, **{k: v for k, v in given.items() if v is not None}})  # a bad value before a clash
-    check_settings(settings_for(args.study, study_dir(args.study, args.out), given))
+    settings.Settings.from_dict({k: v for k, v in given.items() if v is not None}).check()  # before a clash
+    settings.check(settings.for_study(args.study, study_dir(args.study, args.out), given))
 
 
 def _failed(e: BaseException, args) -> int:
@@ -322,9 +271,7 @@ def _start_workers(args, given: dict, base: int) -> list:
     env = dict(os.environ)
     if args.storage:  # through the environment: a password on a command line is visible to every user (ps)
         env["EINSTRUCT_STORAGE"] = args.storage
-    for k, v in given.items():
-        if v is not None:
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    cmd += settings.to_argv(given)
     children = []
     for i in range(1, args.workers):
         log = open(os.path.join(folder, f"worker-{i}.log"), "w")  # the child writes to it
@@ -350,32 +297,9 @@ def _stop(children) -> None:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    given = {
-        k: getattr(args, k)
-        for k in (
-            "task",
-            "data",
-            "budget",
-            "levels",
-            "ratio",
-            "top_trials",
-            "sampler",
-            "seed",
-            "space",
-            "min_steps",
-            "target_steps",
-            "device",
-            "heartbeat",
-        )
-    }
+    given = {k: getattr(args, k) for k in settings.Settings.names()}
     if args.workers < 1:
         print(f"search.run: error: --workers must be 1 or more, got {args.workers}", file=sys.stderr)
-        return 2
-    if args.heartbeat is not None and args.heartbeat < 0:
-        print(
-            f"search.run: error: --heartbeat must be a number of seconds >= 1 (0: off), got {args.heartbeat}",
-            file=sys.stderr,
-        )
         return 2
     if args.storage is None:  # the URL may come from the environment, keeping its password off command lines
         args.storage = os.environ.get("EINSTRUCT_STORAGE") or None
@@ -479,7 +403,7 @@ def _summary(result) -> None:
     """What a finished search prints: the budget spent, each level's best trial, the winner's einstruct table."""
     import einstruct as es
 
-    from .space import Candidate
+    from .space import Candidate, make_space
 
     print(
         f"\nspent {result.spent:.4g} of {result.settings['budget']:.4g} training FLOPs; "
@@ -494,7 +418,7 @@ def _summary(result) -> None:
             )
     b = result.best()
     if b:
-        cand = Candidate.from_row(b)
+        cand = Candidate.from_row(b, make_space(result.settings["space"], (1,)).by_name())
         spec = cand.structure_spec()
         print(f"\nbest structure at the top level, as a {b['width']}x{b['width']} layer:\n")
         print(es.compile(spec, int(b["width"])).table())

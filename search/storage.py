@@ -120,11 +120,12 @@ def driver_url(url: str) -> str:
 def create_storage_tables(url: str | None, folder: str) -> None:
     """Create Optuna's and the budget ledger's tables in a study's storage (the default one if url is None)."""
     from .ledger import create_tables
+    from .optuna_api import engine
 
-    create_tables(open_storage(url or default_url(folder)).engine)
+    create_tables(engine(open_storage(url or default_url(folder))))
 
 
-def _rdb(optuna, url: str, kwargs: dict, beat: dict):
+def _rdb(optuna, url: str, kwargs: dict):
     """RDBStorage, retried when several workers create the schema of an empty database at the same moment."""
     import time
 
@@ -132,7 +133,7 @@ def _rdb(optuna, url: str, kwargs: dict, beat: dict):
 
     for attempt in range(6):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beat)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except DBAPIError as e:
             raced = any(s in str(e) for s in ("already exists", "duplicate key", "UNIQUE constraint failed"))
             if not raced or attempt == 5:
@@ -140,14 +141,15 @@ def _rdb(optuna, url: str, kwargs: dict, beat: dict):
             time.sleep(0.3 * (attempt + 1))
 
 
-def open_storage(url: str, heartbeat: int | None = None, grace: int | None = None, on_stale=None):
+def open_storage(url: str):
     """An Optuna RDB storage; SQLite gets WAL mode and a busy timeout so several processes can share it.
 
-    ``heartbeat`` (seconds) turns on Optuna's heartbeats: a RUNNING trial whose heartbeat is older than
-    ``grace`` seconds is failed by the next worker that looks, which then calls ``on_stale(study, trial)``.
+    Optuna's own heartbeats stay off: workers beat in the ledger's worker table (search.recovery).
     """
     import optuna
     from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+
+    from .optuna_api import engine
 
     check_url(url)
     url = driver_url(url)
@@ -156,23 +158,12 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
         kwargs = {"connect_args": {"timeout": 60}}
     elif url.startswith("postgresql"):
         kwargs = {"pool_pre_ping": True, "connect_args": _connect_args(url)}
-    beat = {}
-    if heartbeat:
-        beat = {
-            "heartbeat_interval": int(heartbeat),
-            "grace_period": int(grace or 3 * heartbeat),
-            "heartbeat_stale_trial_callback": on_stale,
-        }
     try:
-        import warnings
-
-        with warnings.catch_warnings():  # heartbeat_interval is marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = _rdb(optuna, url, kwargs, beat)
+        storage = _rdb(optuna, url, kwargs)
         if url.startswith("sqlite"):
             from sqlalchemy import event
 
-            @event.listens_for(storage.engine, "connect")
+            @event.listens_for(engine(storage), "connect")
             def _pragmas(dbapi_conn, _record):  # every connection: WAL, commits without an fsync each
                 dbapi_conn.isolation_level = None  # no implicit BEGIN from the driver: _begin below says when
                 cur = dbapi_conn.cursor()
@@ -180,11 +171,11 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
 
-            @event.listens_for(storage.engine, "begin")
+            @event.listens_for(engine(storage), "begin")
             def _begin(conn):  # the write lock from the first statement: a read-then-write (Optuna taking a
                 conn.exec_driver_sql("BEGIN IMMEDIATE")  # WAITING trial) is atomic across processes
 
-            storage.engine.dispose()  # connections made before the listeners are closed
+            engine(storage).dispose()  # connections made before the listeners are closed
         return storage
     except ImportError as e:
         raise _driver_error(url, e) from None

@@ -41,6 +41,7 @@ import einstruct as es
 
 from . import distributed
 from .errors import SearchError
+from .settings import MAX_SEED, default
 from .tasks.base import Task, check_positive
 
 BLOWUP = 10.0  # the training loss above BLOWUP x its first value counts as divergence
@@ -416,9 +417,6 @@ def check_device(device) -> torch.device:
     return dev
 
 
-MAX_SEED = 2**32 - 1
-
-
 def main(argv=None) -> int:
     """``python -m search.train`` (or under torchrun): one budgeted training run; rank 0 prints a JSON line."""
     import argparse
@@ -435,13 +433,13 @@ def main(argv=None) -> int:
             self.exit(2, f"search.train: error: {message} (see --help)\n")
 
     p = Parser(prog="python -m search.train", description=main.__doc__)
-    p.add_argument("--task", choices=NAMES, default="regression")
+    p.add_argument("--task", choices=NAMES, default=default("task"))
     p.add_argument("--data", help="data path for lm and cifar")
     p.add_argument("--task-settings", default="{}", help="task overrides as JSON, e.g. '{\"batch\": 64}'")
     p.add_argument("--spec", default="dense", help="a preset name: dense, low_rank, kron, tt, btt, monarch, block_diag")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--train-flops", type=float, default=1e9)
-    p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
+    p.add_argument("--seed", type=int, default=default("seed"), help=f"0 to {MAX_SEED} (default {default('seed')})")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--checkpoint", help="checkpoint file: continue from it if it matches, save to it")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")

@@ -114,17 +114,16 @@ class Task:
     def check_memory(self, model: nn.Module, device) -> None:
         """Refuse (TrainingMemoryError, a SearchError) a model, built on the meta device, whose training cannot
         fit on ``device``."""
-        from einstruct.limits import count, human_bytes, training_memory_limit
-
-        limit = training_memory_limit(device)
+        limit = es.training_memory_limit(device)
         if limit is None:
             return
         need = self.training_bytes(model, 2 if _kind(device) == "cuda" else 4)
         if need > limit:
             params = sum(p.numel() for p in model.parameters())
+            show = es.human_bytes
             raise TrainingMemoryError(
-                f"the {self.name} model at width {_width_of(model)} has {count(params)} parameters and needs at least "
-                f"{human_bytes(need)} to train, more than the {human_bytes(limit)} of memory on {_kind(device)} this "
+                f"the {self.name} model at width {_width_of(model)} has {es.count(params)} parameters and needs at "
+                f"least {show(need)} to train, more than the {show(limit)} of memory on {_kind(device)} this "
                 f"process may use; {self.memory_hint()}"
             )
 

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 import einstruct as es
 from einstruct import rules
-from einstruct.layers.moe import is_btt_expert_spec
 
 from ..errors import DataError, SearchError
 from ..models.gpt import GPT
@@ -221,7 +220,7 @@ class LanguageModel(Task):
             return super().split_moe(spec)
         if self.moe.kind == "ffn":
             return spec, self.moe
-        if spec is not None and is_btt_expert_spec(spec):
+        if spec is not None and es.is_btt_expert_spec(spec):
             return None, self.moe
         return spec, None
 

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from search.errors import SearchError
-from search.ledger import Ledger
+from search.ledger import Ledger, Refused
 from search.loop import run_search
 from search.storage import open_storage
 from tests.search import _crash
@@ -220,13 +220,13 @@ def test_a_lost_trials_retry_keeps_the_budget_and_slot_it_was_holding(tmp_path):
     """On PostgreSQL with 3 workers a retry was refused for budget: another worker had taken what the lost
     trial freed. The rest of a lost trial's reservation is held for its retry."""
     led = Ledger(open_storage("sqlite:///" + str(tmp_path / "l.db")).engine, "s", 100)
-    assert led.reserve(1, 0, 100, 2, 20, number=0, owner="w1") == ""
+    assert led.reserve(1, 0, 100, 2, 20, number=0, owner="w1") is None
     assert led.lose(1) == 20  # charged its bound; 80 held for the retry
     assert led.spent() == 100 and led.used_slots(0) == 1
-    assert led.reserve(2, 0, 50, 2, 10, number=1, owner="w2").startswith("budget")  # another worker's new trial
-    assert led.reserve(3, 0, 80, None, 10, number=2, owner="w2", retry_of=1) == ""
+    assert led.reserve(2, 0, 50, 2, 10, number=1, owner="w2").kind is Refused.BUDGET  # another worker's new trial
+    assert led.reserve(3, 0, 80, None, 10, number=2, owner="w2", retry_of=1) is None
     assert led.row(1).status == "retried" and led.used_slots(0) == 1  # the retry took the slot over
-    assert led.reserve(4, 0, 1, None, 1, number=3, retry_of=1).startswith("retried")  # a second retry: refused
+    assert led.reserve(4, 0, 1, None, 1, number=3, retry_of=1).kind is Refused.RETRIED  # a second retry: refused
     assert led.settle(3, 70) == "done" and led.spent() == 90
     assert led.settle(1, 100) == "retried"  # a lost trial's late worker charges nothing more
 
@@ -251,11 +251,12 @@ def test_two_separately_started_workers_do_not_sample_or_train_the_same_points(t
 
 def test_one_reservation_per_point_and_level(tmp_path):
     led = Ledger(open_storage("sqlite:///" + str(tmp_path / "l.db")).engine, "s", 1000)
-    assert led.reserve(1, 0, 10, 5, 5, number=0, point="p") == ""
-    assert led.reserve(2, 0, 10, 5, 5, number=1, point="p") == "same: 0"  # at the same moment: not twice
-    assert led.reserve(3, 1, 10, 5, 5, number=0, point="p") == ""  # another level is another point
+    assert led.reserve(1, 0, 10, 5, 5, number=0, point="p") is None
+    same = led.reserve(2, 0, 10, 5, 5, number=1, point="p")  # at the same moment: not twice
+    assert same.kind is Refused.SAME and same.trial == 0
+    assert led.reserve(3, 1, 10, 5, 5, number=0, point="p") is None  # another level is another point
     led.lose(1)
-    assert led.reserve(4, 0, 10, None, 5, number=2, point="p", retry_of=1) == ""  # its own retry is not a twin
+    assert led.reserve(4, 0, 10, None, 5, number=2, point="p", retry_of=1) is None  # its own retry is not a twin
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from search import outputs
 from search.budget import plan_levels
 from search.errors import SearchError
 from search.loop import run_search
-from search.space import Candidate, make_space, references, theta_from_unit
+from search.space import make_space, references, theta_from_unit
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
 SETTINGS = dict(
@@ -53,6 +53,22 @@ def test_rejections_cost_nothing_and_say_why(finished):
             twin = by_number[(r["level"], r["reason"].split()[3].rstrip(":"))]
             assert r["state"] == "PRUNED" and twin["state"] == "COMPLETE" and int(twin["train_flops"]) > 0
             assert float(r["loss"]) == float(twin["loss"])
+
+
+def test_a_rejected_trial_records_its_kind_and_a_repeat_its_twin(finished):
+    from search.outcomes import Rejected, duplicate_of
+
+    _, out = finished
+    rows = outputs.read_trials_csv(os.path.join(out, "trials.csv"))
+    kinds = {r["rejected"] for r in rows if r["state"] == "PRUNED"}
+    assert kinds and kinds <= {k.value for k in Rejected}, kinds  # every pruned trial says which kind
+    assert all(r["rejected"] == "" for r in rows if r["state"] == "COMPLETE")
+    for r in rows:
+        repeat = r["rejected"] == Rejected.REPEAT
+        assert repeat == r["reason"].startswith("same as trial") == (r["duplicate_of"] != ""), r
+        if repeat:
+            assert duplicate_of(r) == int(r["reason"].split()[3].rstrip(":"))
+    assert duplicate_of({"reason": "same as trial 13: not retrained"}) == 13  # a trials.csv from before the column
 
 
 def test_references_come_first_at_every_level(finished):
@@ -158,7 +174,7 @@ def test_space_samples_are_valid_and_references_round_trip():
             return self.p[k]
 
     for ref in references(space):
-        cand = Candidate(ref.family, 64, ref.theta, ref.blocks, ref.rank)
+        cand = ref.at(64)
         assert space.suggest(Fixed(space.params_for(cand))) == cand
 
 

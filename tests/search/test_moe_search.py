@@ -9,6 +9,8 @@ import torch
 import einstruct as es
 from search import space, tasks, train
 from search.errors import SearchError
+from search.families import BUILTIN
+from search.families import moe as moe_family
 
 from .test_tasks import TINY_LM, counted_step_flops
 
@@ -120,13 +122,16 @@ def test_moe_space_samples_and_round_trips_moe_candidates():
         cand = sp.suggest(trial)
         study.tell(trial, 0.0)
         seen.add(cand.family)
-        if cand.family in space.MOE_FAMILIES:
-            assert cand.experts in space.MOE_EXPERTS and 1 <= cand.active <= cand.experts
+        if cand.family in ("btt_moe", "moe"):
+            experts, active = cand.arguments["experts"], cand.arguments["active"]
+            assert experts in moe_family.EXPERTS and 1 <= active <= experts
             spec = cand.spec()
             assert isinstance(spec, es.MoEConfig) and spec.dispatch == "sparse"
             assert spec.kind == ("btt" if cand.family == "btt_moe" else "ffn")
             row = {**cand.columns(), "width": cand.width}
             assert space.Candidate.from_row({k: str(v) for k, v in row.items()}) == cand
+            legacy = {k: str(v) for k, v in row.items() if k != "family_params"}  # a row from before the column
+            assert space.Candidate.from_row(legacy) == cand
             study2 = optuna.create_study()
             study2.enqueue_trial(sp.params_for(cand))
             assert sp.suggest(study2.ask()) == cand
@@ -134,7 +139,8 @@ def test_moe_space_samples_and_round_trips_moe_candidates():
 
 
 def test_moe_candidate_structure_spec_for_tables():
-    cand = space.Candidate("btt_moe", 128, experts=16, active=2)
+    cand = space.Candidate.of(BUILTIN["btt_moe"], 128, {"experts": 16, "active": 2})
     st = es.compile(cand.structure_spec(), 128)
     assert st.sizes["r"] == 16  # the weights are a rank-16 BTT
-    assert space.Candidate("moe", 64).experts == space.DEFAULT_EXPERTS  # rebuilt from its first fields
+    rebuilt = space.Candidate.from_row({"family": "moe", "width": "64", "experts": "", "active": ""})
+    assert rebuilt.arguments == {"experts": moe_family.DEFAULT_EXPERTS, "active": moe_family.DEFAULT_ACTIVE}

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from search import outputs
-from search.ledger import Ledger
+from search.ledger import Ledger, Refused
 from search.storage import open_storage
 
 TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
@@ -84,13 +84,13 @@ def test_reservations_never_exceed_the_budget(tmp_path):
     granted = []
     for tid in range(200):
         amount = rng.randint(1, 120)
-        if led.reserve(tid, tid % 3, amount, None, amount // 2) == "":
+        if led.reserve(tid, tid % 3, amount, None, amount // 2) is None:
             granted.append(amount)
     assert sum(granted) <= 1000 and led.spent() == sum(granted)
     led.settle(0, 1)  # gives back all but 1 FLOP of trial 0's reservation
     assert led.spent() == sum(granted) - granted[0] + 1
-    assert led.reserve(999, 0, 1, 3, 1).startswith("level")  # level 0 holds more than 3 already
-    assert led.reserve(999, 0, 1, None, 1) == ""  # a retry takes a lost trial's slot: no cap
+    assert led.reserve(999, 0, 1, 3, 1).kind is Refused.LEVEL  # level 0 holds more than 3 already
+    assert led.reserve(999, 0, 1, None, 1) is None  # a retry takes a lost trial's slot: no cap
     assert led.lose(1) == led.row(1).bound and led.row(1).status == "lost"
     assert led.claim("once") and not led.claim("once")
 

@@ -1,0 +1,64 @@
+"""Every use of Optuna beyond its documented API, in one module, each one exercised by tests/search/test_optuna_api.py.
+
+Several workers share a study through its storage, and Optuna's public API does not reach what they need, so the
+search relies on these internals (checked against Optuna ``TESTED_VERSION``; the test fails on any other version,
+so that an upgrade is checked before it is trusted):
+
+- a trial's storage id (``Trial._trial_id``, ``FrozenTrial._trial_id``): unique in the whole storage, unlike a
+  trial's number, and the key of the budget ledger's reservations;
+- the study's storage (``Study._storage``): a trial's attributes written by id (a worker recovering another
+  worker's trial holds no Trial object for it), one trial read by id, and the error a finished trial raises;
+- the system attribute under which ``Study.enqueue_trial`` keeps a queued trial's parameters (``fixed_params``);
+- the relational storage's tables: ``RDBStorage.engine`` (the SQLAlchemy engine, which the ledger's tables share)
+  and the ``studies`` table with its ``study_name`` column, read without creating anything.
+
+The search uses none of Optuna's heartbeat machinery (its ``trial_heartbeats`` table): workers beat in the ledger's
+own worker table (search.recovery), so nothing here reads it.
+"""
+
+from __future__ import annotations
+
+TESTED_VERSION = "5.0.0"
+QUEUED_PARAMS = "fixed_params"  # Study.enqueue_trial's system attribute
+
+
+def trial_id(trial) -> int:
+    """The storage id of a Trial or FrozenTrial (unique across all studies of the storage)."""
+    return trial._trial_id
+
+
+def get_trial(study, tid: int):
+    """The FrozenTrial with storage id ``tid``, read afresh from the storage."""
+    return study._storage.get_trial(tid)
+
+
+def set_system_attr(study, tid: int, key: str, value) -> None:
+    study._storage.set_trial_system_attr(tid, key, value)
+
+
+def set_user_attr(study, tid: int, key: str, value) -> None:
+    """Raises optuna.exceptions.UpdateFinishedTrialError when the trial is finished already."""
+    study._storage.set_trial_user_attr(tid, key, value)
+
+
+def queued_params(trial) -> dict | None:
+    """The parameters a trial was queued with (Study.enqueue_trial), None for a trial the sampler proposed."""
+    return trial.system_attrs.get(QUEUED_PARAMS)
+
+
+def engine(storage):
+    """The SQLAlchemy engine of an optuna.storages.RDBStorage."""
+    return storage.engine
+
+
+def has_studies(connection, tables, prefix: str) -> bool:
+    """Whether the storage (its open SQLAlchemy ``connection``, and its table names ``tables``) holds a study whose
+    name starts with ``prefix``; creates nothing (False when Optuna's tables are not there)."""
+    import sqlalchemy as sa
+
+    if "studies" not in tables:
+        return False
+    studies = sa.table("studies", sa.column("study_name"))
+    like = prefix.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_") + "%"
+    query = sa.select(sa.func.count()).select_from(studies).where(studies.c.study_name.like(like, escape="\\"))
+    return connection.execute(query).scalar() > 0
