@@ -40,7 +40,9 @@ import torch
 import einstruct as es
 
 from . import distributed
+from .checkpoints import checkpoint_step, copy_checkpoint, load_checkpoint, pack  # noqa: F401  (train's names)
 from .errors import SearchError
+from .step import Step, check_compile, loss_function, optimizer
 from .tasks.base import Task, check_positive
 
 BLOWUP = 10.0  # the training loss above BLOWUP x its first value counts as divergence
@@ -53,7 +55,7 @@ class Result:
     train_curve: tuple[tuple[int, float], ...]  # (training FLOPs spent, mean training loss since last point)
     train_flops: int  # FLOPs actually spent: steps x flops_per_step <= the allowance
     steps: int
-    seconds: float  # wall time of training and evaluation
+    seconds: float  # wall time from model construction to the last evaluation (compile time included)
     flops_per_step: int
     params: int
     width: int
@@ -64,6 +66,7 @@ class Result:
     settings: dict = field(default_factory=dict)
     resumed_step: int = 0  # the step a checkpoint let this run start from (0: from scratch)
     ranks: int = 1  # processes that shared each step (torchrun)
+    compile_seconds: float = 0.0  # the first step's wall time when compiling (in seconds too; never FLOPs)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -112,11 +115,13 @@ def run(
     checkpoint_every: int = 0,
     on_bound: Callable[[int], None] | None = None,
     require_step: int | None = None,
+    compile: str = "off",
 ) -> Result:
     """Train ``spec`` (None or 'dense' for dense) at ``width`` on ``task`` for at most ``train_flops``."""
     check_positive("train_flops", train_flops, float)
     if schedule not in ("constant", "cosine"):
         raise SearchError(f"schedule {schedule!r} is not known; use 'constant' (warmup then flat) or 'cosine'")
+    check_compile(compile)
     hp = task.hyper
     lr = hp.lr if lr is None else check_positive("lr", lr, float)
     world, dev = distributed.setup(resolve_device(device))
@@ -139,6 +144,7 @@ def run(
             on_bound,
             world,
             require_step,
+            compile,
         )
     finally:
         distributed.teardown(world)
@@ -162,11 +168,13 @@ def _run(
     on_bound,
     world,
     require_step=None,
+    compile="off",
 ) -> Result:
     hp = task.hyper
 
-    # 1. Data (reported, not charged) and the model with its muP parameter groups.
+    # 1. Data (reported, not charged), then the model with its muP parameter groups: the run's time starts here.
     data_seconds = task.prepare(seed)
+    t0 = time.perf_counter()
     model = task.build(spec, width, device=dev, seed=seed)
     per_step = task.flops_per_step(model)
     steps = int(train_flops // per_step)
@@ -177,15 +185,13 @@ def _run(
             f"({per_step:.3g} FLOPs); raise train_flops or lower the width"
         )
     warmup = _warmup(hp, steps, warmup)
-    opt = torch.optim.AdamW(
-        task.param_groups(model, lr), lr=lr, betas=hp.betas, weight_decay=hp.weight_decay, foreach=True
-    )  # one kernel per group, not per tensor: most of a small model's step on CPU
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    opt = optimizer(task.param_groups(model, lr), lr, hp)
     net = model
     if world.active:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    step_fn = Step(loss_function(task, compile, dev), net, model, opt, hp.clip, graphs=compile == "reduce-overhead")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     marks = sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
 
@@ -205,26 +211,22 @@ def _run(
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["generator"].clone())
+        torch.set_rng_state(state["torch_rng"].clone())
         curve, train_curve = [tuple(p) for p in state["curve"]], [tuple(p) for p in state["train_curve"]]
         first_loss, start = state["first_loss"], int(state["step"])
     if on_bound is not None and world.main:
         on_bound(min(steps, start + every if every else steps) * per_step)
-    t0 = time.perf_counter()
     done = start
+    compile_seconds = 0.0
     for step in range(start, steps):
-        f = lr_factor(step, steps, warmup, schedule)
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * f
         batch = distributed.shard(task.batch(step, gen, dev), world, hp.batch)
-        with autocast:
-            loss = task.loss(net, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if hp.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip)
-        opt.step()
+        if compile != "off" and step == start:
+            t1 = time.perf_counter()
+            loss = step_fn(batch, lr_factor(step, steps, warmup, schedule), autocast)
+            compile_seconds = time.perf_counter() - t1  # the first step: compiling, and one step of training
+        else:
+            loss = step_fn(batch, lr_factor(step, steps, warmup, schedule), autocast)
         done = step + 1
         running += loss.detach()
         since += 1
@@ -293,10 +295,12 @@ def _run(
             "warmup": warmup,
             "seed": seed,
             "device": str(dev),
+            "compile": compile,
             **task.describe(),
         },
         resumed_step=start,
         ranks=world.size,
+        compile_seconds=compile_seconds,
     )
 
 
@@ -340,58 +344,18 @@ def _label(spec) -> str:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, then rename: a checkpoint on disk is always complete."""
+    """Write ``state`` packed into a few flat tensors (search.checkpoints) to a temporary file, then rename: a
+    checkpoint on disk is always complete."""
     from . import faults
     from .outputs import temp_path
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = temp_path(path)
-    torch.save(state, tmp)
+    torch.save(pack(state), tmp)
     faults.point("checkpoint_before_rename")
     os.replace(tmp, path)
     faults.point("after_checkpoint")
-
-
-def copy_checkpoint(src: str, dst: str) -> bool:
-    """Give ``dst`` its own copy of checkpoint ``src`` (a hard link where the disk allows; whole or absent, never
-    partial); False if there is no ``src``. The copy stays what it is when ``src`` is rewritten or removed."""
-    import shutil
-
-    from .outputs import temp_path
-
-    if not os.path.exists(src):
-        return False
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = temp_path(dst)
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:  # no hard links here (or another file system): copy
-            shutil.copyfile(src, tmp)
-    except FileNotFoundError:  # removed meanwhile: the same as none
-        return False
-    os.replace(tmp, dst)
-    return True
-
-
-def load_checkpoint(path: str | None, key: str | None = None) -> dict | None:
-    """The checkpoint at ``path`` (loaded with weights_only=True), or None if absent, unreadable or another run's."""
-    if not path or not os.path.exists(path):
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a foreign or damaged file: train from scratch rather than fail the trial
-        return None
-    if not isinstance(state, dict) or (key is not None and state.get("key") != key):
-        return None
-    return state
-
-
-def checkpoint_step(path: str | None, key: str | None = None) -> int:
-    """The step a checkpoint would let a run with this key continue from (0 if none)."""
-    state = load_checkpoint(path, key)
-    return int(state["step"]) if state is not None else 0
 
 
 def check_device(device) -> torch.device:
