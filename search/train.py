@@ -83,9 +83,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def plan(task: Task, spec, width: int, train_flops: float) -> tuple[int, int]:
     """(steps, FLOPs per step) for this allowance, from a model built on the meta device (no memory)."""
+    _, per_step = shapes(task, spec, width)
+    return int(train_flops // per_step), per_step
+
+
+_SHAPES: dict = {}  # (task, spec, width) -> (meta model, FLOPs per step): the last few candidates
+
+
+def shapes(task: Task, spec, width: int) -> tuple[torch.nn.Module, int]:
+    """The candidate built on the meta device, and its FLOPs per step: built once for plan() and for the
+    memory check of the run that follows (a meta build costs as much as a real one on a small model)."""
+    try:
+        key = (id(task), spec, width)
+        hit = _SHAPES.get(key)
+    except TypeError:  # an unhashable spec: no cache
+        key, hit = None, None
+    if hit is not None and hit[0] is task:
+        return hit[1], hit[2]
     model = task.build(spec, width, device="meta")
     per_step = task.flops_per_step(model)
-    return int(train_flops // per_step), per_step
+    if key is not None:
+        if len(_SHAPES) >= 16:
+            _SHAPES.pop(next(iter(_SHAPES)))
+        _SHAPES[key] = (task, model, per_step)  # the task is kept, so its id is not reused meanwhile
+    return model, per_step
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
@@ -175,8 +196,8 @@ def _run(
     # 1. Data (reported, not charged), then the model with its muP parameter groups: the run's time starts here.
     data_seconds = task.prepare(seed)
     t0 = time.perf_counter()
-    model = task.build(spec, width, device=dev, seed=seed)
-    per_step = task.flops_per_step(model)
+    meta, per_step = shapes(task, spec, width)
+    model = task.build(spec, width, device=dev, seed=seed, shapes=meta)
     steps = int(train_flops // per_step)
     label = _label(spec)
     if steps < 1:
