@@ -3,6 +3,13 @@
     result = train.run(task, spec=es.presets.btt(rank=1), width=256, train_flops=2e11, seed=0)
     result.loss, result.curve, result.train_flops, result.steps, result.seconds
 
+``result.seconds`` is the wall time from model construction (the memory check, the build, the muP groups and
+the optimizer) to the last evaluation, checkpoint writes and compile time included; making data is not in it
+(``result.data_seconds``). The step's optimizer, clipping and rate writes are in search.step (fused AdamW
+called directly, one clip over a fixed parameter list); ``compile="default"`` or ``"reduce-overhead"`` (CUDA)
+compiles forward and loss, its first step's time reported as ``result.compile_seconds`` and never charged as
+FLOPs.
+
 The number of steps is floor(allowance / FLOPs per step), so the FLOPs spent never exceed the
 allowance; FLOPs per step come from the compiled structures (search.flops), not from tracing. AdamW
 with the task's muP parameter groups; warmup then a constant rate by default (so intermediate points
@@ -12,10 +19,11 @@ a blow-up of the training loss stops the run with a reason instead of raising. T
 from the device only every ``check_every`` steps.
 
 Checkpoints: with ``checkpoint=path`` and ``checkpoint_every=N`` the model, optimizer, step, generator and
-curves are saved every N steps (written to a temporary file, then renamed, so a file on disk is always
-whole), and a run that finds a matching checkpoint continues from it with the same result as an
-uninterrupted run. ``on_bound(flops)`` is told, before they are spent, the FLOPs the run may have spent
-by its next checkpoint: what a budget must charge if the process dies (it is told before the checkpoint is
+curves are saved every N steps, packed into one flat tensor per dtype (search.checkpoints; written to a
+temporary file, then renamed, so a file on disk is always whole), and a run that finds a matching
+checkpoint continues from it with the same result as an uninterrupted run. ``on_bound(flops)`` is told,
+before they are spent (the first time before the model is built), the FLOPs the run may have spent by its
+next checkpoint: what a budget must charge if the process dies (it is told before the checkpoint is
 written, so a run whose budget was revoked stops without writing one). ``require_step=s`` pins where the
 run starts: 0 ignores any file, s > 0 resumes from a checkpoint at exactly step s or raises, so a caller
 that reserved FLOPs for the steps after s never pays for more.
@@ -193,11 +201,10 @@ def _run(
 ) -> Result:
     hp = task.hyper
 
-    # 1. Data (reported, not charged), then the model with its muP parameter groups: the run's time starts here.
+    # 1. Data (reported, not charged); the plan from the candidate's meta-device build; a matching checkpoint; the
+    # bound told before anything is built or spent.
     data_seconds = task.prepare(seed)
-    t0 = time.perf_counter()
     meta, per_step = shapes(task, spec, width)
-    model = task.build(spec, width, device=dev, seed=seed, shapes=meta)
     steps = int(train_flops // per_step)
     label = _label(spec)
     if steps < 1:
@@ -206,6 +213,21 @@ def _run(
             f"({per_step:.3g} FLOPs); raise train_flops or lower the width"
         )
     warmup = _warmup(hp, steps, warmup)
+    marks = sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
+    every = 0
+    if checkpoint and checkpoint_every:
+        every = -(-int(checkpoint_every) // check_every) * check_every  # saves fall on loss read-backs
+    key = fingerprint(label, width, per_step, steps, seed, lr, schedule, warmup, world.size, task.describe())
+    state = load_checkpoint(checkpoint, key) if every and require_step != 0 else None
+    if require_step and (state is None or int(state["step"]) != int(require_step)):
+        raise SearchError(f"checkpoint {checkpoint} is not the one at step {require_step} this run was planned from")
+    start = int(state["step"]) if state is not None else 0
+    if on_bound is not None and world.main:
+        on_bound(min(steps, start + every if every else steps) * per_step)
+
+    # 2. The model with its muP parameter groups and optimizer: the run's time starts here.
+    t0 = time.perf_counter()
+    model = task.build(spec, width, device=dev, seed=seed, shapes=meta)
     opt = optimizer(task.param_groups(model, lr), lr, hp)
     net = model
     if world.active:
@@ -214,30 +236,19 @@ def _run(
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     step_fn = Step(loss_function(task, compile, dev), net, model, opt, hp.clip, graphs=compile == "reduce-overhead")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-    marks = sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
 
-    # 2. The loop, from a checkpoint if there is a matching one.
+    # 3. The loop, from the checkpoint if there is one.
     gen = torch.Generator().manual_seed(seed)
     curve, train_curve = [], []
     running = torch.zeros((), device=dev)
     since, first_loss, reason = 0, None, ""
-    every = 0
-    if checkpoint and checkpoint_every:
-        every = -(-int(checkpoint_every) // check_every) * check_every  # saves fall on loss read-backs
-    key = fingerprint(label, width, per_step, steps, seed, lr, schedule, warmup, world.size, task.describe())
-    state = load_checkpoint(checkpoint, key) if every and require_step != 0 else None
-    if require_step and (state is None or int(state["step"]) != int(require_step)):
-        raise SearchError(f"checkpoint {checkpoint} is not the one at step {require_step} this run was planned from")
-    start = 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"].clone())
         torch.set_rng_state(state["torch_rng"].clone())
         curve, train_curve = [tuple(p) for p in state["curve"]], [tuple(p) for p in state["train_curve"]]
-        first_loss, start = state["first_loss"], int(state["step"])
-    if on_bound is not None and world.main:
-        on_bound(min(steps, start + every if every else steps) * per_step)
+        first_loss = state["first_loss"]
     done = start
     compile_seconds = 0.0
     for step in range(start, steps):
