@@ -99,12 +99,17 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(task, tm
     assert r.curve == whole.curve and r.train_curve == whole.train_curve
 
 
-def test_compile_on_cpu_follows_the_eager_losses_and_charges_no_flops(task):
+def test_compile_on_cpu_follows_the_eager_losses_and_charges_no_flops():
+    from torch._dynamo.utils import counters
+
+    task = tasks.get("regression", **{**TINY_REGRESSION, "depth": 1})  # one block: the least to compile
     spec = es.presets.btt(rank=1)
     _, per_step = train.plan(task, spec, 16, 1.0)
     kw = dict(seed=0, device="cpu", evals=2, check_every=1)
     eager = train.run(task, spec, 16, 6 * per_step, **kw)
+    graphs = counters["stats"]["unique_graphs"]
     comp = train.run(task, spec, 16, 6 * per_step, compile="default", **kw)
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
     assert comp.steps == eager.steps == 6 and comp.train_flops == eager.train_flops == 6 * per_step
     assert comp.settings["compile"] == "default" and eager.compile_seconds == 0.0
     assert 0 < comp.compile_seconds <= comp.seconds  # reported apart, and inside the run's time
