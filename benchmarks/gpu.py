@@ -93,7 +93,7 @@ def layer_table(dims, batch: int, dev: torch.device, dtype: torch.dtype) -> list
             ms = 1000 * sec
             dense_ms = ms if name == "dense" else dense_ms
             ratio = f"{ms / dense_ms:.2f}" if dense_ms else ""
-            lines.append(f"| {name} | {d} | {ms:.3f} | {3 * flops * batch / sec / 1e12:.1f} | {ratio} |")
+            lines.append(f"| {name} | {d} | {ms:.3f} | {3 * flops * batch / sec / 1e12:.3g} | {ratio} |")
             del layer, x, g
     return lines
 
@@ -107,13 +107,15 @@ def training_table(widths, batch: int, dev: torch.device, steps: int, compile: s
         "| structure | width | steps | ms/step | training TFLOP/s | seconds | compile s | loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    _, per_step = train.plan(task, None, widths[0], 1.0)
+    train.run(task, None, widths[0], per_step * 5, seed=0, device=str(dev), evals=1)  # warm-up: first-use costs
     for label, spec in (("dense", None), ("btt r=1", es.presets.btt(rank=1))):
         for w in widths:
             _, per_step = train.plan(task, spec, w, 1.0)
             r = train.run(task, spec, w, per_step * steps, seed=0, device=str(dev), compile=compile)
             run_s = max(r.seconds - r.compile_seconds, 1e-9)
             lines.append(
-                f"| {label} | {w} | {r.steps} | {1000 * run_s / r.steps:.2f} | {r.train_flops / run_s / 1e12:.3f} "
+                f"| {label} | {w} | {r.steps} | {1000 * run_s / r.steps:.2f} | {r.train_flops / run_s / 1e12:.3g} "
                 f"| {r.seconds:.2f} | {r.compile_seconds:.1f} | {r.loss:.4f} |"
             )
     return lines
