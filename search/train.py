@@ -50,7 +50,7 @@ import einstruct as es
 from . import distributed
 from .checkpoints import checkpoint_step, copy_checkpoint, load_checkpoint, pack  # noqa: F401  (train's names)
 from .errors import SearchError
-from .step import Step, check_compile, loss_function, optimizer
+from .step import COMPILE_MODES, Step, check_compile, loss_function, optimizer
 from .tasks.base import Task, check_positive
 
 BLOWUP = 10.0  # the training loss above BLOWUP x its first value counts as divergence
@@ -441,6 +441,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--checkpoint", help="checkpoint file: continue from it if it matches, save to it")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off", help="torch.compile the step (default off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
 
@@ -480,6 +481,7 @@ def main(argv=None) -> int:
             device=args.device,
             checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every,
+            compile=args.compile,
         )
     except KeyboardInterrupt:
         return fail(
@@ -522,6 +524,7 @@ def main(argv=None) -> int:
                     "resumed_step": r.resumed_step,
                     "curve": [list(c) for c in r.curve],
                     "seconds": round(r.seconds, 3),
+                    "compile_seconds": round(r.compile_seconds, 3),
                 }
             )
         )

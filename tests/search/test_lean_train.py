@@ -157,3 +157,13 @@ def test_direct_fused_update_is_optimizer_step(task):
         sa, sb = opts[0].state[pa], opts[1].state[pb]
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
+
+
+def test_search_refuses_cuda_graphs_on_cpu_in_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "search.run", "--compile", "reduce-overhead", "--device", "cpu", "--dry-run"]
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "s")], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "search.run: error: --compile reduce-overhead uses CUDA graphs and needs --device cuda; use --compile default"
+    ]
