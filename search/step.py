@@ -8,8 +8,8 @@ PyTorch calls it replaces:
   CPU and CUDA), ``foreach=True`` where this torch has no fused AdamW for the device.
 - :class:`Step`: the fused AdamW update is called directly, one call per parameter group, as
   ``Optimizer.step`` calls it but without that method's per-step bookkeeping (a profiler record, hooks, lists
-  rebuilt and grouped by device: about a third of the optimizer's time on a small model); the parameter list is
-  built once; gradients are cleared by setting them to None, clipped as
+  rebuilt and grouped by device, which on a small model cost more than the update itself); the parameter
+  list is built once; gradients are cleared by setting them to None, clipped as
   ``torch.nn.utils.clip_grad_norm_`` does (the norm of the per-tensor norms, scaled by
   min(1, max_norm / (norm + 1e-6))) without walking the module tree every step, and the learning rates are
   written only when the schedule's factor changes (during warmup, or every step of a cosine schedule).

@@ -136,10 +136,12 @@ def test_gpu_check_without_cuda_says_so_in_one_line():
     assert len(lines) == 1 and "no CUDA GPU here" in lines[0] and not done.stderr.strip()
 
 
-def test_direct_fused_update_is_optimizer_step(task):
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_direct_fused_update_is_optimizer_step(task, decay):
     """Step's direct fused AdamW call changes parameters and moments exactly as optimizer.step() does."""
     models = [task.build(es.presets.btt(rank=1), 16, seed=1) for _ in range(2)]
-    opts = [step.optimizer(task.param_groups(m, 3e-3), 3e-3, task.hyper) for m in models]
+    groups = [[{**g, "weight_decay": decay} for g in task.param_groups(m, 3e-3)] for m in models]
+    opts = [step.optimizer(g, 3e-3, task.hyper) for g in groups]
     assert all(o.defaults.get("fused") for o in opts)
     steps = [step.Step(task.loss, m, m, o, task.hyper.clip) for m, o in zip(models, opts)]
     steps[1].fused = False  # the reference: optimizer.step()
