@@ -205,6 +205,7 @@ def _run(
     # bound told before anything is built or spent.
     data_seconds = task.prepare(seed)
     meta, per_step = shapes(task, spec, width)
+    task.check_memory(meta, dev)  # a model that cannot fit is refused first, whatever its allowance
     steps = int(train_flops // per_step)
     label = _label(spec)
     if steps < 1:
