@@ -631,6 +631,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
             lv.allowance,
             seed=seed,
             device=cfg["device"],
+            compile=cfg["compile"],
             callback=rep.trial_step,
             checkpoint=ckpt,
             checkpoint_every=every,
@@ -655,6 +656,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         steps=r.steps,
         params=r.params,
         seconds=round(r.seconds, 3),
+        **({"compile_seconds": round(r.compile_seconds, 3)} if r.compile_seconds else {}),
         curve=[list(p) for p in r.curve],
         reason=note,
     )

@@ -37,6 +37,12 @@ def _spaces() -> tuple[str, ...]:
     return tuple(SPACES)
 
 
+def _compile_modes() -> tuple[str, ...]:
+    from .step import COMPILE_MODES
+
+    return COMPILE_MODES
+
+
 def _option(default, help: str, *, keyed: bool = False, choices=None, open_choices: bool = False):
     """A Settings field: its default, its help text (without the default, which --help adds), whether it is
     keyed, and its choices (a tuple, or a function giving them, called only when they are needed);
@@ -86,6 +92,12 @@ class Settings:
     )
     checkpoints: int = _option(10, "times a trial saves its state, so that a retry repeats at most 1/checkpoints of it")
     checkpoint_steps: int = _option(50, "fewest steps between two checkpoints of a trial (each is a storage write)")
+    compile: str = _option(
+        "off",
+        "torch.compile each trial's training step: off (measured slower on CPU at the search's sizes), default, "
+        "reduce-overhead (CUDA graphs, CUDA only)",
+        choices=_compile_modes,
+    )
 
     # ---- reading and writing --------------------------------------------------------------------
 
@@ -274,7 +286,9 @@ def check(cfg: dict) -> None:
             raise SearchError(f"{flag(key)} must be a whole number, 1 or more, got {cfg[key]!r}")
     from .train import check_device
 
-    check_device(cfg["device"])
+    dev = check_device(cfg["device"])
+    if cfg["compile"] == "reduce-overhead" and dev.type != "cuda":
+        raise SearchError("--compile reduce-overhead uses CUDA graphs and needs --device cuda; use --compile default")
 
 
 # ---- a study's settings: defaults < stored < given --------------------------------------------------

@@ -3,6 +3,13 @@
     result = train.run(task, spec=es.presets.btt(rank=1), width=256, train_flops=2e11, seed=0)
     result.loss, result.curve, result.train_flops, result.steps, result.seconds
 
+``result.seconds`` is the wall time from model construction (the memory check, the build, the muP groups and
+the optimizer) to the last evaluation, checkpoint writes and compile time included; making data is not in it
+(``result.data_seconds``). The step's optimizer, clipping and rate writes are in search.step (fused AdamW
+called directly, one clip over a fixed parameter list); ``compile="default"`` or ``"reduce-overhead"`` (CUDA)
+compiles forward and loss, its first step's time reported as ``result.compile_seconds`` and never charged as
+FLOPs.
+
 The number of steps is floor(allowance / FLOPs per step), so the FLOPs spent never exceed the
 allowance; FLOPs per step come from the compiled structures (search.flops), not from tracing. AdamW
 with the task's muP parameter groups; warmup then a constant rate by default (so intermediate points
@@ -12,10 +19,11 @@ a blow-up of the training loss stops the run with a reason instead of raising. T
 from the device only every ``check_every`` steps.
 
 Checkpoints: with ``checkpoint=path`` and ``checkpoint_every=N`` the model, optimizer, step, generator and
-curves are saved every N steps (written to a temporary file, then renamed, so a file on disk is always
-whole), and a run that finds a matching checkpoint continues from it with the same result as an
-uninterrupted run. ``on_bound(flops)`` is told, before they are spent, the FLOPs the run may have spent
-by its next checkpoint: what a budget must charge if the process dies (it is told before the checkpoint is
+curves are saved every N steps, packed into one flat tensor per dtype (search.checkpoints; written to a
+temporary file, then renamed, so a file on disk is always whole), and a run that finds a matching
+checkpoint continues from it with the same result as an uninterrupted run. ``on_bound(flops)`` is told,
+before they are spent (the first time before the model is built), the FLOPs the run may have spent by its
+next checkpoint: what a budget must charge if the process dies (it is told before the checkpoint is
 written, so a run whose budget was revoked stops without writing one). ``require_step=s`` pins where the
 run starts: 0 ignores any file, s > 0 resumes from a checkpoint at exactly step s or raises, so a caller
 that reserved FLOPs for the steps after s never pays for more.
@@ -40,8 +48,9 @@ import torch
 import einstruct as es
 
 from . import distributed
+from .checkpoints import checkpoint_step, copy_checkpoint, load_checkpoint, pack  # noqa: F401  (train's names)
 from .errors import SearchError
-from .settings import MAX_SEED, default
+from .step import Step, check_compile, loss_function, optimizer
 from .tasks.base import Task, check_positive
 
 BLOWUP = 10.0  # the training loss above BLOWUP x its first value counts as divergence
@@ -54,7 +63,7 @@ class Result:
     train_curve: tuple[tuple[int, float], ...]  # (training FLOPs spent, mean training loss since last point)
     train_flops: int  # FLOPs actually spent: steps x flops_per_step <= the allowance
     steps: int
-    seconds: float  # wall time of training and evaluation
+    seconds: float  # wall time from model construction to the last evaluation (compile time included)
     flops_per_step: int
     params: int
     width: int
@@ -65,6 +74,7 @@ class Result:
     settings: dict = field(default_factory=dict)
     resumed_step: int = 0  # the step a checkpoint let this run start from (0: from scratch)
     ranks: int = 1  # processes that shared each step (torchrun)
+    compile_seconds: float = 0.0  # the first step's wall time when compiling (in seconds too; never FLOPs)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -81,9 +91,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def plan(task: Task, spec, width: int, train_flops: float) -> tuple[int, int]:
     """(steps, FLOPs per step) for this allowance, from a model built on the meta device (no memory)."""
+    _, per_step = shapes(task, spec, width)
+    return int(train_flops // per_step), per_step
+
+
+_SHAPES: dict = {}  # (task, spec, width) -> (meta model, FLOPs per step): the last few candidates
+
+
+def shapes(task: Task, spec, width: int) -> tuple[torch.nn.Module, int]:
+    """The candidate built on the meta device, and its FLOPs per step: built once for plan() and for the
+    memory check of the run that follows (a meta build costs as much as a real one on a small model)."""
+    try:
+        key = (id(task), spec, width)
+        hit = _SHAPES.get(key)
+    except TypeError:  # an unhashable spec: no cache
+        key, hit = None, None
+    if hit is not None and hit[0] is task:
+        return hit[1], hit[2]
     model = task.build(spec, width, device="meta")
     per_step = task.flops_per_step(model)
-    return int(train_flops // per_step), per_step
+    if key is not None:
+        if len(_SHAPES) >= 16:
+            _SHAPES.pop(next(iter(_SHAPES)))
+        _SHAPES[key] = (task, model, per_step)  # the task is kept, so its id is not reused meanwhile
+    return model, per_step
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
@@ -113,11 +144,13 @@ def run(
     checkpoint_every: int = 0,
     on_bound: Callable[[int], None] | None = None,
     require_step: int | None = None,
+    compile: str = "off",
 ) -> Result:
     """Train ``spec`` (None or 'dense' for dense) at ``width`` on ``task`` for at most ``train_flops``."""
     check_positive("train_flops", train_flops, float)
     if schedule not in ("constant", "cosine"):
         raise SearchError(f"schedule {schedule!r} is not known; use 'constant' (warmup then flat) or 'cosine'")
+    check_compile(compile)
     hp = task.hyper
     lr = hp.lr if lr is None else check_positive("lr", lr, float)
     world, dev = distributed.setup(resolve_device(device))
@@ -140,6 +173,7 @@ def run(
             on_bound,
             world,
             require_step,
+            compile,
         )
     finally:
         distributed.teardown(world)
@@ -163,13 +197,15 @@ def _run(
     on_bound,
     world,
     require_step=None,
+    compile="off",
 ) -> Result:
     hp = task.hyper
 
-    # 1. Data (reported, not charged) and the model with its muP parameter groups.
+    # 1. Data (reported, not charged); the plan from the candidate's meta-device build; a matching checkpoint; the
+    # bound told before anything is built or spent.
     data_seconds = task.prepare(seed)
-    model = task.build(spec, width, device=dev, seed=seed)
-    per_step = task.flops_per_step(model)
+    meta, per_step = shapes(task, spec, width)
+    task.check_memory(meta, dev)  # a model that cannot fit is refused first, whatever its allowance
     steps = int(train_flops // per_step)
     label = _label(spec)
     if steps < 1:
@@ -178,23 +214,7 @@ def _run(
             f"({per_step:.3g} FLOPs); raise train_flops or lower the width"
         )
     warmup = _warmup(hp, steps, warmup)
-    opt = torch.optim.AdamW(
-        task.param_groups(model, lr), lr=lr, betas=hp.betas, weight_decay=hp.weight_decay, foreach=True
-    )  # one kernel per group, not per tensor: most of a small model's step on CPU
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    net = model
-    if world.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     marks = sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
-
-    # 2. The loop, from a checkpoint if there is a matching one.
-    gen = torch.Generator().manual_seed(seed)
-    curve, train_curve = [], []
-    running = torch.zeros((), device=dev)
-    since, first_loss, reason = 0, None, ""
     every = 0
     if checkpoint and checkpoint_every:
         every = -(-int(checkpoint_every) // check_every) * check_every  # saves fall on loss read-backs
@@ -202,30 +222,44 @@ def _run(
     state = load_checkpoint(checkpoint, key) if every and require_step != 0 else None
     if require_step and (state is None or int(state["step"]) != int(require_step)):
         raise SearchError(f"checkpoint {checkpoint} is not the one at step {require_step} this run was planned from")
-    start = 0
+    start = int(state["step"]) if state is not None else 0
+    if on_bound is not None and world.main:
+        on_bound(min(steps, start + every if every else steps) * per_step)
+
+    # 2. The model with its muP parameter groups and optimizer: the run's time starts here.
+    t0 = time.perf_counter()
+    model = task.build(spec, width, device=dev, seed=seed, shapes=meta)
+    opt = optimizer(task.param_groups(model, lr), lr, hp)
+    net = model
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    step_fn = Step(loss_function(task, compile, dev), net, model, opt, hp.clip, graphs=compile == "reduce-overhead")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+    # 3. The loop, from the checkpoint if there is one.
+    gen = torch.Generator().manual_seed(seed)
+    curve, train_curve = [], []
+    running = torch.zeros((), device=dev)
+    since, first_loss, reason = 0, None, ""
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["generator"].clone())
+        torch.set_rng_state(state["torch_rng"].clone())
         curve, train_curve = [tuple(p) for p in state["curve"]], [tuple(p) for p in state["train_curve"]]
-        first_loss, start = state["first_loss"], int(state["step"])
-    if on_bound is not None and world.main:
-        on_bound(min(steps, start + every if every else steps) * per_step)
-    t0 = time.perf_counter()
+        first_loss = state["first_loss"]
     done = start
+    compile_seconds = 0.0
     for step in range(start, steps):
-        f = lr_factor(step, steps, warmup, schedule)
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * f
         batch = distributed.shard(task.batch(step, gen, dev), world, hp.batch)
-        with autocast:
-            loss = task.loss(net, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if hp.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip)
-        opt.step()
+        if compile != "off" and step == start:
+            t1 = time.perf_counter()
+            loss = step_fn(batch, lr_factor(step, steps, warmup, schedule), autocast)
+            compile_seconds = time.perf_counter() - t1  # the first step: compiling, and one step of training
+        else:
+            loss = step_fn(batch, lr_factor(step, steps, warmup, schedule), autocast)
         done = step + 1
         running += loss.detach()
         since += 1
@@ -294,10 +328,12 @@ def _run(
             "warmup": warmup,
             "seed": seed,
             "device": str(dev),
+            "compile": compile,
             **task.describe(),
         },
         resumed_step=start,
         ranks=world.size,
+        compile_seconds=compile_seconds,
     )
 
 
@@ -341,58 +377,18 @@ def _label(spec) -> str:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, then rename: a checkpoint on disk is always complete."""
+    """Write ``state`` packed into a few flat tensors (search.checkpoints) to a temporary file, then rename: a
+    checkpoint on disk is always complete."""
     from . import faults
     from .outputs import temp_path
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = temp_path(path)
-    torch.save(state, tmp)
+    torch.save(pack(state), tmp)
     faults.point("checkpoint_before_rename")
     os.replace(tmp, path)
     faults.point("after_checkpoint")
-
-
-def copy_checkpoint(src: str, dst: str) -> bool:
-    """Give ``dst`` its own copy of checkpoint ``src`` (a hard link where the disk allows; whole or absent, never
-    partial); False if there is no ``src``. The copy stays what it is when ``src`` is rewritten or removed."""
-    import shutil
-
-    from .outputs import temp_path
-
-    if not os.path.exists(src):
-        return False
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = temp_path(dst)
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:  # no hard links here (or another file system): copy
-            shutil.copyfile(src, tmp)
-    except FileNotFoundError:  # removed meanwhile: the same as none
-        return False
-    os.replace(tmp, dst)
-    return True
-
-
-def load_checkpoint(path: str | None, key: str | None = None) -> dict | None:
-    """The checkpoint at ``path`` (loaded with weights_only=True), or None if absent, unreadable or another run's."""
-    if not path or not os.path.exists(path):
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a foreign or damaged file: train from scratch rather than fail the trial
-        return None
-    if not isinstance(state, dict) or (key is not None and state.get("key") != key):
-        return None
-    return state
-
-
-def checkpoint_step(path: str | None, key: str | None = None) -> int:
-    """The step a checkpoint would let a run with this key continue from (0 if none)."""
-    state = load_checkpoint(path, key)
-    return int(state["step"]) if state is not None else 0
 
 
 def check_device(device) -> torch.device:
@@ -419,115 +415,9 @@ def check_device(device) -> torch.device:
 
 def main(argv=None) -> int:
     """``python -m search.train`` (or under torchrun): one budgeted training run; rank 0 prints a JSON line."""
-    import argparse
-    import json
-    import sys
+    from .train_cli import main as cli
 
-    import einstruct as es
-
-    from .tasks import NAMES
-    from .tasks import get as get_task
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            self.exit(2, f"search.train: error: {message} (see --help)\n")
-
-    p = Parser(prog="python -m search.train", description=main.__doc__)
-    p.add_argument("--task", choices=NAMES, default=default("task"))
-    p.add_argument("--data", help="data path for lm and cifar")
-    p.add_argument("--task-settings", default="{}", help="task overrides as JSON, e.g. '{\"batch\": 64}'")
-    p.add_argument("--spec", default="dense", help="a preset name: dense, low_rank, kron, tt, btt, monarch, block_diag")
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--train-flops", type=float, default=1e9)
-    p.add_argument("--seed", type=int, default=default("seed"), help=f"0 to {MAX_SEED} (default {default('seed')})")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--checkpoint", help="checkpoint file: continue from it if it matches, save to it")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-
-    def fail(message: str, code: int = 2) -> int:
-        label = {2: "error: ", 1: "internal error: "}.get(code, "")
-        print(f"search.train: {label}{message}", file=sys.stderr)
-        return code
-
-    try:
-        if not 0 <= args.seed <= MAX_SEED:
-            raise SearchError(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")
-        if args.checkpoint_every < 0:
-            raise SearchError(
-                f"--checkpoint-every must be a number of steps >= 1 (0: never), got {args.checkpoint_every}"
-            )
-        check_device(args.device)
-        try:
-            kwargs = json.loads(args.task_settings)
-        except ValueError as e:
-            raise SearchError(
-                f"--task-settings is not JSON ({e}); give an object such as '{{\"batch\": 64}}'"
-            ) from None
-        if not isinstance(kwargs, dict):
-            raise SearchError(
-                f"--task-settings must be a JSON object such as '{{\"batch\": 64}}', got {args.task_settings!r}"
-            )
-        if args.data:
-            kwargs["data"] = args.data
-        task = get_task(args.task, **kwargs)
-        spec = None if args.spec == "dense" else es.presets.get(args.spec)
-        r = run(
-            task,
-            spec,
-            args.width,
-            args.train_flops,
-            args.seed,
-            device=args.device,
-            checkpoint=args.checkpoint,
-            checkpoint_every=args.checkpoint_every,
-        )
-    except KeyboardInterrupt:
-        return fail(
-            "interrupted"
-            + (
-                f"; the run continues from {args.checkpoint} when started again"
-                if args.checkpoint and args.checkpoint_every
-                else ""
-            ),
-            130,
-        )
-    except Exception as e:  # bad input, a machine's failure or a bug: one line each
-        if args.debug:
-            raise
-        if isinstance(e, (SearchError, es.EinstructError)):
-            return fail(str(e))
-        from .errors import disk_full, out_of_memory
-
-        full, oom = disk_full(e), out_of_memory(e)
-        if full:
-            where = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else "the working folder"
-            return fail(
-                f"the disk holding {where} is full ({full}); free some space there, then run the same command again"
-            )
-        if oom:
-            return fail(f"out of memory ({oom[:200]}); use a smaller --width, or a smaller batch in --task-settings")
-        if isinstance(e, OSError):
-            return fail(f"{e}; check the paths given to --data and --checkpoint")
-        why = (str(e).strip().splitlines() or [""])[0]
-        return fail(f"{type(e).__name__}: {why} (rerun with --debug for the traceback, and please report it)", 1)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            json.dumps(
-                {
-                    "loss": r.loss,
-                    "train_flops": r.train_flops,
-                    "steps": r.steps,
-                    "ranks": r.ranks,
-                    "flops_per_step": r.flops_per_step,
-                    "resumed_step": r.resumed_step,
-                    "curve": [list(c) for c in r.curve],
-                    "seconds": round(r.seconds, 3),
-                }
-            )
-        )
-    return 0
+    return cli(argv)
 
 
 if __name__ == "__main__":

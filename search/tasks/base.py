@@ -78,16 +78,18 @@ class Task:
             return None, spec
         return spec, None
 
-    def build(self, spec, width: int, *, device="cpu", seed: int = 0) -> nn.Module:
+    def build(self, spec, width: int, *, device="cpu", seed: int = 0, shapes: nn.Module | None = None) -> nn.Module:
         """The task's model at ``width`` with its selected linears structured by ``spec`` (None: dense).
 
         ``spec`` may be an es.MoEConfig: kind 'btt' makes the selected linears BTT-MoE layers, kind 'ffn'
         builds the model with standard-MoE FFNs (tasks with ``ffn_moe``). On a real device the whole model is
-        first built on the meta device and refused (SearchError) if training it cannot fit (check_memory).
+        first built on the meta device and refused (SearchError) if training it cannot fit (check_memory);
+        ``shapes`` is that meta model when the caller has it already (search.train keeps one per candidate).
         """
         width = self.check_width(width)
         if _kind(device) != "meta":
-            self.check_memory(self._build(spec, width, device="meta", seed=seed), device)
+            meta = shapes if shapes is not None else self._build(spec, width, device="meta", seed=seed)
+            self.check_memory(meta, device)
         return self._build(spec, width, device=device, seed=seed)
 
     # ---- memory ------------------------------------------------------------------------------
@@ -129,7 +131,10 @@ class Task:
 
     def _build(self, spec, width: int, *, device="cpu", seed: int = 0) -> nn.Module:
         spec, moe = self.split_moe(spec)
-        torch.manual_seed(seed)
+        if _kind(device) in ("cpu", "meta"):  # the CPU generator only: torch.manual_seed formats a stack per call
+            torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
         if moe is not None and moe.kind == "ffn":
             if not self.ffn_moe:
                 raise SearchError(
@@ -152,9 +157,13 @@ class Task:
         """The dense architecture (with the same standard-MoE FFNs, if any) at the base width (or ``width``)
         on the meta device, for muP rates."""
         width = self.base_width if width is None else width
-        if moe is not None:
-            return self.make_model(width, device="meta", moe=moe)
-        return self.make_model(width, device="meta")
+        cache = self.__dict__.setdefault("_base_models", {})  # shapes only, read by param_groups: built once
+        if (moe, width) not in cache:
+            if moe is not None:
+                cache[moe, width] = self.make_model(width, device="meta", moe=moe)
+            else:
+                cache[moe, width] = self.make_model(width, device="meta")
+        return cache[moe, width]
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         moe = getattr(model, "moe_config", None)
