@@ -93,7 +93,9 @@ def layer_table(dims, batch: int, dev: torch.device, dtype: torch.dtype) -> list
             ms = 1000 * sec
             dense_ms = ms if name == "dense" else dense_ms
             ratio = f"{ms / dense_ms:.2f}" if dense_ms else ""
-            lines.append(f"| {name} | {d} | {ms:.3f} | {3 * flops * batch / sec / 1e12:.3g} | {ratio} |")
+            lines.append(
+                f"| {name} | {d} | {ms:.3f} | {es.rules.train_flops(flops) * batch / sec / 1e12:.3g} | {ratio} |"
+            )
             del layer, x, g
     return lines
 

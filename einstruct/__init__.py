@@ -5,7 +5,7 @@ The compiler (Spec, theta, presets, compile) does not import torch; the torch pa
 
 from importlib import import_module
 
-from . import presets
+from . import presets, rules
 from .compiler import Core, Structure, compile
 from .errors import EinstructError, MemoryLimitError, MupError, SpecError
 from .spec import CoreSpec, Spec
@@ -47,6 +47,7 @@ __all__ = [
     "Structure",
     "compile",
     "presets",
+    "rules",
     "theta",
     *_LAZY,
 ]

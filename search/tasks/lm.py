@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 import einstruct as es
-from einstruct import rules
 
 from ..errors import DataError, SearchError
 from ..models.gpt import GPT
@@ -185,7 +184,9 @@ class LanguageModel(Task):
             total = self.flops_per_step(self.build(None, w, device="meta"))
         except (SearchError, es.SpecError):
             total = 0
-        head = rules.train_flops(rules.dense_flops(self.rows_per_step(), w, self.vocab))  # the head (input needs grad)
+        head = es.rules.train_flops(
+            es.rules.dense_flops(self.rows_per_step(), w, self.vocab)
+        )  # the head (input needs grad)
         share = (
             f" ({head / total:.0%} of the {total:.3g} training FLOPs per step of dense at width {w})" if total else ""
         )
@@ -244,7 +245,7 @@ class LanguageModel(Task):
 
     def extra_train_flops(self, width: int) -> int:
         c = self.config
-        return rules.train_flops(rules.attention_flops(c.context, width) * c.depth * self.rows_per_step())
+        return es.rules.train_flops(es.rules.attention_flops(c.context, width) * c.depth * self.rows_per_step())
 
     def _sample(self, tokens, n: int, generator: torch.Generator, device):
         c = self.config
