@@ -1,10 +1,27 @@
-"""Tiny data sets the search tests make themselves: a text corpus and CIFAR-format pickles."""
+"""What the search tests share: the one tiny finished study (``tiny_study``) and the tiny data sets they make
+themselves (a text corpus, CIFAR-format pickles)."""
 
 import pickle
 import random
 
 import numpy as np
 import pytest
+
+TINY_TASK = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
+TINY_STUDY = dict(  # the regression task, the full space, three levels: about 10 s on one core
+    budget=6e8, levels=3, ratio=2.0, top_trials=7, min_steps=8, target_steps=30, task_settings=TINY_TASK, device="cpu"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """(result, folder) of one tiny finished study, run once per session for every module that reads a study
+    (the loop's, the report's). A test may resume it or write its report into the folder (what a rerun does);
+    a test that changes or deletes its files works on a copy."""
+    from search.loop import run_search
+
+    out = tmp_path_factory.mktemp("tiny_study")
+    return run_search("tiny", out=str(out), **TINY_STUDY), str(out)
 
 
 def make_text(n_lines: int = 3000, seed: int = 0) -> str:

@@ -14,17 +14,13 @@ from search.errors import SearchError
 from search.loop import run_search
 from search.space import make_space, references, theta_from_unit
 
-TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
-SETTINGS = dict(
-    budget=6e8, levels=3, ratio=2.0, top_trials=7, min_steps=8, target_steps=30, task_settings=TINY, device="cpu"
-)
+from .conftest import TINY_STUDY as SETTINGS
+from .conftest import TINY_TASK as TINY
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study")
-    result = run_search("tiny", out=str(out), **SETTINGS)
-    return result, str(out)
+@pytest.fixture
+def finished(tiny_study):
+    return tiny_study
 
 
 def test_budget_is_never_exceeded_and_levels_are_spread(finished):

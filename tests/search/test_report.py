@@ -11,19 +11,9 @@ import pytest
 
 from search import outputs, report
 from search.errors import SearchError
-from search.loop import run_search
 
-TINY = dict(
-    budget=1e8,
-    levels=3,
-    ratio=2.0,
-    top_trials=3,
-    space="btt",
-    min_steps=8,
-    target_steps=30,
-    device="cpu",
-    task_settings=dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64]),
-)
+from .conftest import TINY_STUDY as TINY
+
 SECTIONS = (
     "# Structure search report: tiny",
     "## Settings",
@@ -37,11 +27,9 @@ SECTIONS = (
 )
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    result = run_search("tiny", out=str(out), **TINY)
-    return result, str(out)
+@pytest.fixture
+def study(tiny_study):
+    return tiny_study
 
 
 def _is_png(path):
@@ -68,7 +56,8 @@ def test_report_of_a_finished_study_has_every_section_and_its_plots(study):
     # fitted exponents with standard errors for the groups this space trains
     table = text.split("## Frontiers and scaling laws")[1].split("## Compute multipliers")[0]
     assert re.search(r"\| BTT \| \d+ \| \d+ \| \d+ \| [\d.]+ ± [\d.e+-]+ \|", table)
-    assert "No fitted dense law" in text  # the btt space has no dense reference
+    multipliers = text.split("## Compute multipliers vs dense")[1].split("## Taxonomy")[0]
+    assert "| dense (reference) |" in multipliers and "| BTT |" in multipliers  # the full space trains both
 
 
 def test_points_come_from_the_curves_and_skip_duplicates(study):
@@ -175,6 +164,16 @@ def test_multiplier_table_recovers_a_known_compute_factor(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| BTT |"))
     values = [float(v.strip().rstrip("*")) for v in row.strip("|").split("|")[2:]]
     assert len(values) == 3 and all(v == pytest.approx(2.0, rel=0.03) for v in values)
+
+
+def test_without_a_dense_law_there_are_no_multipliers(tmp_path):
+    _synthetic_study(str(tmp_path))
+    path = os.path.join(str(tmp_path), "trials.csv")
+    rows = [r for r in outputs.read_trials_csv(path) if r["family"] != "dense"]
+    outputs.write_trials_csv(path, rows)
+    text = open(report.write_report(str(tmp_path), "synthetic")).read()
+    multipliers = text.split("## Compute multipliers vs dense")[1].split("##")[0]
+    assert "No fitted dense law" in multipliers and "| BTT |" not in multipliers
 
 
 def test_command_line_errors_are_one_line_with_exit_2(tmp_path, capsys):
