@@ -8,7 +8,8 @@ Assignment (``assign``):
   match. The list is all ``cpu`` or all ``cuda:N`` (an index each), and ``--device``, if given too, must be ``auto``
   or that kind.
 - Without ``--devices``: ``--device cuda`` (no index) puts one worker on each visible GPU, or, with ``--workers N``,
-  worker i on ``cuda:(i mod GPUs)``; any other device puts every worker on it.
+  worker i on ``cuda:(i mod GPUs)``; so does ``--device auto`` (the default) with ``--workers N`` where a GPU is
+  visible (else every worker on cpu); one worker on auto stays on auto; any other device puts every worker on it.
 
 Pinning (``pinned``): worker 0 is the ``search.run`` process itself and trains on its device by name. Every worker it
 starts gets an environment of its own: a GPU worker sees only its GPU (``CUDA_VISIBLE_DEVICES=N``) and is told
@@ -71,6 +72,8 @@ def assign(devices: str | None, workers: int | None, device: str | None, stored_
                 f"may repeat, e.g. {out[0]},{out[0]}), or leave --workers out for one worker per listed device"
             )
         return out
+    if stored_device == "auto" and (workers or 1) > 1:  # several workers: each on a device of its own kind
+        stored_device = "cuda" if torch.cuda.is_available() else "cpu"
     if stored_device == "cuda" and torch.cuda.is_available():
         count = torch.cuda.device_count()
         return [f"cuda:{i % count}" for i in range(workers or count)]

@@ -47,12 +47,14 @@ def test_assignment_on_simulated_gpus(gpus):
     assert devices.assign("cuda:3,cuda:1", None, None, "auto") == ["cuda:3", "cuda:1"]  # one per listed device
     assert devices.assign("cuda:0,cuda:0", 2, "cuda", "cuda") == ["cuda:0", "cuda:0"]  # one GPU, two workers
     assert devices.assign(None, None, None, "auto") == ["auto"]  # auto and no list: one worker, as before
+    assert devices.assign(None, 5, None, "auto") == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]  # spread
 
 
 def test_assignment_without_gpus_and_on_cpu_lists(gpus):
     gpus(0)
     assert devices.assign("cpu,cpu,cpu", None, "cpu", "cpu") == ["cpu"] * 3
     assert devices.assign(None, 2, None, "cpu") == ["cpu", "cpu"]
+    assert devices.assign(None, 2, None, "auto") == ["cpu", "cpu"]
     with pytest.raises(SearchError, match=r"^--devices 'cuda:0': no CUDA GPU is available here; list cpu"):
         devices.assign("cuda:0", None, None, "auto")
 
