@@ -36,6 +36,7 @@ from . import ledger as ledger_mod
 from . import settings as settings_mod
 from . import space as space_mod
 from .budget import Level, check_plan, plan_levels
+from .devices import estimate as estimate_on
 from .errors import SearchError
 from .ledger import Ledger
 from .outcomes import Refused, Rejected, Status
@@ -231,6 +232,7 @@ def run_search(
     worker: int = 0,
     estimate: bool = True,
     settings: settings_mod.Settings | None = None,
+    devices: list[str] | None = None,
     **given,
 ) -> SearchStudy:
     """Run (or resume, or join) a budgeted structure search; returns the SearchStudy. See search.run.
@@ -243,7 +245,8 @@ def run_search(
     ``worker`` is kept for callers that number their processes; workers tell themselves apart through the
     study's worker table (each live worker gets its own ordinal, which offsets its sampler's seed, so that
     workers started in any way do not propose the same points; training seeds stay ``seed``).
-    ``estimate=False`` skips the throughput probe.
+    ``estimate=False`` skips the throughput probe. ``devices``: the device of each worker search.run starts
+    (search.devices), for a wall-time estimate that probes each of them; the default, this process's device only.
     """
     import optuna
 
@@ -304,9 +307,9 @@ def run_search(
     )  # SearchError when no level can train any candidate
     est = {}
     if estimate or dry_run:
-        est = probe(task, task.widths, cfg["device"])
         trials = sum(lv.trials for lv in levels)
-        est["seconds"] = float(cfg["budget"]) / est["flops_per_second"] + trials * est["seconds_per_trial"]
+        on = devices or [cfg["device"]]
+        est = estimate_on(lambda d: probe(task, task.widths, d), on, float(cfg["budget"]), trials)
     result = SearchStudy(name, folder, cfg, levels, estimate=est)
     rep.plan(
         {

@@ -5,6 +5,8 @@ python -m search.run --budget 1e17 --task lm --data corpus.txt --device cuda --s
 python -m search.run --study owt-small                 # the same command again resumes the study
 python -m search.run --budget 1e17 --dry-run           # the plan and its estimated wall time only
 python -m search.run --study s --workers 4             # four worker processes on this machine
+python -m search.run --study s --device cuda           # one worker per visible GPU
+python -m search.run --study s --devices cuda:0,cuda:1,cuda:1   # worker i on the i-th device (one may repeat)
 python -m search.run --study s --storage postgresql://user:pass@db-host/einstruct   # on every machine
 """
 
@@ -41,7 +43,17 @@ def parser() -> argparse.ArgumentParser:
         help="Optuna storage URL (default: SQLite file in runs/<study>/); workers on "
         "several machines share one postgresql://user:pass@host/db",
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on this machine (default: one per --devices entry, one per visible GPU with "
+        "--device cuda, else 1)",
+    )
+    p.add_argument(
+        "--devices",
+        help="the device of each worker, e.g. cuda:0,cuda:1 (one may repeat: cuda:0,cuda:0); each started worker "
+        "sees only its GPU (CUDA_VISIBLE_DEVICES) and trains on cuda:0 there",
+    )
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set for the processes --workers starts
     p.add_argument("--out", help="output folder (default runs/<study>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimated wall time, train nothing")
@@ -95,6 +107,7 @@ class TqdmReporter:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.total = self.trial = None
+        self.show_devices = False  # print which worker trains on which device (several workers, or --devices)
 
     def plan(self, info):
         from .budget import Level  # noqa: F401
@@ -116,6 +129,14 @@ class TqdmReporter:
             f"throughput probe: {est['flops_per_second']:.3g} FLOP/s, {est['seconds_per_trial']:.2f} s overhead "
             f"per trial -> estimated wall time {_human(secs)}"
         )
+        if self.show_devices:
+            from .devices import describe
+
+            for w in est["workers"]:
+                print(
+                    f"worker {w['worker']}: {w['device']} ({describe(w['worker'], w['device'])}), "
+                    f"{w['flops_per_second']:.3g} FLOP/s, {w['seconds_per_trial']:.2f} s per trial"
+                )
         if info["dry_run"]:
             print("dry run: nothing trained")
             return
@@ -214,12 +235,15 @@ def _internal_error(prog: str, e: BaseException, url: str | None) -> int:
     return 1
 
 
-def _check(args, given: dict) -> None:
-    """check_settings on the study's settings as the search will see them (stored ones for what is not given)."""
+def _check(args, given: dict) -> dict:
+    """check_settings on the study's settings as the search will see them (stored ones for what is not given);
+    returns them."""
     from .storage import study_dir
 
     settings.Settings.from_dict({k: v for k, v in given.items() if v is not None}).check()  # before a clash
-    settings.check(settings.for_study(args.study, study_dir(args.study, args.out), given))
+    cfg = settings.for_study(args.study, study_dir(args.study, args.out), given)
+    settings.check(cfg)
+    return cfg
 
 
 def _failed(e: BaseException, args) -> int:
@@ -256,10 +280,12 @@ def _human(s: float) -> str:
     return f"{s:.0f} seconds"
 
 
-def _start_workers(args, given: dict, base: int) -> list:
-    """Start ``--workers`` - 1 more processes on the same study (this one is the first); logs in the study folder."""
+def _start_workers(args, given: dict, base: int, devices: list[str]) -> list:
+    """Start ``--workers`` - 1 more processes on the same study (this one is the first), worker i pinned to
+    ``devices[i]`` through its environment (search.devices); logs in the study folder."""
     import subprocess
 
+    from .devices import pinned
     from .storage import create_storage_tables, study_dir
 
     if args.workers == 1:
@@ -271,20 +297,31 @@ def _start_workers(args, given: dict, base: int) -> list:
     env = dict(os.environ)
     if args.storage:  # through the environment: a password on a command line is visible to every user (ps)
         env["EINSTRUCT_STORAGE"] = args.storage
-    cmd += settings.to_argv(given)
     children = []
     for i in range(1, args.workers):
+        pin, device = pinned(devices[i])
+        argv = [*cmd, *settings.to_argv({**given, "device": device}), "--worker-index", str(base + i)]
         log = open(os.path.join(folder, f"worker-{i}.log"), "w")  # the child writes to it
-        children.append(
-            (
-                i,
-                subprocess.Popen(
-                    [*cmd, "--worker-index", str(base + i)], stdout=log, stderr=subprocess.STDOUT, env=env
-                ),
-            )
-        )
+        children.append((i, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**env, **pin})))
         log.close()
     return children
+
+
+def _devices(args, given: dict, cfg: dict) -> list[str]:
+    """Each worker's device (search.devices.assign); sets ``args.workers`` to their count, and this process (worker
+    0) to the first of them."""
+    from .devices import assign
+
+    devices = assign(args.devices, args.workers, given["device"], cfg["device"])
+    args.workers = len(devices)
+    if devices[0] != cfg["device"]:
+        given["device"] = devices[0]
+        settings.check({**cfg, "device": devices[0]})  # e.g. --compile reduce-overhead on cpu
+    if devices[0].startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(devices[0])  # this process's own default too: no stray context on another GPU
+    return devices
 
 
 def _stop(children) -> None:
@@ -298,7 +335,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     given = {k: getattr(args, k) for k in settings.Settings.names()}
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         print(f"search.run: error: --workers must be 1 or more, got {args.workers}", file=sys.stderr)
         return 2
     if args.storage is None:  # the URL may come from the environment, keeping its password off command lines
@@ -329,12 +366,20 @@ def main(argv=None) -> int:
     rep = TqdmReporter(enabled=not args.no_progress)
     children = []
     try:
-        _check(args, given)  # before workers start: each would refuse the same settings
-        children = [] if args.dry_run else _start_workers(args, given, base)
+        devices = _devices(args, given, _check(args, given))  # before workers start: each would refuse the same
+        rep.show_devices = len(devices) > 1 or args.devices is not None
+        children = [] if args.dry_run else _start_workers(args, given, base, devices)
         from .loop import run_search
 
         result = run_search(
-            args.study, storage=args.storage, out=args.out, dry_run=args.dry_run, reporter=rep, worker=base, **given
+            args.study,
+            storage=args.storage,
+            out=args.out,
+            dry_run=args.dry_run,
+            reporter=rep,
+            worker=base,
+            devices=devices if rep.show_devices else None,
+            **given,
         )
     except BrokenPipeError:  # the reader of stdout went away (`... | head`): not a bug, end quietly
         _stop(children)
