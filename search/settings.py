@@ -85,7 +85,7 @@ class Settings:
         metadata=_meta("the task's own settings as a JSON object, e.g. '{\"batch\": 64}'", keyed=True),
     )
     confirm_share: float = _option(
-        0.6,
+        0.72,
         "share of the budget kept for the confirmation phase (retraining the confirmed structures on fresh seeds "
         "at widths around their best); 0: no confirmation and no verdict",
         keyed=True,

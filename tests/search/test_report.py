@@ -22,6 +22,7 @@ TINY = dict(
     min_steps=8,
     target_steps=30,
     device="cpu",
+    confirm_share=0.0,  # exploration only: the sections read it (tests/search/test_confirm.py has the verdict)
     task_settings=dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64]),
 )
 SECTIONS = (
