@@ -299,11 +299,12 @@ def run_search(
         task,
         search_space,
         refs,
-        explore_budget,
+        float(cfg["budget"]),
         int(cfg["min_steps"]),
         int(cfg["levels"]),
         float(cfg["ratio"]),
         top,
+        1 - float(cfg["confirm_share"]),
     )  # SearchError when no level can train any candidate
     est = {}
     if estimate or dry_run:
