@@ -69,6 +69,14 @@ def budget_for(
     return b
 
 
+def total_for(explore_budget: float, explore: float) -> float:
+    """The smallest total budget whose exploration share ``explore`` is at least ``explore_budget``."""
+    b = explore_budget / explore
+    while b * explore < explore_budget:
+        b = math.nextafter(b, math.inf)
+    return b
+
+
 def round_up(x: float, digits: int = 3) -> float:
     """``x`` rounded up to ``digits`` significant digits: a budget to print (with ``:.3g``) that is still enough,
     and the very number that printing it and reading it back gives."""
@@ -165,17 +173,21 @@ def check_plan(
     levels: int = LEVELS,
     ratio: float = RATIO,
     top_trials: int = TOP_TRIALS,
+    explore: float = 1.0,
 ) -> Feasibility:
-    """Which levels of ``plan_levels(budget, levels, ratio, top_trials)`` can train a candidate of ``space`` (or one
+    """Which levels of ``plan_levels(budget * explore, levels, ratio, top_trials)`` (``explore``: the exploration
+    share, 1 - confirm_share; the budgets named are total ones) can train a candidate of ``space`` (or one
     of its references ``refs``) for ``min_steps`` steps. Raises SearchError, naming the budget that would do, when
     no level can train anything."""
-    plan = plan_levels(budget, levels, ratio, top_trials)
+    plan = plan_levels(budget * explore, levels, ratio, top_trials)
     width = min(task.widths)
 
     def short(low):
         need = low.need(min_steps)
         return tuple(
-            Shortfall(lv.index, lv.allowance, need, budget_for(lv.index, need, levels, ratio, top_trials))
+            Shortfall(
+                lv.index, lv.allowance, need, total_for(budget_for(lv.index, need, levels, ratio, top_trials), explore)
+            )
             for lv in plan
             if lv.allowance < need
         )

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import einstruct as es
 
-from . import faults, optuna_api, outputs, train
+from . import confirm, faults, optuna_api, outputs, train
 from . import ledger as ledger_mod
 from . import settings as settings_mod
 from . import space as space_mod
@@ -172,12 +172,14 @@ def _check_records(name: str, folder: str, url: str, stored: dict) -> None:
     )
 
 
-def _point(cand) -> str:
-    """A digest of the candidate (family, arguments, width): one training per point and level."""
+def _point(cand, seed: int | None = None) -> str:
+    """A digest of the candidate (family, arguments, width; and a confirmation run's seed): one training per point
+    and level."""
     import hashlib
     import json
 
-    return hashlib.sha1(json.dumps(cand.columns(), sort_keys=True, default=str).encode()).hexdigest()[:40]
+    what = cand.columns() if seed is None else {**cand.columns(), "seed": seed}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
 def reference_width(task, spec, widths, allowance: float, min_steps: int, target_steps: int) -> int:
@@ -285,7 +287,8 @@ def run_search(
     search_space = space_mod.make_space(cfg["space"], task.widths)
     refs = space_mod.references(search_space)
     top = max(int(cfg["top_trials"]), len(refs) + 1)
-    levels = plan_levels(float(cfg["budget"]), int(cfg["levels"]), float(cfg["ratio"]), top)
+    explore_budget = float(cfg["budget"]) * (1 - float(cfg["confirm_share"]))  # the rest: confirmation
+    levels = plan_levels(explore_budget, int(cfg["levels"]), float(cfg["ratio"]), top)
     train.resolve_device(cfg["device"])
     if not dry_run:
         try:  # likewise an unusable output folder
@@ -304,6 +307,7 @@ def run_search(
         int(cfg["levels"]),
         float(cfg["ratio"]),
         top,
+        1 - float(cfg["confirm_share"]),
     )  # SearchError when no level can train any candidate
     est = {}
     if estimate or dry_run:
@@ -384,12 +388,16 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         row = _evaluate(trial, st, cand, lv, ctx)
         if row is None:
             return
-        if row.get("rejected") is not None and Rejected(row["rejected"]).duplicate:
+        if explore is not None and row.get("rejected") is not None and Rejected(row["rejected"]).duplicate:
             # the sampler is stuck on a point: explore once
             st.enqueue_trial(search_space.random_params(explore), user_attrs={"exploration": True})
         rows = result.rows()
         outputs.write_trials_csv(csv_path, rows)
-        done = [float(r["loss"]) for r in rows if r["level"] == lv.index and r["state"] == "COMPLETE"]
+        done = [
+            float(r["loss"])
+            for r in rows
+            if r["level"] == lv.index % outputs.CONFIRM and r["phase"] == row.get("phase") and r["state"] == "COMPLETE"
+        ]
         rep.trial_end(row, _spent(rows), min(done) if done else None)
 
     def references(st, lv) -> bool:
@@ -438,22 +446,89 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
             one(st, lv, explore)
             recover(st, lv.index)
             references(st, lv)
-    while True:  # out of new work: finish the trials of workers that die, until no trial is running
-        busy = False
-        for (_, st), lv in zip(result.studies, levels):
-            recover(st, lv.index)
-            busy = not references(st, lv) or busy
-            while _waiting(st):
-                one(st, lv, explorers[lv.index])
+
+    def drain(pairs, queue) -> None:
+        """Out of new work: finish the trials of workers that die, until no trial is running."""
+        while True:
+            busy = False
+            for st, lv in pairs:
                 recover(st, lv.index)
-            busy = busy or bool(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-        if not busy:
-            break
-        time.sleep(min(ctx.heartbeat, 1) if ctx.heartbeat else 0.5)
+                busy = not queue(st, lv) or busy
+                while _waiting(st):
+                    one(st, lv, explorers.get(lv.index))
+                    recover(st, lv.index)
+                busy = busy or bool(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+            if not busy:
+                break
+            time.sleep(min(ctx.heartbeat, 1) if ctx.heartbeat else 0.5)
+
+    drain([(st, lv) for (_, st), lv in zip(result.studies, levels)], references)
+    if float(cfg["confirm_share"]) > 0:
+        runs = _confirmation(result, ctx, search_space, levels, optuna, meta)
+
+        def queue(st, clv) -> bool:
+            """Queue the level's confirmation runs once, over all workers (as the references are)."""
+            if st.user_attrs.get("confirm_enqueued"):
+                return True
+            live = recover.live
+            if not ledger.claim(f"{name}.L{clv.index}.confirm", me.token, lambda o: (live.refresh(), live.dead(o))[1]):
+                return False
+            have = {t.user_attrs.get("confirm") for t in st.get_trials(deepcopy=False)}
+            for cand, s in runs[clv.index]:
+                key = f"{cand.label}|{cand.width}|{s}"
+                if key not in have:
+                    st.enqueue_trial(search_space.params_for(cand), user_attrs={"confirm": key, "seed": s})
+            st.set_user_attr("confirm_enqueued", True)
+            return True
+
+        pairs = [(st, _level(levels, i, runs)) for i, st in result.studies if i >= outputs.CONFIRM]
+        for st, clv in pairs:
+            recover(st, clv.index)
+            queue(st, clv)
+            rep.level_start(clv, ledger.used_slots(clv.index))
+            while _waiting(st):
+                one(st, clv, None)
+                recover(st, clv.index)
+        drain(pairs, queue)
     clean_folder(folder, result.studies, ledger)  # checkpoints of finished trials a kill left behind
     outputs.write_trials_csv(csv_path, result.rows())
     meta["spent"] = result.spent
     outputs.write_json(os.path.join(folder, "study.json"), meta)
+
+
+def _level(levels, index: int, runs: dict) -> Level:
+    """The confirmation level of ledger level ``index`` (CONFIRM + i): level i's allowance, its planned runs."""
+    return Level(index, levels[index - outputs.CONFIRM].allowance, len(runs[index]))
+
+
+def _confirmation(result, ctx, search_space, levels, optuna, meta) -> dict:
+    """Plan the confirmation phase from the finished exploration (search.confirm), record the plan in study.json
+    and open its level studies; the (candidate, seed) runs by ledger level."""
+    cfg, task = ctx.cfg, ctx.task
+
+    def fallback(structure, i):
+        spec = structure.at(min(task.widths)).spec()
+        return reference_width(task, spec, task.widths, levels[i].allowance, cfg["min_steps"], cfg["target_steps"])
+
+    entries = confirm.plan(
+        result.rows(), search_space.by_name(), [lv.index for lv in levels], task.widths, cfg, fallback
+    )
+    seed_list = confirm.seeds(int(cfg["seed"]), int(cfg["confirm_seeds"]))
+    meta["confirmation"] = confirm.public(entries, seed_list)
+    outputs.write_json(os.path.join(ctx.folder, "study.json"), meta)
+    runs = {}
+    for lv in levels:
+        index = outputs.CONFIRM + lv.index
+        runs[index] = confirm.runs(entries, lv.index, seed_list)
+        st = optuna.create_study(
+            study_name=f"{result.name}.L{index}",
+            storage=ctx.storage,
+            direction="minimize",
+            sampler=optuna.samplers.RandomSampler(seed=int(cfg["seed"])),  # asks only enqueued runs
+            load_if_exists=True,
+        )
+        result.studies.append((index, st))
+    return runs
 
 
 @dataclass
@@ -509,7 +584,16 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     from optuna.trial import TrialState
 
     task, cfg, ledger, rep = ctx.task, ctx.cfg, ctx.ledger, ctx.rep
-    attrs = {"level": lv.index, "allowance": int(lv.allowance), "train_flops": 0, **cand.columns()}
+    phase = "confirm" if lv.index >= outputs.CONFIRM else "explore"
+    seed = int(trial.user_attrs.get("seed", cfg["seed"]))  # a confirmation run's fresh seed
+    attrs = {
+        "level": lv.index % outputs.CONFIRM,
+        "allowance": int(lv.allowance),
+        "train_flops": 0,
+        **cand.columns(),
+        "phase": phase,
+        "seed": seed,
+    }
     tid = optuna_api.trial_id(trial)
     pred = trial.user_attrs.get("retry_of_id")  # the lost trial this one continues
     history = list(trial.user_attrs.get("retry_history", []))
@@ -541,7 +625,9 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         more = {"rejected": kind.value, **more}
         return told(TrialState.PRUNED) if finish(TrialState.PRUNED, reason=reason, **more) else lost_row
 
-    if pred is None:
+    if phase == "confirm" and "seed" not in trial.user_attrs:  # asked when another worker took the last run
+        return reject(Rejected.LEVEL, "not a planned confirmation run (the level's runs are taken)")
+    if pred is None and phase == "explore":  # confirmation runs repeat a point on purpose, each on its own seed
         twin = _twin(st, trial, cand)
         if twin is not None:
             # The same point again (common with categorical widths): spend nothing, and tell the sampler PRUNED,
@@ -569,7 +655,6 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
             f"width {cand.width} gets only {steps} steps of {per_step:.3g} FLOPs within the allowance "
             f"(minimum {cfg['min_steps']})",
         )
-    seed = int(cfg["seed"])
     ckpt = checkpoint_path(ctx.folder, lv.index, trial.number)  # this attempt's own file
     start = 0
     if pred is not None and history:  # continue from a copy of the lost attempt's checkpoint, if there is one
@@ -591,7 +676,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
         bound,
         number=trial.number,
         owner=ctx.worker.token,
-        point=_point(cand),
+        point=_point(cand) if phase == "explore" else _point(cand, seed),
         retry_of=pred,
     )
     faults.point("after_reserve")

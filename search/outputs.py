@@ -8,6 +8,8 @@ import os
 
 from .families import legacy_columns
 
+CONFIRM = 1000  # level i's confirmation runs: Optuna study <study>.L<CONFIRM + i>, ledger level CONFIRM + i
+
 COLUMNS = [
     "number",
     "level",
@@ -31,6 +33,8 @@ COLUMNS = [
     "duplicate_of",  # the trial a duplicate repeats
     "family_params",  # the family's arguments as a JSON object (any family, built-in or the user's)
     "group",  # the family's report group for this structure (search.families)
+    "phase",  # explore, or confirm (search.confirm: the width sweep and the fresh seeds of the confirmed structures)
+    "seed",  # the training seed
 ]
 
 
@@ -76,7 +80,13 @@ def trial_rows(level_studies, charges: dict | None = None) -> list[dict]:
                 continue  # in progress and not yet charged
             a = {**t.user_attrs.get("record", {}), **t.user_attrs}
             row = {k: a.get(k, "") for k in COLUMNS}
-            row.update(level=level, trial=t.number, state=t.state.name, train_flops=int(a.get("train_flops", 0)))
+            row.update(
+                level=level % CONFIRM,
+                trial=t.number,
+                state=t.state.name,
+                train_flops=int(a.get("train_flops", 0)),
+                phase="confirm" if level >= CONFIRM else "explore",
+            )
             if charges is not None:
                 row["train_flops"] = int(charges.get(trial_id(t), 0))
             row["loss"] = t.value if t.value is not None else a.get("loss", "")

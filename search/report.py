@@ -23,6 +23,7 @@ from einstruct import rules
 from einstruct.cli import closed_pipe, run_command
 
 from . import frontier as fr
+from . import verdict as verdict_md
 from .errors import SearchError
 from .families.theta import KEYS as THETA
 from .outputs import write_atomic
@@ -30,7 +31,7 @@ from .storage import redact
 
 PLOTS = {"frontier": "loss_vs_compute.png", "taxonomy": "taxonomy.png", "history": "history.png"}
 REQUIRED = ("number", "level", "trial", "state", "train_flops", "family", "structure", "width", "loss")
-INTS = ("number", "level", "trial", "train_flops", "width", "steps", "params", "blocks", "rank")
+INTS = ("number", "level", "trial", "train_flops", "width", "steps", "params", "blocks", "rank", "seed")
 FLOATS = ("allowance", "omega", "psi", "nu", "loss", "seconds", *THETA)  # theta's entries: search.families.theta
 MACS = rules.TRAIN_FLOPS_PER_MAC  # training FLOPs ~ 6 x forward MACs x examples (forward 2, backward 4 per MAC)
 TOP_TABLES = 3  # winning structures shown with their einstruct tables
@@ -62,8 +63,16 @@ class Study:
         return self.meta.get("settings", {})
 
     def trained(self) -> list[dict]:
-        """COMPLETE trials that were trained (duplicates, which spent 0 FLOPs, are left out)."""
-        return [r for r in self.rows if r["state"] == "COMPLETE" and r["train_flops"] > 0 and _finite(r["loss"])]
+        """COMPLETE exploration trials that were trained (duplicates, which spent 0 FLOPs, are left out; the
+        confirmation runs are the verdict's, search.confirm)."""
+        return [
+            r
+            for r in self.rows
+            if r["state"] == "COMPLETE"
+            and r["train_flops"] > 0
+            and _finite(r["loss"])
+            and (r.get("phase") or "explore") == "explore"
+        ]
 
 
 def _duplicate(row: dict) -> bool:
@@ -600,6 +609,10 @@ def _frontier_section(gs: list[Group]) -> list[str]:
     out = [
         "## Frontiers and scaling laws",
         "",
+        "Exploration runs, one seed, pooled per family-level group: each group's envelope is the best of its "
+        "structures' runs, so it is selection-biased (more runs give a lower envelope by noise alone); the "
+        "verdict above is read on confirmation runs per structure instead.",
+        "",
         f"![Loss vs training FLOPs per group, with frontiers and fitted laws]({PLOTS['frontier']})",
         "",
         "Per group: the compute-loss Pareto frontier (lower convex hull in log-log plus points within 2% of it) "
@@ -687,6 +700,8 @@ def render(study: Study, gs: list[Group]) -> str:
         f"{len(study.trained())} trained. Frontier points: {study.curve_note}.",
         "",
     ]
+    has = bool(study.meta.get("confirmation"))
+    lines += [*verdict_md.markdown(verdict_of(study)).splitlines(), ""] if has else _no_verdict()
     lines += _settings_section(study)
     lines += _budget_section(study)
     lines += _winners_section(study)
@@ -721,6 +736,22 @@ def render(study: Study, gs: list[Group]) -> str:
     return "\n".join(lines)
 
 
+def verdict_of(study: Study) -> list:
+    """The verdict's comparisons (search.confirm.verdict), from the study's confirmation runs only."""
+    from .confirm import verdict
+
+    return verdict(study.rows, study.curves, study.meta.get("confirmation") or {})
+
+
+def _no_verdict() -> list[str]:
+    return [
+        "## Verdict",
+        "",
+        "No verdict: this study has no confirmation phase (--confirm-share 0, or a study from before it).",
+        "",
+    ]
+
+
 def _shown(folder: str) -> str:
     """The folder relative to the working directory when below it, else its name (no machine paths)."""
     rel = os.path.relpath(folder)
@@ -737,6 +768,8 @@ def write_report(folder: str, name: str | None = None) -> str:
         plot_history(study, os.path.join(study.folder, PLOTS["history"]))
         path = os.path.join(study.folder, "report.md")
         write_atomic(path, render(study, gs))
+        if study.meta.get("confirmation"):
+            verdict_md.write_json(study.folder, verdict_of(study))
     except OSError as e:
         raise SearchError(
             f"cannot write the report into {study.folder}: {e.strerror or e}; copy the study to a "

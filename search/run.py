@@ -122,6 +122,12 @@ class TqdmReporter:
         for lv in info["levels"]:
             print(f"{lv.index:5d} {lv.allowance:16.3e} {lv.trials:7d} {lv.planned_flops:12.3e}")
         print(f"references at every level: {', '.join(info['references'])}")
+        share = info["settings"].get("confirm_share", 0)
+        if share:
+            print(
+                f"then confirmation: {share:.0%} of the budget, {info['settings']['confirm_seeds']} fresh seeds at "
+                "the same allowances (search.confirm)"
+            )
         for line in feasibility_warnings(info.get("feasibility")):
             print(line, file=sys.stderr)
         secs = est["seconds"]

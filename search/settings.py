@@ -84,6 +84,21 @@ class Settings:
         default_factory=dict,
         metadata=_meta("the task's own settings as a JSON object, e.g. '{\"batch\": 64}'", keyed=True),
     )
+    confirm_share: float = _option(
+        0.72,
+        "share of the budget kept for the confirmation phase (retraining the confirmed structures on fresh seeds "
+        "at widths around their best); 0: no confirmation and no verdict",
+        keyed=True,
+    )
+    confirm_top: int = _option(
+        2,
+        "structures confirmed by exploration loss over the upper levels (besides the best named one and dense)",
+        keyed=True,
+    )
+    confirm_seeds: int = _option(3, "fresh training seeds per confirmed run (seed + 1, seed + 2, ...)", keyed=True)
+    confirm_widths: int = _option(
+        3, "grid widths per confirmed structure and level, bracketing its best exploration width", keyed=True
+    )
     device: str = _option("auto", "auto, cpu, cuda or cuda:N")
     heartbeat: int = _option(
         10,
@@ -279,6 +294,12 @@ def check(cfg: dict) -> None:
     ):
         if not _whole(cfg[key], 1):
             raise SearchError(f"{flag(key)} must be a whole number of steps, 1 or more ({what}), got {cfg[key]!r}")
+    share = cfg["confirm_share"]
+    if not _number(share) or not 0 <= share < 1:
+        raise SearchError(f"--confirm-share must be a number from 0 to below 1 (a share of the budget), got {share!r}")
+    for key, low in (("confirm_top", 0), ("confirm_seeds", 2), ("confirm_widths", 1)):
+        if not _whole(cfg[key], low):
+            raise SearchError(f"{flag(key)} must be a whole number, {low} or more, got {cfg[key]!r}")
     if not _whole(cfg["heartbeat"], 0):
         raise SearchError(f"--heartbeat must be a number of seconds >= 1 (0: off), got {cfg['heartbeat']!r}")
     for key in ("checkpoints", "checkpoint_steps"):
@@ -309,6 +330,8 @@ def for_study(name: str, folder: str, given: dict, stored: dict | None = None) -
     stored = stored or {}
     check_same(name, stored, {k: v for k, v in given.items() if v is not None})
     out = Settings().as_dict()
+    if stored and "confirm_share" not in stored:
+        out["confirm_share"] = 0.0  # a study from before the confirmation phase resumes as it was planned
     out.update({k: v for k, v in stored.items() if k in out})
     out.update({k: v for k, v in given.items() if v is not None and k in out})
     return out

@@ -9,7 +9,15 @@ import pytest
 
 TINY_TASK = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
 TINY_STUDY = dict(  # the regression task, the full space, three levels: about 10 s on one core
-    budget=6e8, levels=3, ratio=2.0, top_trials=7, min_steps=8, target_steps=30, task_settings=TINY_TASK, device="cpu"
+    budget=6e8,
+    levels=3,
+    ratio=2.0,
+    top_trials=7,
+    min_steps=8,
+    target_steps=30,
+    task_settings=TINY_TASK,
+    device="cpu",
+    confirm_share=0.0,  # the exploration loop alone (tests/search/test_confirm.py runs both phases)
 )
 
 

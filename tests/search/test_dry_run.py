@@ -40,15 +40,18 @@ def default():
     return task, space, refs, dict(levels=DEFAULTS["levels"], ratio=DEFAULTS["ratio"], top_trials=top)
 
 
+EXPLORE = 1 - DEFAULTS["confirm_share"]  # the exploration share of the budget; the budgets named are total ones
+
+
 def check(default, b):
     task, space, refs, lv = default
-    return budget.check_plan(task, space, refs, b, DEFAULTS["min_steps"], **lv)
+    return budget.check_plan(task, space, refs, b, DEFAULTS["min_steps"], **lv, explore=EXPLORE)
 
 
 def steps_of_cheapest(default, b, level) -> int:
     """Steps the cheapest candidate gets at ``level`` of the plan for budget ``b``, by the trainer's own count."""
     task, space, refs, lv = default
-    allowance = budget.plan_levels(b, **lv)[level].allowance
+    allowance = budget.plan_levels(b * EXPLORE, **lv)[level].allowance
     cheapest = min(
         budget.candidates(space, refs, min(task.widths)), key=lambda c: train.plan(task, c.spec(), c.width, 1.0)[1]
     )
@@ -115,7 +118,8 @@ def test_a_real_run_is_refused_before_anything_is_trained(no_probe, tmp_path, ca
 def test_a_plan_with_level_0_infeasible_warns_with_the_budget_that_fixes_it(default, no_probe, tmp_path, capsys):
     task, space, refs, lv = default
     need = budget.cheapest(task, budget.candidates(space, refs, min(task.widths))).need(DEFAULTS["min_steps"])
-    b = budget.budget_for(1, need, **lv)  # level 1 just feasible, so level 0 (a factor `ratio` lower) is not
+    # level 1 just feasible, so level 0 (a factor `ratio` lower) is not
+    b = budget.total_for(budget.budget_for(1, need, **lv), EXPLORE)
     assert [s.level for s in check(default, b).infeasible] == [0]
     code, out, err = call(["--budget", repr(b), "--dry-run", "--no-progress", "--out", str(tmp_path / "s")], capsys)
     assert code == 0 and "dry run: nothing trained" in out
@@ -124,7 +128,8 @@ def test_a_plan_with_level_0_infeasible_warns_with_the_budget_that_fixes_it(defa
     fix = float(re.search(r"--budget (\S+) or more makes it feasible", warning[0]).group(1))
     assert check(default, fix).infeasible == ()  # that budget makes level 0 feasible, through the same planning
     assert steps_of_cheapest(default, fix, 0) >= DEFAULTS["min_steps"] > steps_of_cheapest(default, b, 0)
-    exact = budget.budget_for(0, need, **lv)  # and it is the smallest such budget, rounded up to 3 digits
+    # and it is the smallest such budget, rounded up to 3 digits
+    exact = budget.total_for(budget.budget_for(0, need, **lv), EXPLORE)
     assert exact <= fix <= budget.round_up(exact) and check(default, exact).infeasible == ()
     assert [s.level for s in check(default, float(f"{exact * (1 - 1e-9):.17g}")).infeasible] == [0]
 
@@ -149,9 +154,10 @@ def test_budget_for_gives_the_smallest_budget_that_reaches_an_allowance():
 def test_the_reported_3e9_plan_warns_that_level_0_trains_no_reference(default, no_probe, tmp_path, capsys):
     """`--budget 3e9` pruned all 321 level-0 trials: the cheapest theta point (rank-1 low rank) would get its 20
     steps there, but no reference does, and the sampler did not find a point that cheap."""
-    f = check(default, 3e9)
+    b = budget.total_for(3e9, EXPLORE)  # the study's 3e9 were all exploration: today's total with that share
+    f = check(default, b)
     assert f.infeasible == () and [s.level for s in f.no_references] == [0]
-    code, out, err = call(["--budget", "3e9", "--dry-run", "--no-progress", "--out", str(tmp_path / "s")], capsys)
+    code, out, err = call(["--budget", repr(b), "--dry-run", "--no-progress", "--out", str(tmp_path / "s")], capsys)
     warning = [line for line in err.splitlines() if "no reference structure" in line]
     assert code == 0 and "dry run: nothing trained" in out
     assert len(warning) == 1 and warning[0].startswith("warning: at level 0 (")

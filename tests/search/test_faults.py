@@ -30,6 +30,7 @@ SMALL = dict(
     heartbeat=1,
     checkpoint_steps=10,
     checkpoints=4,
+    confirm_share=0.0,  # exploration's crash points (tests/search/test_confirm.py kills one in confirmation)
 )
 
 

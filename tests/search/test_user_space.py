@@ -29,6 +29,7 @@ TINY = dict(
     target_steps=30,
     device="cpu",
     estimate=False,
+    confirm_share=0.0,  # the exploration groups are what these tests read
     task_settings=dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64]),
 )
 MODULE = '''

@@ -26,6 +26,7 @@ SETTINGS = dict(
     device="cpu",
     space="btt",
     heartbeat=2,
+    confirm_share=0.0,  # exploration's workers (tests/search/test_confirm.py runs both phases)
 )
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}

@@ -1,0 +1,186 @@
+"""The confirmation phase: after exploration, which structures are retrained, at which widths and on which seeds,
+and the verdict read from those runs only (search.verdict).
+
+Confirmed are the top ``confirm_top`` distinct structures by exploration loss over the upper levels (every level
+but the lowest: the mean of the structure's best log loss there, structures trained at more of those levels
+first), the best *named* structure (a structure other than dense whose family gives it a name of its own, e.g.
+BTT, Monarch or theta's THEORY 2 points, with the lowest exploration loss at the top level) and dense. Each is
+trained at every level's allowance, at ``confirm_widths`` widths of the task's grid that bracket its best
+exploration width at that level (when that width is at the grid's edge, the bracket cannot surround it and the
+structure's frontier is *edge-limited* there), on ``confirm_seeds`` fresh seeds: ``seed + 1, seed + 2, ...``,
+never the exploration seed. The sweep over widths and the repeat over seeds are one phase, ``confirm``, in
+trials.csv's ``phase`` column (exploration is ``explore``).
+
+Each confirmation level is its own Optuna study ``<study>.L<CONFIRM + i>`` holding only enqueued trials, with its
+own ledger level ``CONFIRM + i`` (search.outputs.CONFIRM), so the ledger keeps both phases inside the budget and a
+resumed study trains only the confirmation runs that have not finished.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .families.base import Candidate
+
+ROLES = ("top", "named", "dense")
+
+
+def seeds(seed: int, n: int) -> list[int]:
+    """The confirmation seeds of a study with exploration seed ``seed``: fresh, deterministic, never ``seed``."""
+    return [(int(seed) + 1 + j) % 2**32 for j in range(int(n))]
+
+
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _explored(rows) -> list[dict]:
+    """Trained COMPLETE exploration rows with a finite loss."""
+    out = []
+    for r in rows:
+        if (r.get("phase") or "explore") != "explore" or r["state"] != "COMPLETE":
+            continue
+        if not _float(r["train_flops"]) > 0 or not math.isfinite(_float(r["loss"])):
+            continue
+        out.append(r)
+    return out
+
+
+def named(cand: Candidate) -> bool:
+    """A structure other than dense with a name of its own: its family's group, unless the family declares
+    per-structure groups and this one falls in the family's catch-all (theta's unnamed points)."""
+    fam = cand.fam
+    if cand.group == "dense":
+        return False
+    return not (getattr(fam, "groups", ()) and cand.group == (fam.group or fam.label or fam.name))
+
+
+def select(rows, families: dict | None, levels: list[int], top: int) -> list[tuple[str, Candidate, bool]]:
+    """(role, structure at width 0, whether it is the best named one) of the structures to confirm, in verdict
+    order: the top ``top``, then the best named one and dense (each once; one already among the top keeps its
+    role "top")."""
+    best: dict[tuple, dict[int, float]] = {}  # structure -> level -> lowest loss
+    cands: dict[tuple, Candidate] = {}
+    for r in _explored(rows):
+        c = Candidate.from_row(r, families)
+        key = (c.family, c.args)
+        cands[key] = c.at(0)
+        lv, loss = int(r["level"]), _float(r["loss"])
+        best.setdefault(key, {})
+        best[key][lv] = min(loss, best[key].get(lv, math.inf))
+    upper = sorted(levels)[1:] or list(levels)
+
+    def score(key):
+        have = [math.log(best[key][lv]) for lv in upper if lv in best[key] and best[key][lv] > 0]
+        return (-len(have), sum(have) / len(have) if have else math.inf, cands[key].label)
+
+    ranked = sorted(best, key=score)
+    top_level = max(levels)
+    names = [k for k in best if named(cands[k]) and top_level in best[k]]
+    best_named = min(names, key=lambda k: (best[k][top_level], cands[k].label)) if names else None
+    out = [("top", cands[k], k == best_named) for k in ranked[:top]]
+    chosen = set(ranked[:top])
+    if best_named is not None and best_named not in chosen:
+        out.append(("named", cands[best_named], True))
+        chosen.add(best_named)
+    dense = [k for k in best if cands[k].family == "dense"]
+    if dense and dense[0] not in chosen:
+        out.append(("dense", cands[dense[0]], False))
+    return out
+
+
+def bracket(grid, best: int, n: int) -> tuple[list[int], bool]:
+    """``n`` (>= 3 when the grid has them) consecutive grid widths around ``best``, and whether ``best`` is at the
+    grid's edge (the bracket cannot surround it: edge-limited)."""
+    ws = sorted(set(int(w) for w in grid))
+    i = min(range(len(ws)), key=lambda j: abs(math.log(ws[j] / best)))
+    n = min(max(int(n), 1), len(ws))
+    lo = min(max(i - (n - 1) // 2, 0), len(ws) - n)
+    return ws[lo : lo + n], i in (0, len(ws) - 1)
+
+
+def best_width(rows, families: dict | None, structure: Candidate, level: int) -> int | None:
+    """The width of ``structure``'s lowest exploration loss at ``level`` (None: not trained there)."""
+    mine = []
+    for r in _explored(rows):
+        if int(r["level"]) == level:
+            c = Candidate.from_row(r, families)
+            if (c.family, c.args) == (structure.family, structure.args):
+                mine.append((_float(r["loss"]), c.width))
+    return min(mine)[1] if mine else None
+
+
+def plan(rows, families, levels: list[int], grid, cfg: dict, fallback) -> list[dict]:
+    """The confirmation plan: per structure its role, label and, per level, the best width, the bracket and the
+    edge flag; ``fallback(structure, level)`` gives a width for a level the structure was not trained at."""
+    out = []
+    for role, s, is_named in select(rows, families, levels, int(cfg["confirm_top"])):
+        per = {}
+        for lv in levels:
+            w = best_width(rows, families, s, lv)
+            found = w is not None
+            w = w if found else fallback(s, lv)
+            ws, edge = bracket(grid, w, int(cfg["confirm_widths"]))
+            per[str(lv)] = {"best_width": w, "explored": found, "widths": ws, "edge": edge}
+        out.append({"role": role, "structure": s.label, "best_named": is_named, "candidate": s, "levels": per})
+    return out
+
+
+def runs(entries: list[dict], level: int, seed_list: list[int]) -> list[tuple[Candidate, int]]:
+    """The (candidate, seed) runs of one level, seed-major (a budget that runs short leaves whole seeds)."""
+    return [(e["candidate"].at(w), s) for s in seed_list for e in entries for w in e["levels"][str(level)]["widths"]]
+
+
+def public(entries: list[dict], seed_list: list[int]) -> dict:
+    """The plan as study.json records it (the report reads roles and edge flags from it)."""
+    return {
+        "seeds": list(seed_list),
+        "structures": [{k: v for k, v in e.items() if k != "candidate"} for e in entries],
+    }
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+def verdict(rows, curves: dict, confirmation: dict) -> list:
+    """search.verdict.Comparison's of every confirmed structure vs dense and vs the best named structure, from
+    the confirmation rows only (grouped per structure and seed; a run's curve points are frontier points: the
+    schedule is constant). ``curves``: (level, trial) -> points as the report reads them (confirmation trials
+    under level CONFIRM + i); ``confirmation``: study.json's plan."""
+    from .outputs import CONFIRM
+    from .verdict import compare
+
+    by: dict[str, dict[int, list]] = {}
+    for r in rows:
+        if r.get("phase") != "confirm" or r["state"] != "COMPLETE" or not math.isfinite(_float(r["loss"])):
+            continue
+        pts = curves.get((CONFIRM + int(r["level"]), int(r["trial"]))) or ((r["train_flops"], r["loss"]),)
+        seed = int(_float(r["seed"]))
+        keep = [(float(c), float(v)) for c, v in pts if float(c) > 0 and math.isfinite(float(v)) and float(v) > 0]
+        by.setdefault(r["structure"], {}).setdefault(seed, []).extend(keep)
+    entries = confirmation.get("structures", [])
+    dense = next((e["structure"] for e in entries if e["structure"] == "dense"), "dense")
+    named_ = next((e["structure"] for e in entries if e.get("best_named")), None)
+    out = []
+    for e in entries:
+        s = e["structure"]
+        if s == dense:
+            continue
+        out.append(_with_edges(compare(s, by.get(s, {}), dense, by.get(dense, {})), e))
+        if named_ is not None and s != named_:
+            out.append(_with_edges(compare(s, by.get(s, {}), named_, by.get(named_, {})), e))
+    return out
+
+
+def _with_edges(c, entry: dict):
+    """The comparison, its note telling the levels where the structure's frontier is edge-limited."""
+    from dataclasses import replace
+
+    edges = [lv for lv, p in sorted(entry["levels"].items(), key=lambda kv: int(kv[0])) if p["edge"]]
+    if not edges:
+        return c
+    note = f"{c.structure}'s best width is at the width grid's edge at level(s) {', '.join(edges)}: edge-limited"
+    return replace(c, note=f"{c.note}; {note}" if c.note else note)

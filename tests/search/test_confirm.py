@@ -1,0 +1,138 @@
+"""The confirmation phase (search.confirm): which structures, widths and seeds are confirmed, the budget and
+resume across both phases, and the verdict's null test through the real pipeline (issue 17 parts 1, 2, 6a, 7)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from search import confirm, report
+from search.families.base import Candidate
+from search.families.registry import lookup
+from search.loop import run_search
+
+TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
+NULL = dict(
+    budget=6e8,
+    levels=3,
+    ratio=2.0,
+    top_trials=3,
+    min_steps=8,
+    target_steps=30,
+    task_settings=TINY,
+    device="cpu",
+    space="tests.search._twin_space:SPACE",
+    confirm_share=0.8,
+    confirm_top=1,
+)  # the default protocol otherwise: 3 fresh seeds, 3 widths
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bracket_surrounds_the_best_width_or_says_it_is_at_the_edge():
+    grid = [16, 32, 64, 128, 256]
+    assert confirm.bracket(grid, 64, 3) == ([32, 64, 128], False)
+    assert confirm.bracket(grid, 16, 3) == ([16, 32, 64], True)
+    assert confirm.bracket(grid, 256, 3) == ([64, 128, 256], True)
+    assert confirm.bracket(grid, 64, 4) == ([32, 64, 128, 256], False)
+    assert confirm.bracket([16, 32], 16, 3) == ([16, 32], True)  # the grid has fewer: all of it
+
+
+def test_confirmation_seeds_are_fresh_and_deterministic():
+    assert confirm.seeds(0, 3) == [1, 2, 3] == confirm.seeds(0, 3)
+    assert 2**32 - 1 not in confirm.seeds(2**32 - 1, 3) and confirm.seeds(2**32 - 1, 2) == [0, 1]
+
+
+def _row(family, level, loss, width=32, **args):
+    c = Candidate.of(lookup(family), width, args)
+    return {**c.columns(), "level": level, "loss": loss, "state": "COMPLETE", "train_flops": 1, "phase": "explore"}
+
+
+def test_select_ranks_by_upper_levels_then_adds_the_best_named_and_dense():
+    rows = [
+        _row("dense", 0, 0.1),
+        _row("dense", 1, 0.5),
+        _row("dense", 2, 0.4),
+        _row("btt", 0, 0.9, rank=1),
+        _row("btt", 1, 0.3, rank=1),
+        _row("btt", 2, 0.2, rank=1),
+        _row("monarch", 1, 0.45, blocks=4),
+        _row("monarch", 2, 0.25, blocks=4),  # better than dense at the top, worse than btt
+        _row("btt", 2, 0.01, rank=2),  # one upper level only: ranked after those at both
+        {**_row("btt", 2, 0.001, rank=4), "phase": "confirm"},  # a confirmation row: not exploration
+    ]
+    got = [(role, c.label, named) for role, c, named in confirm.select(rows, None, [0, 1, 2], 1)]
+    assert got == [("top", "btt(r=1)", False), ("named", "btt(r=2)", True), ("dense", "dense", False)]
+    got = [(role, c.label, named) for role, c, named in confirm.select(rows, None, [0, 1, 2], 2)]
+    assert got[:2] == [("top", "btt(r=1)", False), ("top", "monarch(b=4)", False)]
+
+
+def _rows(folder):
+    with open(os.path.join(folder, "trials.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def null_study(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("null"))
+    result = run_search("null", out=out, estimate=False, **NULL)
+    report.write_report(out, "null")
+    return out, result
+
+
+def test_null_identical_structures_are_not_distinguishable(null_study):
+    out, _ = null_study
+    verdict = json.load(open(os.path.join(out, "verdict.json")))
+    assert [(v["structure"], v["vs"]) for v in verdict] == [("twin", "dense")]
+    v = verdict[0]
+    assert set(v) >= {"structure", "vs", "loss", "multiplier", "low", "high", "call", "seeds"}
+    assert v["call"] == "not distinguishable" and v["seeds"] == 3 and v["low"] <= 1 <= v["high"]
+    text = open(os.path.join(out, "report.md")).read()
+    assert text.index("## Verdict") < text.index("## Settings") and "| twin | dense |" in text
+
+
+def test_confirmation_runs_fresh_seeds_at_bracketing_widths_within_the_budget(null_study):
+    out, result = null_study
+    rows = _rows(out)
+    assert sum(int(r["train_flops"]) for r in rows) == result.spent <= NULL["budget"]
+    explore = [r for r in rows if r["phase"] == "explore" and int(r["train_flops"]) > 0]
+    conf = [r for r in rows if r["phase"] == "confirm" and r["state"] == "COMPLETE"]
+    assert explore and {r["seed"] for r in explore} == {"0"}
+    assert {r["seed"] for r in conf} == {"1", "2", "3"}
+    meta = json.load(open(os.path.join(out, "study.json")))
+    plan = meta["confirmation"]
+    assert [s["structure"] for s in plan["structures"]] == ["dense", "twin"]
+    assert meta["settings"]["confirm_seeds"] == 3 and meta["settings"]["confirm_share"] == 0.8
+    for s in plan["structures"]:
+        for lv, p in s["levels"].items():
+            assert len(p["widths"]) == 3 and p["edge"] == (p["best_width"] in (16, 64))
+            mine = [r for r in rows if r["phase"] == "confirm" and r["level"] == lv]
+            runs = {r["width"] for r in mine if r["structure"] == s["structure"]}
+            assert runs <= {str(w) for w in p["widths"]}
+    # a trained confirmation run of each structure at the top level, on every seed
+    top = str(NULL["levels"] - 1)
+    for s in ("dense", "twin"):
+        assert {r["seed"] for r in conf if r["structure"] == s and r["level"] == top} == {"1", "2", "3"}
+
+
+def test_a_study_killed_in_confirmation_resumes_without_retraining(null_study, tmp_path):
+    full, _ = null_study
+    trained = [r for r in _rows(full) if int(r["train_flops"]) > 0]
+    n_explore = sum(1 for r in trained if r["phase"] == "explore")
+    out = str(tmp_path / "killed")
+    code = (
+        "import sys; from search.loop import run_search; from tests.search.test_confirm import NULL; "
+        "run_search('null', out=sys.argv[1], estimate=False, **NULL)"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "EINSTRUCT_FAULT": f"kill:after_settle#{n_explore + 2}"}
+    p = subprocess.run([sys.executable, "-c", code, out], env=env, cwd=ROOT, capture_output=True)
+    assert p.returncode == -9, p.stderr.decode()[-2000:]
+    before = [r for r in _rows(out) if int(r["train_flops"]) > 0 and r["phase"] == "confirm"]
+    assert 1 <= len(before) <= 2  # killed in the confirmation phase
+    result = run_search("null", out=out, estimate=False, **NULL)
+    rows = result.rows()
+    key = lambda r: (r["phase"], str(r["level"]), r["structure"], str(r["width"]), str(r["seed"]))
+    assert sorted(map(key, (r for r in rows if int(r["train_flops"]) > 0))) == sorted(map(key, trained))
+    assert result.spent <= NULL["budget"]
