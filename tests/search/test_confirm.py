@@ -13,8 +13,8 @@ from search import confirm, report
 from search.families.base import Candidate
 from search.families.registry import lookup
 from search.loop import run_search
+from tests.search.conftest import TINY_TASK as TINY
 
-TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
 NULL = dict(
     budget=6e8,
     levels=3,

@@ -15,8 +15,8 @@ from search.ledger import Ledger, Refused
 from search.loop import run_search
 from search.storage import open_storage
 from tests.search import _crash
+from tests.search.conftest import TINY_TASK as TINY
 
-TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
 SMALL = dict(
     budget=1.2e8,
     levels=3,

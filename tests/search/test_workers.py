@@ -13,8 +13,8 @@ import pytest
 from search import outputs
 from search.ledger import Ledger, Refused
 from search.storage import open_storage
+from tests.search.conftest import TINY_TASK as TINY
 
-TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32, 64])
 SETTINGS = dict(
     budget=2e8,
     levels=3,
