@@ -1,7 +1,7 @@
 """coord_check on the user's own model: per-layer activation size and per-step change across widths.
 
     res = es.coord_check(make_model, widths=(64, 128, 256), data=batches, loss_fn=F.cross_entropy, out="cc")
-    print(res)                 # a table per rate rule: one row per layer, one column per width
+    str(res)                   # a table per rate rule: one row per layer, one column per width
     # cc/coord_check.csv and cc/coord_check.png (mup's coord-check plot: size against width, log-log)
 
 For each width, ``make_model(width)`` is built under a fixed seed and trained for ``steps`` steps on the

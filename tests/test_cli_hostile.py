@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from einstruct import cli
 from search import report
 from search import run as search_run
+from tests.search.conftest import SMALLEST_STUDY as SETTINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "s3cret-Pa55"
@@ -271,19 +272,6 @@ def test_search_report_bad_input(files, capsys, tmp_path):
 
 
 # ---- secrets: nowhere in what a study writes or prints ---------------------------------------------
-
-TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32])
-SETTINGS = dict(
-    budget=4e7,
-    levels=3,
-    ratio=2.0,
-    top_trials=3,
-    min_steps=4,
-    target_steps=10,
-    task_settings=TINY,
-    device="cpu",
-    space="btt",
-)
 
 
 def _check_no_secret(folder, *texts):

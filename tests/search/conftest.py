@@ -21,6 +21,19 @@ TINY_STUDY = dict(  # the regression task, the full space, three levels: about 1
 )
 
 
+SMALLEST_STUDY = dict(  # btt only, two widths, 4e7 FLOPs: a study that exists, for exit codes and secrets tests
+    budget=4e7,
+    levels=3,
+    ratio=2.0,
+    top_trials=3,
+    min_steps=4,
+    target_steps=10,
+    task_settings=dict(TINY_TASK, widths=[16, 32]),
+    device="cpu",
+    space="btt",
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
     """(result, folder) of one tiny finished study, run once per session for every module that reads a study

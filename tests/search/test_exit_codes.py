@@ -18,23 +18,12 @@ import pytest
 
 from search import report, train
 from search import run as search_run
+from tests.search.conftest import SMALLEST_STUDY as SETTINGS
 
 from ..test_cli_hostile import call
 from .conftest import write_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32])
-SETTINGS = dict(
-    budget=4e7,
-    levels=3,
-    ratio=2.0,
-    top_trials=3,
-    min_steps=4,
-    target_steps=10,
-    task_settings=TINY,
-    device="cpu",
-    space="btt",
-)
 
 
 def assert_one_line(code, err, needle, want=2, prog="search.run"):

@@ -20,6 +20,7 @@ import pytest
 
 from search import run as search_run
 from search.storage import password_of, redact
+from tests.search.conftest import SMALLEST_STUDY as SETTINGS
 
 from ..test_cli_hostile import postgres_test_url
 
@@ -203,18 +204,7 @@ def test_a_refused_connection_in_a_real_process(tmp_path):
 
 # ---- what a study writes ---------------------------------------------------------------------------
 
-TINY = dict(pool=2048, eval_size=256, batch=32, teacher_width=16, teacher_depth=2, widths=[16, 32])
-SETTINGS = dict(
-    budget=4e7,
-    levels=3,
-    ratio=2.0,
-    top_trials=3,
-    min_steps=4,
-    target_steps=10,
-    task_settings=TINY,
-    device="cpu",
-    space="btt",
-)
+
 STUDY_PW = "Zzq7'Wr0\"ng9 o@n10n:g4rl1c/9%41\\\u00fcb3r\u20ac"  # connects as written (the '@' percent-encoded)
 
 
