@@ -198,12 +198,13 @@ def reference_width(task, spec, widths, allowance: float, min_steps: int, target
     return best if best is not None else min(widths)
 
 
-def probe(task, widths, device: str) -> dict:
+def probe(task, widths, device: str, threads: int | None = None) -> dict:
     """Throughput of real steps and the fixed cost of a trial, for the wall-time estimate.
 
     Dense and BTT, each at the smallest and at a middle width of the grid; the slowest rate counts.
     Small models are overhead-bound (far fewer FLOP/s) and the search often favours them on a CPU
-    (on the default study a middle-width-only probe was 4x optimistic).
+    (on the default study a middle-width-only probe was 4x optimistic). ``threads``: the search's --threads,
+    so that the probe runs each step on the threads the trials will.
     """
     ws = sorted(widths)
     rates = []
@@ -213,13 +214,13 @@ def probe(task, widths, device: str) -> dict:
                 _, per_step = train.plan(task, spec, w, 1.0)
             except (es.SpecError, SearchError):
                 continue
-            train.run(task, spec, w, train_flops=per_step, seed=0, device=device, evals=1)  # warm-up
-            r = train.run(task, spec, w, train_flops=per_step * 16, seed=0, device=device, evals=1)
+            train.run(task, spec, w, train_flops=per_step, seed=0, device=device, evals=1, threads=threads)  # warm-up
+            r = train.run(task, spec, w, train_flops=per_step * 16, seed=0, device=device, evals=1, threads=threads)
             rates.append(r.train_flops / max(r.seconds, 1e-9))
     w = ws[len(ws) // 2]
     t0 = time.perf_counter()
     _, per_step = train.plan(task, None, w, 1.0)
-    train.run(task, None, w, train_flops=per_step, seed=0, device=device, evals=1)
+    train.run(task, None, w, train_flops=per_step, seed=0, device=device, evals=1, threads=threads)
     overhead = time.perf_counter() - t0  # build, groups, one step, one evaluation
     return {"flops_per_second": min(rates), "seconds_per_trial": overhead, "probe_width": w}
 
@@ -313,7 +314,7 @@ def run_search(
     if estimate or dry_run:
         trials = sum(lv.trials for lv in levels)
         on = devices or [cfg["device"]]
-        est = estimate_on(lambda d: probe(task, task.widths, d), on, float(cfg["budget"]), trials)
+        est = estimate_on(lambda d: probe(task, task.widths, d, cfg["threads"]), on, float(cfg["budget"]), trials)
     result = SearchStudy(name, folder, cfg, levels, estimate=est)
     rep.plan(
         {
@@ -720,6 +721,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
             seed=seed,
             device=cfg["device"],
             compile=cfg["compile"],
+            threads=cfg["threads"],
             callback=rep.trial_step,
             checkpoint=ckpt,
             checkpoint_every=every,

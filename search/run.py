@@ -301,6 +301,15 @@ def _start_workers(args, given: dict, base: int, devices: list[str]) -> list:
     create_storage_tables(args.storage, folder)  # once, before several processes race to create them
     cmd = [sys.executable, "-m", "search.run", "--study", args.study, "--out", folder]
     env = dict(os.environ)
+    cpu_workers = devices.count("cpu")
+    if cpu_workers > 1:  # the cores split between the CPU workers of this machine (search.threads)
+        import torch
+
+        from .threads import share
+
+        each = share(cpu_workers)
+        env["OMP_NUM_THREADS"] = str(each)
+        torch.set_num_threads(each)  # this process is one of them
     if args.storage:  # through the environment: a password on a command line is visible to every user (ps)
         env["EINSTRUCT_STORAGE"] = args.storage
     children = []

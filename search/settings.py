@@ -113,6 +113,11 @@ class Settings:
         "reduce-overhead (CUDA graphs, CUDA only)",
         choices=_compile_modes,
     )
+    threads: int = _option(
+        0,
+        "intra-op CPU threads per trial: 0 = auto (one thread for a small step, where more are slower, else this "
+        "worker's share of the cores; search.threads), or a number",
+    )
 
     # ---- reading and writing --------------------------------------------------------------------
 
@@ -302,6 +307,8 @@ def check(cfg: dict) -> None:
             raise SearchError(f"{flag(key)} must be a whole number, {low} or more, got {cfg[key]!r}")
     if not _whole(cfg["heartbeat"], 0):
         raise SearchError(f"--heartbeat must be a number of seconds >= 1 (0: off), got {cfg['heartbeat']!r}")
+    if not _whole(cfg["threads"], 0):
+        raise SearchError(f"--threads must be a whole number of threads, 1 or more (0: auto), got {cfg['threads']!r}")
     for key in ("checkpoints", "checkpoint_steps"):
         if not _whole(cfg[key], 1):
             raise SearchError(f"{flag(key)} must be a whole number, 1 or more, got {cfg[key]!r}")

@@ -48,6 +48,7 @@ import torch
 import einstruct as es
 
 from . import distributed
+from . import threads as trial_threads
 from .checkpoints import checkpoint_step, copy_checkpoint, load_checkpoint, pack  # noqa: F401  (train's names)
 from .errors import SearchError
 from .step import Step, check_compile, loss_function, optimizer
@@ -145,8 +146,12 @@ def run(
     on_bound: Callable[[int], None] | None = None,
     require_step: int | None = None,
     compile: str = "off",
+    threads: int | None = None,
 ) -> Result:
-    """Train ``spec`` (None or 'dense' for dense) at ``width`` on ``task`` for at most ``train_flops``."""
+    """Train ``spec`` (None or 'dense' for dense) at ``width`` on ``task`` for at most ``train_flops``.
+
+    ``threads``: None leaves torch's intra-op thread count as it is; else the search's ``--threads`` (0: one
+    thread for a small step, else the count as it is; N: N threads on a CPU; search.threads), restored after."""
     check_positive("train_flops", train_flops, float)
     if schedule not in ("constant", "cosine"):
         raise SearchError(f"schedule {schedule!r} is not known; use 'constant' (warmup then flat) or 'cosine'")
@@ -155,26 +160,30 @@ def run(
     lr = hp.lr if lr is None else check_positive("lr", lr, float)
     world, dev = distributed.setup(resolve_device(device))
     try:
-        return _run(
-            task,
-            spec,
-            width,
-            train_flops,
-            seed,
-            lr,
-            schedule,
-            warmup,
-            dev,
-            evals,
-            check_every,
-            callback,
-            checkpoint,
-            checkpoint_every,
-            on_bound,
-            world,
-            require_step,
-            compile,
-        )
+        n_threads = None
+        if threads is not None:
+            n_threads = trial_threads.for_trial(threads, shapes(task, spec, width)[1], dev, torch.get_num_threads())
+        with trial_threads.used(n_threads):
+            return _run(
+                task,
+                spec,
+                width,
+                train_flops,
+                seed,
+                lr,
+                schedule,
+                warmup,
+                dev,
+                evals,
+                check_every,
+                callback,
+                checkpoint,
+                checkpoint_every,
+                on_bound,
+                world,
+                require_step,
+                compile,
+            )
     finally:
         distributed.teardown(world)
 

@@ -31,7 +31,7 @@ def no_probe(monkeypatch):
     """The throughput probe stubbed: 1e9 FLOP/s and 0.01 s per trial on every device, the devices probed kept."""
     probed = []
 
-    def probe(task, widths, device):
+    def probe(task, widths, device, threads=None):
         probed.append(device)
         return {"flops_per_second": 1e9, "seconds_per_trial": 0.01, "probe_width": min(widths)}
 
