@@ -4,10 +4,10 @@ The confirmation phase (search.confirm) trains every confirmed structure on seve
 whether training the seeds of one candidate together pays: ``--seeds`` models of the regression task's trial
 model (muP init per seed), their parameters stacked (``torch.func.stack_module_state``) and the step run
 under ``torch.func.vmap`` (per-seed batches, per-seed MSE, per-seed gradient clipping, one fused AdamW over
-the stacked parameters at the task's rate: the muP groups' rates change no cost), against the search's own step (search.step) on one model, ``--seeds`` times as
-many steps. Both sides alternate, ``--rounds`` rounds, best of each; the ratio is
-batched / (seeds x single): below 1 the batched model saves wall time. One thread (as the search runs small
-steps). Only ratios of one run mean anything on a shared machine.
+the stacked parameters at the task's rate: the muP groups' rates change no cost), against the search's own
+step (search.step) on one model, ``--seeds`` times as many steps. Both sides alternate, ``--rounds`` rounds,
+best of each; the ratio is batched / (seeds x single): below 1 the batched model saves wall time. One thread
+(as the search runs small steps). Only ratios of one run mean anything on a shared machine.
 """
 
 from __future__ import annotations
