@@ -1,10 +1,13 @@
 """The confirmation phase: after exploration, which structures are retrained, at which widths and on which seeds,
 and the verdict read from those runs only (search.verdict).
 
-Confirmed are the top ``confirm_top`` distinct structures by exploration loss over the upper levels (every level
-but the lowest: the mean of the structure's best log loss there, structures trained at more of those levels
-first), the best *named* structure (a structure other than dense whose family gives it a name of its own, e.g.
-BTT, Monarch or theta's THEORY 2 points, with the lowest exploration loss at the top level) and dense. Each is
+Confirmed are the top ``confirm_top`` distinct structures of exploration other than dense and the best named
+one, the best *named* structure (a structure other than dense whose family gives it a name of its own, e.g.
+BTT, Monarch or theta's THEORY 2 points, with the lowest exploration loss at the top level) and dense. The top
+are ranked by exploration loss over the upper levels (every level but the lowest): the mean, over the upper
+levels a structure was trained at, of its best log loss less that level's best log loss, so the exploration's
+winners are confirmed wherever the sampler found them (a structure at one upper level competes with the
+references, trained at all of them: confirmation, on fresh seeds, tells a lucky run from a real one). Each is
 trained at every level's allowance, at ``confirm_widths`` widths of the task's grid that bracket its best
 exploration width at that level (when that width is at the grid's edge, the bracket cannot surround it and the
 structure's frontier is *edge-limited* there), on ``confirm_seeds`` fresh seeds: ``seed + 1, seed + 2, ...``,
@@ -60,8 +63,7 @@ def named(cand: Candidate) -> bool:
 
 def select(rows, families: dict | None, levels: list[int], top: int) -> list[tuple[str, Candidate, bool]]:
     """(role, structure at width 0, whether it is the best named one) of the structures to confirm, in verdict
-    order: the top ``top``, then the best named one and dense (each once; one already among the top keeps its
-    role "top")."""
+    order: the top ``top`` of the others, then the best named one and dense."""
     best: dict[tuple, dict[int, float]] = {}  # structure -> level -> lowest loss
     cands: dict[tuple, Candidate] = {}
     for r in _explored(rows):
@@ -72,22 +74,23 @@ def select(rows, families: dict | None, levels: list[int], top: int) -> list[tup
         best.setdefault(key, {})
         best[key][lv] = min(loss, best[key].get(lv, math.inf))
     upper = sorted(levels)[1:] or list(levels)
+    floor = {lv: min(b[lv] for b in best.values() if lv in b) for lv in upper if any(lv in b for b in best.values())}
 
     def score(key):
-        have = [math.log(best[key][lv]) for lv in upper if lv in best[key] and best[key][lv] > 0]
-        return (-len(have), sum(have) / len(have) if have else math.inf, cands[key].label)
+        have = [
+            math.log(best[key][lv] / floor[lv]) for lv in upper if lv in best[key] and best[key][lv] > 0 < floor[lv]
+        ]
+        return (sum(have) / len(have) if have else math.inf, -len(have), cands[key].label)
 
-    ranked = sorted(best, key=score)
     top_level = max(levels)
     names = [k for k in best if named(cands[k]) and top_level in best[k]]
     best_named = min(names, key=lambda k: (best[k][top_level], cands[k].label)) if names else None
-    out = [("top", cands[k], k == best_named) for k in ranked[:top]]
-    chosen = set(ranked[:top])
-    if best_named is not None and best_named not in chosen:
+    ranked = [k for k in sorted(best, key=score) if k != best_named and cands[k].family != "dense"]
+    out = [("top", cands[k], False) for k in ranked[:top]]
+    if best_named is not None:
         out.append(("named", cands[best_named], True))
-        chosen.add(best_named)
     dense = [k for k in best if cands[k].family == "dense"]
-    if dense and dense[0] not in chosen:
+    if dense:
         out.append(("dense", cands[dense[0]], False))
     return out
 

@@ -50,7 +50,10 @@ def _row(family, level, loss, width=32, **args):
     return {**c.columns(), "level": level, "loss": loss, "state": "COMPLETE", "train_flops": 1, "phase": "explore"}
 
 
-def test_select_ranks_by_upper_levels_then_adds_the_best_named_and_dense():
+THETA = dict(alpha=0.8, beta=0.0, gamma=0.2, delta=0.1, epsilon=0.7, phi=0.2, rho=0.1)  # an unnamed theta point
+
+
+def test_select_ranks_the_others_by_upper_level_regret_then_adds_the_best_named_and_dense():
     rows = [
         _row("dense", 0, 0.1),
         _row("dense", 1, 0.5),
@@ -59,14 +62,24 @@ def test_select_ranks_by_upper_levels_then_adds_the_best_named_and_dense():
         _row("btt", 1, 0.3, rank=1),
         _row("btt", 2, 0.2, rank=1),
         _row("monarch", 1, 0.45, blocks=4),
-        _row("monarch", 2, 0.25, blocks=4),  # better than dense at the top, worse than btt
-        _row("btt", 2, 0.01, rank=2),  # one upper level only: ranked after those at both
+        _row("monarch", 2, 0.25, blocks=4),  # better than dense at the top, worse than btt(r=1) at both levels
+        _row("theta", 1, 0.2, **THETA),  # found by the sampler at one upper level only, the best there
+        _row("theta", 0, 0.001, **{**THETA, "rho": 0.3}),  # the lowest level only: no upper-level score
+        _row("btt", 2, 0.01, rank=2),  # the best named one: the lowest top-level loss of a named structure
         {**_row("btt", 2, 0.001, rank=4), "phase": "confirm"},  # a confirmation row: not exploration
     ]
-    got = [(role, c.label, named) for role, c, named in confirm.select(rows, None, [0, 1, 2], 1)]
-    assert got == [("top", "btt(r=1)", False), ("named", "btt(r=2)", True), ("dense", "dense", False)]
-    got = [(role, c.label, named) for role, c, named in confirm.select(rows, None, [0, 1, 2], 2)]
-    assert got[:2] == [("top", "btt(r=1)", False), ("top", "monarch(b=4)", False)]
+
+    def chosen(top):
+        return [(role, c.label, named) for role, c, named in confirm.select(rows, None, [0, 1, 2], top)]
+
+    theta = "theta(0.8,0,0.2,0.1,0.7,0.2,0.1)"
+    tail = [("named", "btt(r=2)", True), ("dense", "dense", False)]  # confirmed whatever top is
+    # mean regret over levels 1 and 2 (log of loss / the level's best): theta 0; btt(r=1) (log 1.5 + log 20) / 2;
+    # monarch (log 2.25 + log 25) / 2
+    assert chosen(1) == [("top", theta, False), *tail]
+    assert chosen(2) == [("top", theta, False), ("top", "btt(r=1)", False), *tail]
+    assert chosen(3) == [("top", theta, False), ("top", "btt(r=1)", False), ("top", "monarch(b=4)", False), *tail]
+    assert chosen(0) == tail
 
 
 def _rows(folder):
@@ -103,7 +116,7 @@ def test_confirmation_runs_fresh_seeds_at_bracketing_widths_within_the_budget(nu
     assert {r["seed"] for r in conf} == {"1", "2", "3"}
     meta = json.load(open(os.path.join(out, "study.json")))
     plan = meta["confirmation"]
-    assert [s["structure"] for s in plan["structures"]] == ["dense", "twin"]
+    assert [s["structure"] for s in plan["structures"]] == ["twin", "dense"]  # the others first, dense last
     assert meta["settings"]["confirm_seeds"] == 3 and meta["settings"]["confirm_share"] == 0.8
     for s in plan["structures"]:
         for lv, p in s["levels"].items():
