@@ -18,7 +18,10 @@ interleaved in a shuffled order, medians over rounds, differences taken within a
 
 The table is printed next to the built-in one for the device and written as JSON (``--out``, default
 ``costs-<device>.json``); point einstruct at it with ``EINSTRUCT_COST_TABLE=PATH`` or
-``es.use_cost_table(PATH)``. A run takes about 10 s on a CPU (``--quick``: a few seconds, small sizes).
+``es.use_cost_table(PATH)``. Then, as a check of what the micro-benchmarks miss, each of a few structures
+at d = 1024 whose layout the measured table changes is timed side by side with its built-in-table plan
+(training step, batch 1024, the cost-model route, same weights): a ratio below 1 means the measured table
+plans it faster. A run takes 10-30 s on a CPU (``--quick``: a few seconds, small sizes, no check).
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ import sys
 
 import torch
 
+import einstruct as es
 from einstruct.layers import costs
 
-from .layers import interleave
+from .layers import STRUCTURES, interleave, paired
 
 FORMS = {"plain": (False, False), **{name: form for form, name in costs.FORMS.items()}}
 REGIMES = {"rows": (32, 1), "carried": (2, 16)}  # blocks, M per input row
 K, NARROW, WIDE = 64, 8, 64
+SLOWER = 0.05  # a ratio above 1 + this is a slower plan, beyond this machine's noise between two layers
+CHECK = ("btt r=4", "monarch 16", "tt r=4", "theta A", "theta B")  # structures of the side-by-side check
 
 
 def step(blocks: int, m: int, p: int, act_kr: bool, core_left: bool, device):
@@ -107,6 +113,56 @@ def measure(device, rows: int, repeats: int, log) -> tuple[costs.CostTable, dict
     return table, {str(k): v for k, v in med.items()}
 
 
+def _forms(layer) -> str:
+    return ",".join(("t" if s.act_kr else "p") + ("t" if s.core_left else "p") for s in layer._chain.steps)
+
+
+def check(table: costs.CostTable, builtin: costs.CostTable, device, repeats: int, log, d: int = 1024) -> list[str]:
+    """Training-step time of the measured table's plan over the built-in table's, for the structures of
+    CHECK whose layout differs between the two (side by side, interleaved, same weights)."""
+    jobs, labels = {}, []
+    x = torch.randn(1024, d, device=device)
+    try:
+        for label in CHECK:
+            pair = []
+            for t in (builtin, table):
+                costs.use_cost_table(t)  # takes precedence over EINSTRUCT_COST_TABLE: exactly this table
+                torch.manual_seed(0)
+                pair.append(es.StructuredLinear(d, d, STRUCTURES[label](es), device=device))
+            a, b = pair
+            if (a._chain.steps, a._chain.final_perm) == (b._chain.steps, b._chain.final_perm):
+                continue
+            b.load_state_dict(a.state_dict())
+            for tag, m in (("builtin", a), ("measured", b)):
+                m.builtin_rows = 0  # the cost-model route, whose forms the table prices
+
+                def job(m=m):
+                    m(x).sum().backward()
+
+                jobs[(label, tag)] = job
+            labels.append((label, _forms(a), _forms(b)))
+    finally:
+        costs.use_cost_table(None)
+    if not jobs:
+        return [f"check: the measured table plans {', '.join(CHECK)} at d={d} as the built-in one does"]
+    times = interleave(jobs, repeats, device, log, "check")
+    lines = [f"check (d={d}, batch 1024, training step): time with the measured table's plan / the built-in's"]
+    slower = []
+    for label, fa, fb in labels:
+        ratio = paired(times, (label, "measured"), (label, "builtin"))
+        lines.append(f"  {label:<11} forms {fa} -> {fb}: {ratio:.3f}")
+        if ratio > 1 + SLOWER:
+            slower.append(label)
+    if slower:
+        lines.append(
+            f"the built-in table plans {', '.join(slower)} faster here: prefer it (leave {costs.ENV} unset) "
+            "unless your own layers, timed with python -m benchmarks.layers, say otherwise"
+        )
+    else:
+        lines.append(f"the measured table plans these within {SLOWER:.0%} of the built-in one or faster")
+    return lines
+
+
 def main(device: torch.device, out: str | None, quick: bool, repeats: int) -> None:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -121,4 +177,6 @@ def main(device: torch.device, out: str | None, quick: bool, repeats: int) -> No
     print("raw medians (ms): " + ", ".join(f"{k}={v * 1e3:.3f}" for k, v in raw.items()))
     path = out or f"costs-{device.type}.json"
     costs.save(table, path)
-    print(f"wrote {path}; use it with EINSTRUCT_COST_TABLE={path} (or es.use_cost_table({path!r}))")
+    print(f"wrote {path}; use it with EINSTRUCT_COST_TABLE={path} (or es.use_cost_table({path!r}))", flush=True)
+    if not quick:
+        print("\n".join(check(table, builtin, device, repeats, log)))
