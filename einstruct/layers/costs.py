@@ -16,11 +16,13 @@ A :class:`CostTable` is a frozen value. Built in:
   a transposed operand through its op flags, not a copy), copies as on CPU (memory-bound on both).
 
 A layer is planned with the table of the device type its parameters live on, when it is built and again
-whenever it moves (``.to()``, ``.cuda()``, ``to_empty()``); a device type with no table (``meta``, ``mps``,
-...) is planned with ``cpu``'s. Tables measured on the user's hardware (``python -m benchmarks.layers
---calibrate --out costs.json``) replace the entry of their device: ``EINSTRUCT_COST_TABLE=costs.json``
-(several files separated by ``os.pathsep``) or ``es.use_cost_table("costs.json")``, the call taking
-precedence; layers built before are re-planned only when they move.
+whenever it moves (``.to()``, ``.cuda()``, ``to_empty()``, ``load_state_dict(assign=True)``; parameters
+swapped in any other way keep the plan they had, exact but priced for the old device); a device type with
+no table (``meta``, ``mps``, ...) is planned with ``cpu``'s. Tables measured on the user's hardware
+(``python -m benchmarks.layers --calibrate --out costs.json``) replace the entry of their device:
+``EINSTRUCT_COST_TABLE=costs.json`` (several files separated by ``os.pathsep``) or
+``es.use_cost_table("costs.json")``, the call taking precedence; layers built before are re-planned only
+when they move.
 """
 
 from __future__ import annotations

@@ -79,6 +79,10 @@ def _is_low_rank(st: Structure) -> bool:
     return all(st.spec.role(a) == "bond" for a in st.cores[0].step.after if st.sizes[a] > 1)
 
 
+def _replan_after_load(layer: StructuredLinear, _incompatible) -> None:  # module-level: the layer stays picklable
+    layer._replan()
+
+
 class StructuredLinear(nn.Module):
     """A drop-in for nn.Linear whose weight is a structured einsum (a plain nn.Module, not a subclass).
 
@@ -169,6 +173,7 @@ class StructuredLinear(nn.Module):
         self._cache: dict[str, tuple] = {}  # inference-only copies of the weights, only inside inference_cache()
         self._cache_depth = 0  # nesting depth of es.inference_cache scopes over this layer
         self._replan()  # frozen, for the parameters' device type; the runners read it
+        self.register_load_state_dict_post_hook(_replan_after_load)  # load_state_dict(assign=True) may move them
         self.reset_parameters()
 
     def _replan(self) -> None:

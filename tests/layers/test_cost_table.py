@@ -158,6 +158,11 @@ def test_a_layer_is_replanned_for_the_device_it_moves_to():
     assert layer._plan is not None and layer._plan == cpu_plan
     assert es.StructuredLinear(256, 256, P.btt(rank=2), device="meta")._plan.costs.device == "meta"
     assert es.StructuredLinear(256, 256, P.btt(rank=2), device="meta").to_empty(device="cpu")._plan == cpu_plan
+    on_meta = es.StructuredLinear(256, 256, P.btt(rank=2), device="meta")
+    on_meta.load_state_dict(layer.state_dict(), assign=True)  # the parameters are swapped for cpu tensors
+    assert on_meta._plan == cpu_plan
+    x = torch.randn(5, 256, dtype=torch.float64)  # layer.double() above
+    torch.testing.assert_close(on_meta(x), layer(x), atol=0, rtol=0)
 
 
 def test_a_table_that_prices_transposed_forms_high_plans_plain_forms_and_stays_exact(tmp_path, monkeypatch):
