@@ -159,6 +159,7 @@ def test_a_layer_is_replanned_for_the_device_it_moves_to():
     assert es.StructuredLinear(256, 256, P.btt(rank=2), device="meta")._plan.costs.device == "meta"
     assert es.StructuredLinear(256, 256, P.btt(rank=2), device="meta").to_empty(device="cpu")._plan == cpu_plan
     on_meta = es.StructuredLinear(256, 256, P.btt(rank=2), device="meta")
+    layer.reset_parameters()  # to_empty left its memory uninitialised
     on_meta.load_state_dict(layer.state_dict(), assign=True)  # the parameters are swapped for cpu tensors
     assert on_meta._plan == cpu_plan
     x = torch.randn(5, 256, dtype=torch.float64)  # layer.double() above
