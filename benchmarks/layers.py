@@ -30,6 +30,10 @@ ratios within each of ``--repeats`` interleaved rounds.
     python -m benchmarks.layers --dims 4096 --batches 2048 --structures "btt r=1" "monarch 4" --out t.md
     python -m benchmarks.layers --quick --baseline /tmp/base     # side by side with another checkout
     python -m benchmarks.layers --per-call --baseline /tmp/base  # per-call cost at d = 256, one thread
+    python -m benchmarks.layers --calibrate --out costs.json     # the planner's cost table on this machine
+
+``--calibrate`` measures the layout planner's cost table (benchmarks/calibrate.py) on ``--device``, prints
+it next to the built-in one and writes it as JSON (``--out``; ``--quick``: small sizes, a few seconds).
 """
 
 from __future__ import annotations
@@ -423,6 +427,9 @@ def main(argv=None):
         action="store_true",
         help="fixed cost per call at d=256 (training step at 16 rows, no-grad at 1, 4, 16), one thread",
     )
+    ap.add_argument(
+        "--calibrate", action="store_true", help="measure the layout planner's cost table and write it (--out)"
+    )
     args = ap.parse_args(argv)
     unknown = [s for s in args.structures if s not in STRUCTURES]
     if unknown:
@@ -437,6 +444,11 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
     if device.type == "cuda" and args.device != "auto":
         device = torch.device(args.device)
+
+    if args.calibrate:
+        from . import calibrate
+
+        return calibrate.main(device, args.out, args.quick, args.repeats)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ from importlib import import_module
 
 from . import presets, rules
 from .compiler import Core, Structure, compile
-from .errors import EinstructError, MemoryLimitError, MupError, SpecError
+from .errors import CostTableError, EinstructError, MemoryLimitError, MupError, SpecError
 from .spec import CoreSpec, Spec
 from .theta import theta
 
@@ -34,11 +34,15 @@ _LAZY = {
     "training_memory_limit": ".limits",
     "human_bytes": ".limits",
     "count": ".limits",
+    "CostTable": ".layers.costs",
+    "cost_table": ".layers.costs",
+    "use_cost_table": ".layers.costs",
 }
 
 __all__ = [
     "Core",
     "CoreSpec",
+    "CostTableError",
     "EinstructError",
     "MemoryLimitError",
     "MupError",

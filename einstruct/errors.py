@@ -5,6 +5,7 @@
     ├── MemoryLimitError (ValueError)   tensors that cannot fit in the memory of their device (or process)
     ├── MupError (ValueError)           a muP setting: param_groups' lr, weight decay, optimizer, a base or
     │                                   delta model that does not match the model, mup_init's arguments
+    ├── CostTableError (ValueError)     a layout cost table (its JSON file, EINSTRUCT_COST_TABLE) is malformed
     └── search.errors.SearchError (ValueError)   a task, data file, budget or setting of the search
         ├── DataError                   a data file that is missing, too short or malformed
         └── TrainingMemoryError (also a MemoryLimitError)   a whole model too large to train on its device
@@ -39,3 +40,8 @@ class MemoryLimitError(EinstructError, ValueError):
 class MupError(EinstructError, ValueError):
     """A muP setting is unusable: param_groups' lr, weight_decay, optimizer or input_lr_mult, a base or delta
     model that does not match the model's modules, a model's no_weight_decay() hook, mup_init's arguments."""
+
+
+class CostTableError(EinstructError, ValueError):
+    """A layout cost table is unusable: its JSON file cannot be read, or a key is missing, unknown or out of
+    range. The message names the file and the key, and how to write a valid one."""

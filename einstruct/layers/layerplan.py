@@ -5,8 +5,8 @@ made ahead of time from shapes and strides alone (:mod:`einstruct.layers.strides
 which permute + reshape is a strided view BLAS reads in place (no copy), which gradient can be read the same
 way in the backward, and whether the last matmul can write straight into y's memory order. Shapes keep
 ``None`` for the batch (``rows`` times the input rows). A :class:`LayerPlan` holds the two routes of a
-layer (the cost-model layout and the plain-form one for small batches) and the row thresholds between
-paths. Nothing here is recomputed per call.
+layer (the cost-model layout and the plain-form one for small batches), the row thresholds between
+paths and the cost table of the device it was planned for. Nothing here is recomputed per call.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .. import rules
 from ..compiler import Structure
 from . import strides
+from .costs import CPU, CostTable
 from .layout import ChainLayout, fill, inverse, plan_chain
 
 _PROBE = 3  # stand-in batch for stride decisions (any n > 1 gives the same; n = 1 makes every view legal)
@@ -103,6 +104,7 @@ class LayerPlan:
     one_matmul: bool  # the whole chain is one plain 2-D matmul (nn.Linear's): torch's own autograd op for it
     flat: bool  # every step of the plain-form layout is a 2-D mm (no batch axes): small training batches run
     #             on torch's own ops (a few C++ autograd nodes cost less than one Python Function there)
+    costs: CostTable  # the device's prices both layouts were planned with
 
 
 def _matrix(s) -> tuple:
@@ -191,11 +193,12 @@ def row_elements(chain: ChainLayout, st: Structure) -> int:
     return total + (prev if chain.final_perm is not None else 0) + st.d_out_padded
 
 
-def build(st: Structure) -> LayerPlan:
-    """The plan of a compiled structure: both layouts planned, every per-step decision made."""
-    chain = plan_chain(st)
+def build(st: Structure, costs: CostTable = CPU) -> LayerPlan:
+    """The plan of a compiled structure on a device priced by ``costs``: both layouts planned, every
+    per-step decision made."""
+    chain = plan_chain(st, costs=costs)
     elems = row_elements(chain, st)
-    small = route(plan_chain(st, plain=True), st)
+    small = route(plan_chain(st, plain=True, costs=costs), st)
     (first, *rest) = small.steps
     return LayerPlan(
         chain=route(chain, st),
@@ -205,6 +208,7 @@ def build(st: Structure) -> LayerPlan:
         core_names=tuple(c.name for c in st.cores),
         one_matmul=not rest and not first.batched and first.act_perm is None and small.final_perm is None,
         flat=not any(s.batched for s in small.steps),
+        costs=costs,
     )
 
 

@@ -5,7 +5,8 @@ Each step of the chain permutes the running activation to ``(batch, rows, contra
 reshaped to ``(batch, contracted, produced)``: one ``mm``/``bmm`` per core. Rows are the leading dimensions
 of the input times the axes the core is shared across. The memory order of every intermediate, and the form
 of each matmul, are chosen by a small dynamic programme over the steps that minimises a measured cost of the
-permute copies and matmul forms, so consecutive steps reuse each other's layout where they can.
+permute copies and matmul forms, so consecutive steps reuse each other's layout where they can. The
+prices are a per-device table (:mod:`einstruct.layers.costs`); the default is the CPU one.
 """
 
 from __future__ import annotations
@@ -15,27 +16,25 @@ import math
 from dataclasses import dataclass
 
 from ..compiler import Structure
+from .costs import CPU, CostTable
 
 ROWS = "#"  # the flattened leading dimensions of the input, as a pseudo-axis of the layout
 _MAX_PERMUTED = 4  # groups up to this many axes are tried in every order when planning layouts
-# Planning costs, in units per element (measured on CPU, one thread, float32, 1024 rows): a permute
-# copy runs at about memory speed (2) when it moves contiguous runs of >= 16 elements or when the axes
-# it reorders form blocks that fit in cache (e.g. within one example); otherwise it scatters (5). A
-# matmul in any form but (rows, K) @ (K, P) costs about half a copy of its input more (1).
-_COPY, _SCATTERED, _FORM = 2, 5, 1
+# What a copy and a matmul form cost is the device's CostTable (einstruct.layers.costs). On CPU (one
+# thread, float32, 1024 rows) a permute copy runs at about memory speed (copy 2 per element) when it moves
+# contiguous runs of >= 16 elements or when the axes it reorders form blocks that fit in cache (e.g.
+# within one example); otherwise it scatters (5). A matmul in any form but (rows, K) @ (K, P) costs about
+# half a copy of its input more (form 1), and the forms differ in speed in proportion to their
+# multiply-adds (fwd + both grads; 2 threads, over a grid of (M, K, P), and on whole layers): with both the
+# activation and the output transposed, (P, M) = core (P, K) @ act (K, M), a step runs 1.3-2.5x slower than
+# the plain form; with one of them transposed, up to 1.4x slower when M carries axes besides the input rows
+# (its leading dimension is then rows * batch), and about as fast when M is the input rows alone (the BTT
+# steps). Extra cost per multiply-add: table.mac * table.slowdown(form, M carries axes).
 _CONTIGUOUS_RUN = 16
 _CACHE_BLOCK = 16384
 _ROWS_HINT = 256  # the batch is unknown when planning; assume at least this many rows
 # Tie-break between the three other matmul forms (act_kr, core_left).
 _FORM_ORDER = {(False, False): 0, (True, True): 1, (False, True): 2, (True, False): 3}
-# Matmul forms also differ in speed, in proportion to their multiply-adds (fwd + both grads; measured on
-# CPU, 2 threads, float32, over a grid of (M, K, P), and on whole layers): with both the activation and
-# the output transposed, (P, M) = core (P, K) @ act (K, M), a step runs 1.3-2.5x slower than the plain
-# form; with one of them transposed, up to 1.4x slower when M carries axes besides the input rows (its
-# leading dimension is then rows * batch), and about as fast when M is the input rows alone (the BTT
-# steps). Extra cost per multiply-add: _MAC_UNITS * _SLOW[form][M carries axes].
-_MAC_UNITS = 0.1
-_SLOW = {(False, False): (0, 0), (True, True): (0.3, 0.3), (False, True): (0, 0.1), (True, False): (0, 0.1)}
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class ChainLayout:
     in_shape: tuple[int | None, ...]
     final_perm: tuple[int, ...] | None
     fuse_bias: bool  # the last step is a plain 2-D (rows, K) @ core giving y itself: bias goes in via addmm
-    cost: int  # planned cost per example of the copies and matmul forms (units of _COPY, _SCATTERED, _FORM)
+    cost: float  # planned cost per example of the copies and matmul forms (units of the device's CostTable)
 
 
 def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
@@ -83,10 +82,11 @@ def _orders(axes: tuple) -> list[tuple]:
     return list(itertools.permutations(axes)) if len(axes) <= _MAX_PERMUTED else [axes]
 
 
-def plan_chain(st: Structure, plain: bool = False) -> ChainLayout:
+def plan_chain(st: Structure, plain: bool = False, costs: CostTable = CPU) -> ChainLayout:
     """Lay out the compiled chain: memory order of each intermediate and matmul forms of least cost.
 
-    ``plain=True`` allows only the plain form (rows, K) @ (K, P), as torch.einsum lays out its bmm.
+    ``plain=True`` allows only the plain form (rows, K) @ (K, P), as torch.einsum lays out its bmm;
+    ``costs`` is the device's price table (``einstruct.layers.costs.cost_table(device_type)``).
     """
     transposes = (False,) if plain else (False, True)
     sizes = st.sizes
@@ -100,7 +100,7 @@ def plan_chain(st: Structure, plain: bool = False) -> ChainLayout:
     def extent(axes) -> int:
         return math.prod(_ROWS_HINT if a == ROWS else sizes[a] for a in axes)
 
-    def copy_cost(src, dst) -> int:
+    def copy_cost(src, dst) -> float:
         if src == dst:
             return 0
         keep = 0  # outer axes that stay in place split the copy into independent blocks
@@ -110,7 +110,7 @@ def plan_chain(st: Structure, plain: bool = False) -> ChainLayout:
         while src[len(src) - 1 - run] == dst[len(dst) - 1 - run]:
             run += 1
         fast = extent(src[keep:]) <= _CACHE_BLOCK or extent(src[len(src) - run :]) >= _CONTIGUOUS_RUN
-        return elems(src) * (_COPY if fast else _SCATTERED)
+        return elems(src) * (costs.copy if fast else costs.scattered)
 
     # frontier: layout -> (cost, tie-break, choices so far); the first found wins ties (deterministic)
     frontier: dict[tuple, tuple] = {(ROWS,) + big(st.spec.x): (0, 0, ())}
@@ -128,8 +128,8 @@ def plan_chain(st: Structure, plain: bool = False) -> ChainLayout:
                         form = _FORM_ORDER[(act_kr, core_left)]
                         for p in _orders(groups[3]):
                             out = b + (p + r if core_left else r + p)
-                            slow = _SLOW[(act_kr, core_left)][len(r) > 1]  # r holds ROWS: > 1 carries axes
-                            step_cost = elems(arr) * _FORM + round(_MAC_UNITS * slow * elems(arr) * elems(p))
+                            slow = costs.slowdown(act_kr, core_left, len(r) > 1)  # r holds ROWS: > 1 carries
+                            step_cost = elems(arr) * costs.form + round(costs.mac * slow * elems(arr) * elems(p))
                             key = (c + (step_cost if form else 0), pen + form)
                             if out not in nxt or key < nxt[out][:2]:
                                 nxt[out] = (*key, hist + ((layout, arr, act_kr, core_left, b, r, k, p, out),))

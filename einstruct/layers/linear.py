@@ -1,9 +1,10 @@
 """StructuredLinear: a compiled structure run as a fixed chain of batched matmuls, with muP init and weight norm.
 
-The chain of :func:`einstruct.compile` is laid out once, at construction, as a frozen plan
-(:mod:`einstruct.layers.layerplan`, torch-free): one ``mm``/``bmm`` per core, so FLOP counters see exactly
-``structure.flops`` per example, with the memory order of every intermediate and the form of each matmul
-chosen by a cost model (:mod:`einstruct.layers.layout`) and every view-or-copy decision made from strides.
+The chain of :func:`einstruct.compile` is laid out at construction, and again when the layer moves to
+another device type, as a frozen plan (:mod:`einstruct.layers.layerplan`, torch-free): one ``mm``/``bmm``
+per core, so FLOP counters see exactly ``structure.flops`` per example, with the memory order of every
+intermediate and the form of each matmul chosen by a cost model (:mod:`einstruct.layers.layout`) priced for
+the parameters' device (:mod:`einstruct.layers.costs`) and every view-or-copy decision made from strides.
 This module holds the nn.Module; the runners are in :mod:`einstruct.layers.execute`.
 
 Paths (all deterministic; DESIGN.md: ``flops(batch)`` reports the path that runs):
@@ -61,7 +62,7 @@ from .. import limits, rules
 from ..compiler import Structure
 from ..compiler import compile as compile_structure
 from ..errors import SpecError
-from . import execute, layerplan
+from . import costs, execute, layerplan
 from .checks import check_features as _check_features
 from .layerplan import default_dense_rows  # re-exported: part of einstruct.layers.linear's names
 from .layout import ROWS, ChainLayout, LayoutStep, plan_chain  # noqa: F401  (plan_chain etc. re-exported)
@@ -76,6 +77,10 @@ def _is_low_rank(st: Structure) -> bool:
     if len(st.cores) != 2:
         return False
     return all(st.spec.role(a) == "bond" for a in st.cores[0].step.after if st.sizes[a] > 1)
+
+
+def _replan_after_load(layer: StructuredLinear, _incompatible) -> None:  # module-level: the layer stays picklable
+    layer._replan()
 
 
 class StructuredLinear(nn.Module):
@@ -164,14 +169,30 @@ class StructuredLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._names = tuple(c.name for c in self.structure.cores)
-        self._plan = layerplan.build(self.structure)  # frozen, built once; the runners read it
         self.dense_rows = default_dense_rows(self.structure, self.in_features, self.out_features)
         self._cache: dict[str, tuple] = {}  # inference-only copies of the weights, only inside inference_cache()
         self._cache_depth = 0  # nesting depth of es.inference_cache scopes over this layer
-        self._row_elems = self._plan.row_elems
-        self.builtin_rows = self._plan.builtin_rows
-        logger.debug("%s: planned layout cost %d per example", self.spec.einsum, self._chain.cost)
+        self._replan()  # frozen, for the parameters' device type; the runners read it
+        self.register_load_state_dict_post_hook(_replan_after_load)  # load_state_dict(assign=True) may move them
         self.reset_parameters()
+
+    def _replan(self) -> None:
+        """Plan for the device type the parameters live on, unless the plan already uses its cost table."""
+        table = costs.cost_table(self._device_type())
+        old = getattr(self, "_plan", None)
+        if old is not None and old.costs == table:
+            return
+        self._plan = plan = layerplan.build(self.structure, table)
+        self._row_elems = plan.row_elems
+        if old is None or self.builtin_rows == old.builtin_rows:  # a threshold the user set is kept
+            self.builtin_rows = plan.builtin_rows
+        self._cache.clear()  # per-step cores laid out for the old plan
+        logger.debug("%s: layout cost %s per example (%s)", self.spec.einsum, plan.chain.layout.cost, table.device)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), to_empty(), ...: re-planned for the new device
+        out = super()._apply(fn, *args, **kwargs)
+        self._replan()
+        return out
 
     @property
     def _chain(self) -> ChainLayout:
