@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import einstruct as es
 from search import train
+from search.families.btt_moe import FAMILY as BTT_MOE
 from search.tasks import get
 from search.tasks.base import to_device
 
@@ -159,7 +160,7 @@ CANDIDATES = {
     "dense": (None, 16, TINY_TASK, 0),
     "btt": (es.presets.btt(rank=1), 16, TINY_TASK, 0),
     "theta": (es.theta(0.566, 0.075, 0.359, 0.159, 0.827, 0.014, 0.068), 32, TINY_TASK, 0),
-    "btt_moe tiled": (es.MoEConfig(experts=4, active=2, dispatch="tiled"), 64, TINY_MOE_TASK, 0),
+    "btt_moe (the search's)": (BTT_MOE.build({"experts": 4, "active": 2}), 64, TINY_MOE_TASK, 0),  # tiled
     "btt_moe dense": (es.MoEConfig(experts=4, active=2, dispatch="dense"), 64, TINY_MOE_TASK, 0),
     "btt_moe sparse": (es.MoEConfig(experts=4, active=2, dispatch="sparse"), 64, TINY_MOE_TASK, 1),
 }
