@@ -1,12 +1,12 @@
-"""One BTT-MoE layer: both dispatch paths, their FLOPs (checked with FlopCounterMode), time, and equivalences.
+"""One BTT-MoE layer: its three dispatch paths, their FLOPs (checked with FlopCounterMode), time, and equivalences.
 
     python examples/moe_layer.py                 # a few seconds on a CPU
     python examples/moe_layer.py --width 1024 --experts 16 --tokens 8192
 
-Prints the layer's table (FLOPs per token of the dense all-experts path and of the sparse dispatch), the
-FLOPs each path really runs for a batch next to what FlopCounterMode counts, the time of a forward and
-backward pass on each, that both paths give the same output, and that with every gate equal the layer is
-exactly a rank-E BTT whose slices are scaled by 1/E.
+Prints the layer's table (FLOPs per token of the dense all-experts path, of the sparse dispatch and of the
+tiled one: sparse in fixed-size tiles, no host read), the FLOPs each path really runs for a batch next to what
+FlopCounterMode counts, the time of a forward and backward pass on each, that the paths give the same output,
+and that with every gate equal the layer is exactly a rank-E BTT whose slices are scaled by 1/E.
 """
 
 from __future__ import annotations
@@ -50,12 +50,14 @@ def main() -> None:
         dense.router.weight.normal_(0.0, 1.0 / d**0.5)
     sparse = es.BTTMoE(d, d, experts=E, active=k, dispatch="sparse")
     sparse.load_state_dict(dense.state_dict())
-    print(sparse.table(), "\n")
+    tiled = es.BTTMoE(d, d, experts=E, active=k, dispatch="tiled")
+    tiled.load_state_dict(dense.state_dict())
+    print(tiled.table(), "\n")
 
     x = torch.randn(n, d, requires_grad=True)
     print(f"{n} tokens, width {d}: forward FLOPs reported by flops(batch) and counted by FlopCounterMode")
     rows = []
-    for name, layer in (("dense", dense), ("sparse", sparse)):
+    for name, layer in (("dense", dense), ("sparse", sparse), ("tiled", tiled)):
         fwd = counted(lambda layer=layer: layer(x))
         step = lambda layer=layer: layer(x).square().mean().backward()
         t = seconds(step, args.reps)
@@ -65,11 +67,13 @@ def main() -> None:
             f"  {name:6s} forward {rep:.4g} (counted {cnt:.4g})  forward+backward {train:.4g} "
             f"(counted {train_cnt:.4g})  {t * 1e3:.1f} ms per forward+backward"
         )
-    print(f"  sparse / dense FLOPs: {rows[1][1] / rows[0][1]:.3f}; time: {rows[1][5] / rows[0][5]:.2f}")
+    for i in (1, 2):
+        print(f"  {rows[i][0]} / dense FLOPs: {rows[i][1] / rows[0][1]:.3f}; time: {rows[i][5] / rows[0][5]:.2f}")
 
     with torch.no_grad():
-        diff = (dense(x) - sparse(x)).abs().max().item()
-    print(f"\nmax |dense path - sparse path| over the batch: {diff:.2e}")
+        ref = dense(x)
+        diffs = [(ref - layer(x)).abs().max().item() for layer in (sparse, tiled)]
+    print(f"\nmax |dense path - sparse path| over the batch: {diffs[0]:.2e}; tiled: {diffs[1]:.2e}")
 
     # All gates equal: active = E and the zero-initialised router give every expert 1/E.
     moe = es.BTTMoE(d, d, experts=E, active=E, bias=False)

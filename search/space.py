@@ -6,8 +6,9 @@ A space is a built-in name or a user's space (a TOML file or a Python entry poin
   btt (integer rank r). Low rank, Kronecker and Tensor-Train are theta points.
 - ``theta``: theta only; ``btt``: theta's BTT subspace (beta = delta = 0).
 - ``moe`` (opt-in): dense, btt, btt_moe (every structured linear a BTT-MoE) and moe (standard MoE: each MLP is
-  E dense FFNs; tasks with such a model, i.e. lm), over (experts, active). Both run the sparse dispatch, so a
-  candidate pays for the experts it runs; per FLOP they train slower on a CPU (a Python loop over experts).
+  E dense FFNs; tasks with such a model, i.e. lm), over (experts, active). Both run the tiled dispatch (no host
+  read in the step), so a candidate pays for the experts it runs plus the tiles' padding; per FLOP they train
+  slower on a CPU.
 - ``mpo3`` (opt-in): the continuous three-core family (docs/mpo3.md) and dense.
 
 Define-by-run sampling: ``family`` (when the space has several), ``width``, then the family's own parameters.

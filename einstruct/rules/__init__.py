@@ -21,6 +21,7 @@ from .flops import (
     input_step_flops,
     moe_expert_rows,
     moe_flops,
+    moe_tiles,
     step_macs,
     train_flops,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "lr_mult",
     "moe_expert_rows",
     "moe_flops",
+    "moe_tiles",
     "step_macs",
     "train_flops",
 ]

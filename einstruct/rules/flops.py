@@ -8,7 +8,9 @@ Plain integer arithmetic that also works on sympy expressions (``st.symbolic()``
   input needs a gradient. A layer fed by data skips the input gradient of the matmuls that read its input:
   its first step (a dense layer: all of it; an MoE: its router and its experts' first steps).
 - MoE: router (a dense d_in x experts matmul) + the expert work for the rows the dispatch path runs (every
-  expert per token on the dense path, ``active`` per token on the sparse one).
+  expert per token on the dense path, ``active`` per token on the sparse one, and on the tiled one the
+  ``active`` per token padded to whole tiles: a fixed row count that depends only on the batch, see
+  ``moe_tiles``).
 - Attention: the scores and the values, 2 x context x width FLOPs per token each, no causal halving.
 """
 
@@ -52,8 +54,26 @@ def input_step_flops(structure, rows):
     return rows * forward_flops(structure.cores[0].macs)
 
 
+TILES_PER_SHARE = 8  # the tiled dispatch's tile is 1/8 of an expert's even share of the assignments
+
+
+def moe_tiles(assignments: int, experts: int) -> tuple[int, int]:
+    """(rows per tile, tiles) of the tiled MoE dispatch for ``assignments`` = tokens x active.
+
+    Each expert's assignments fill whole tiles of ``tile = ceil(assignments / (8 x experts))`` rows, so an expert
+    with c assignments takes ceil(c / tile) tiles, and over any routing the tiles number at most
+    ``(assignments + experts x (tile - 1)) // tile``: a fixed count, the one the dispatch allocates. The rows it
+    computes, tile x tiles, exceed the assignments by less than ``experts x tile`` (about 1/8 of them on a
+    large batch; none when tile is 1)."""
+    tile = max(1, -(-assignments // (TILES_PER_SHARE * experts)))
+    return tile, (assignments + experts * (tile - 1)) // tile
+
+
 def moe_expert_rows(batch, experts, active, dispatch: str):
     """Rows summed over experts that an MoE's dispatch path pushes through expert networks."""
+    if dispatch == "tiled":
+        tile, tiles = moe_tiles(batch * active, experts)
+        return tile * tiles
     return batch * (experts if dispatch == "dense" else active)
 
 

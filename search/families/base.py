@@ -125,7 +125,7 @@ class Candidate:
         return dict(self.args)
 
     def spec(self) -> es.Spec | es.MoEConfig | None:
-        """The einstruct Spec (None for dense), or an es.MoEConfig for the MoE families (sparse dispatch).
+        """The einstruct Spec (None for dense), or an es.MoEConfig for the MoE families (tiled dispatch).
         May raise SpecError for an invalid point."""
         return self.fam.build(self.arguments)
 

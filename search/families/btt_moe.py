@@ -1,4 +1,4 @@
-"""The BTT-MoE family (THEORY 6): every structured linear a BTT-MoE over (experts, active), sparse dispatch."""
+"""The BTT-MoE family (THEORY 6): every structured linear a BTT-MoE over (experts, active), tiled dispatch."""
 
 from __future__ import annotations
 

@@ -1,5 +1,10 @@
-"""The standard MoE family (THEORY 6): each MLP is E dense FFNs, k active per token, sparse dispatch (tasks with
-such a model, i.e. lm). Also the MoE family class that btt_moe shares."""
+"""The standard MoE family (THEORY 6): each MLP is E dense FFNs, k active per token, tiled dispatch (tasks with
+such a model, i.e. lm). Also the MoE family class that btt_moe shares.
+
+Both MoE families run the tiled dispatch (es.BTTMoE's module docstring): the sparse grouping per expert with
+fixed shapes, so the training step reads nothing back to the host (the sparse dispatch syncs once per layer
+on a GPU); a candidate is charged the rows it runs, its active experts' plus the tiles' padding (fewer than
+tokens x active / 8 + E rows more)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import einstruct as es
 from .base import Family
 
 EXPERTS = (4, 8, 16)
+DISPATCH = "tiled"  # es.MoEConfig's dispatch for every MoE candidate
 ACTIVE = (2, 4)  # active=1 gives gate 1: the router would learn from the balancing loss only
 DEFAULT_EXPERTS, DEFAULT_ACTIVE = 8, 2  # the references, and a row that lacks the columns
 
@@ -38,7 +44,7 @@ class MoEFamily(Family):
         }
 
     def build(self, args):
-        return es.MoEConfig(experts=args["experts"], active=args["active"], dispatch="sparse", kind=self.kind)
+        return es.MoEConfig(experts=args["experts"], active=args["active"], dispatch=DISPATCH, kind=self.kind)
 
     def structure_label(self, args) -> str:
         return f"{self.name}(E={args['experts']},k={args['active']})"

@@ -186,6 +186,27 @@ class Task:
         return {"task": self.name, **({} if cfg is None else cfg.__dict__)}
 
 
+def to_device(batch, device):
+    """``batch`` (a tensor, or a tuple or list of tensors and other values) with its tensors on ``device``.
+
+    Every task moves its training and evaluation batches with this, so the transfer is decided in one place:
+    a tensor already on ``device`` is returned as it is (no copy; on CPU nothing changes), and a host tensor
+    bound for CUDA is copied into pinned (page-locked) memory and sent with ``non_blocking=True``, so the copy
+    runs on the stream without the host waiting for the GPU (a copy from ordinary memory would synchronise)."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(t, device) for t in batch)
+    if not isinstance(batch, torch.Tensor):
+        return batch
+    dev = torch.device(device)
+    if batch.device == dev:
+        return batch
+    if dev.type == "cuda" and batch.device.type == "cpu":
+        if not batch.is_pinned():
+            batch = batch.pin_memory()
+        return batch.to(dev, non_blocking=True)
+    return batch.to(dev)
+
+
 def _is_dense(spec) -> bool:
     if isinstance(spec, str):
         return spec.strip().lower() == "dense"

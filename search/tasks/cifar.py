@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, SearchError
 from ..models.mlp import ResidualMLP
-from .base import Hyper, Task
+from .base import Hyper, Task, to_device
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -272,7 +272,7 @@ class Cifar(Task):
         )
         perm = torch.randperm(len(x), generator=generator)
         x = lam * x + (1 - lam) * x[perm]
-        return x.to(device), y.to(device), y[perm].to(device), lam
+        return to_device((x, y, y[perm], lam), device)
 
     def loss(self, model, batch):
         x, y, y2, lam = batch
@@ -286,5 +286,6 @@ class Cifar(Task):
     def eval_loss(self, model, device):
         total = torch.zeros((), device=device)
         for xb, yb in zip(self.val_x.split(1000), self.val_y.split(1000)):
-            total += F.cross_entropy(model(xb.to(device)).float(), yb.to(device), reduction="sum")
+            xb, yb = to_device((xb, yb), device)
+            total += F.cross_entropy(model(xb).float(), yb, reduction="sum")
         return total / len(self.val_y)

@@ -34,7 +34,7 @@ import einstruct as es
 
 from ..errors import DataError, SearchError
 from ..models.gpt import GPT
-from .base import Hyper, Task
+from .base import Hyper, Task, to_device
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class LanguageModel(Task):
         c = self.config
         starts = torch.randint(0, len(tokens) - c.context, (n,), generator=generator).numpy()
         rows = np.stack([np.asarray(tokens[s : s + c.context + 1], dtype=np.int64) for s in starts])
-        t = torch.from_numpy(rows).to(device)
+        t = to_device(torch.from_numpy(rows), device)
         return t[:, :-1], t[:, 1:]
 
     def batch(self, step, generator, device):

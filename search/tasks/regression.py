@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import SearchError
 from ..models.mlp import ResidualMLP
-from .base import Hyper, Task
+from .base import Hyper, Task, to_device
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,9 @@ class Regression(Task):
         if c.pool:
             x, y, *_ = _pool(c, self._seed)
             idx = torch.randint(0, c.pool, (c.batch,), generator=generator)
-            return x[idx].to(device), y[idx].to(device)
+            return to_device((x[idx], y[idx]), device)
         x = torch.randn(c.batch, c.inputs, generator=generator)
-        return x.to(device), self._teacher(x).to(device)
+        return to_device((x, self._teacher(x)), device)
 
     def loss(self, model, batch):
         x, y = batch
@@ -145,5 +145,6 @@ class Regression(Task):
         _, _, ex, ey, _ = _pool(self.config, self._seed)
         total = torch.zeros((), device=device)
         for xb, yb in zip(ex.split(4096), ey.split(4096)):
-            total += F.mse_loss(model(xb.to(device)).float(), yb.to(device), reduction="sum")
+            xb, yb = to_device((xb, yb), device)
+            total += F.mse_loss(model(xb).float(), yb, reduction="sum")
         return total / len(ey)

@@ -29,8 +29,8 @@ class BTTMoE(_Routed):
 
     Args:
         experts, active: E experts, k chosen per token (1 <= k <= E).
-        dispatch: 'dense' (default: all experts, gates of the unchosen 0) or 'sparse' (tokens grouped per
-            expert); see the module docstring.
+        dispatch: 'dense' (default: all experts, gates of the unchosen 0), 'sparse' (tokens grouped per
+            expert) or 'tiled' (the same in fixed-size tiles, no host read); see the module docstring.
         zero_init: zero the last core ``L`` so the layer starts at 0.
         normalize: weight normalisation with one learnable gain per core in ``layer.gains`` (caps at the
             rank-1 init std).
@@ -139,6 +139,20 @@ class BTTMoE(_Routed):
 
         return run
 
+    def _experts_tiled(self, R: torch.Tensor, L: torch.Tensor):
+        g, a, f, e = self._g, self._a, self._f, self._e
+
+        def run(experts: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            t, b = gate.shape  # tiles of b rows; tile i runs expert experts[i]
+            Rt = R.permute(3, 0, 1, 2).index_select(0, experts).view(t * g, a, f)  # each tile's expert cores
+            Lt = L.permute(2, 0, 1, 3).index_select(0, experts).view(t * f, g, e)
+            act = rows.reshape(t, b, g, a).transpose(1, 2).reshape(t * g, b, a)
+            z = torch.bmm(act, Rt).view(t, g, b, f) * gate.to(rows.dtype).view(t, 1, b, 1)
+            z = z.permute(0, 3, 2, 1).reshape(t * f, b, g)
+            return torch.bmm(z, Lt).view(t, f, b, e).transpose(1, 2).reshape(t, b, f * e)
+
+        return run
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, n, x2, idx, gates = self._rows(x)
         pad_in = self.structure.d_in_padded - self.in_features
@@ -149,6 +163,8 @@ class BTTMoE(_Routed):
             y = xp.new_zeros(0, self.structure.d_out_padded)
         elif self.dispatch == "dense":
             y = self._experts_dense(xp, self._dense_gates(idx, gates), R, L)
+        elif self.dispatch == "tiled":
+            y = self._tiled(xp, idx, gates, self._experts_tiled(R, L))
         else:
             Rs = R.permute(3, 0, 1, 2).contiguous()  # (E, g, a, f): one weight-sized copy per forward
             Ls = L.permute(2, 0, 1, 3).contiguous()  # (E, f, g, e)

@@ -9,7 +9,7 @@ from ...errors import SpecError
 from ...spec import Spec
 from ..checks import check_features
 
-DISPATCHES = ("dense", "sparse")
+DISPATCHES = ("dense", "sparse", "tiled")
 KINDS = ("btt", "ffn")
 AUX_WEIGHT = 0.01  # weight of aux_loss() in the training loss (THEORY 6)
 Z_LOSS_WEIGHT = 0.1  # weight of the z-loss inside aux_loss()
@@ -82,8 +82,8 @@ def _check_experts(experts, active, who: str) -> None:
 def _check_dispatch(dispatch, who: str) -> None:
     if dispatch not in DISPATCHES:
         raise SpecError(
-            f"{who}: dispatch {dispatch!r} is not known; use 'dense' (all experts, the default) or "
-            "'sparse' (tokens grouped per expert)"
+            f"{who}: dispatch {dispatch!r} is not known; use 'dense' (all experts, the default), 'sparse' "
+            "(tokens grouped per expert) or 'tiled' (the same in fixed-size tiles, no host read)"
         )
 
 

@@ -90,6 +90,11 @@ class MoE(_Routed):
             spec = presets.get(spec)
         if spec is not None and len(spec.cores) == 1 and spec.label == "dense":
             spec = None
+        if spec is not None and dispatch == "tiled":
+            raise SpecError(
+                "MoE: dispatch 'tiled' batches the experts' weights per tile and needs dense experts (spec=None); "
+                "use dispatch 'sparse' for structured experts"
+            )
         if spec is None and expert_kwargs:
             raise SpecError(f"MoE: {', '.join(expert_kwargs)} only apply to structured experts; give spec=")
         self.spec = spec
@@ -118,6 +123,8 @@ class MoE(_Routed):
                 ye = expert(x2)
                 ye = ye * gate[:, e : e + 1].to(ye.dtype)
                 y = ye if y is None else y + ye
+        elif self.dispatch == "tiled":
+            y = self._tiled(x2, idx, gates, self._experts_tiled())
         else:
 
             def run(e: int, rows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -128,6 +135,23 @@ class MoE(_Routed):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _experts_tiled(self):
+        fcs, projs = [ex.fc for ex in self.experts], [ex.proj for ex in self.experts]
+        if not all(isinstance(m, nn.Linear) for m in fcs + projs):
+            raise SpecError(
+                "MoE: dispatch 'tiled' batches the experts' weights per tile and needs dense (nn.Linear) experts; "
+                "this layer's experts were structured, so use dispatch 'sparse'"
+            )
+        w1 = torch.stack([m.weight.t() for m in fcs])  # (E, d_in, hidden), so each tile's gathered copy and its
+        w2 = torch.stack([m.weight.t() for m in projs])  # gradient are contiguous (E, hidden, d_out)
+
+        def run(experts: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            h = F.gelu(torch.bmm(rows, w1.index_select(0, experts)))
+            y = torch.bmm(h, w2.index_select(0, experts))
+            return y * gate.to(y.dtype).unsqueeze(-1)
+
+        return run
 
     def expert_flops_per_token(self) -> int:
         """Forward FLOPs of one expert FFN on one token (from its current linears)."""

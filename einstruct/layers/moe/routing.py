@@ -1,5 +1,6 @@
 """Routing shared by both MoE layers: the zero-initialised router, top-k gates, load-balancing losses,
-router statistics, the sparse dispatch (tokens grouped per expert) and the two-path FLOPs table."""
+router statistics, the sparse dispatches (tokens grouped per expert; or in fixed-size tiles, with no host
+read) and the FLOPs table of the paths."""
 
 from __future__ import annotations
 
@@ -115,6 +116,34 @@ class _Routed(nn.Module):
         y = torch.zeros_like(ys).index_copy(0, order, ys)  # back to assignment order (a permutation)
         return y.view(n, k, -1).sum(dim=1)
 
+    def _tiled(self, x2: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, tiles_fn) -> torch.Tensor:
+        """Run ``tiles_fn(tile_experts, rows, gate)`` on each expert's tokens packed into whole tiles of a fixed
+        size; sum over the k choices per token. No host read: every shape depends on (n, k, E) only.
+
+        The assignments are grouped per expert in the token order (the grouping of ``_sparse``), each group is
+        padded to whole tiles (rules.moe_tiles: ``tiles`` tiles of ``tile`` rows, enough for any routing) and
+        ``tiles_fn`` gets the (tiles,) expert of each tile, the (tiles, tile, d) rows and the (tiles, tile)
+        gates, zero on the padding rows and on the unused tiles at the end (which name expert E - 1)."""
+        n, k = idx.shape
+        experts = self.num_experts
+        tile, tiles = rules.moe_tiles(n * k, experts)
+        flat = idx.reshape(-1)  # assignment a = token * k + choice
+        order = torch.argsort(flat, stable=True)
+        ones = torch.ones_like(flat)
+        counts = torch.zeros(experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, ones)
+        padded = (counts + (tile - 1)) // tile * tile  # rows of each expert's tiles
+        ranked = torch.arange(n * k, device=flat.device) - (counts.cumsum(0) - counts).index_select(0, flat[order])
+        at = torch.empty_like(flat).index_copy_(0, order, ranked)  # a's place in its expert's group
+        pos = (padded.cumsum(0) - padded).index_select(0, flat) + at  # a's row in the tiles (all distinct)
+        rows = x2.unsqueeze(1).expand(n, k, x2.shape[-1]).reshape(n * k, -1)
+        packed = x2.new_zeros(tiles * tile, x2.shape[-1]).index_copy(0, pos, rows)
+        g = gates.new_zeros(tiles * tile).index_copy(0, pos, gates.reshape(-1))
+        ends = padded.cumsum(0) // tile  # the tile after each expert's last
+        tile_experts = torch.searchsorted(ends, torch.arange(tiles, device=flat.device), right=True)
+        tile_experts = tile_experts.clamp_(max=experts - 1)
+        ys = tiles_fn(tile_experts, packed.view(tiles, tile, -1), g.view(tiles, tile))
+        return ys.reshape(tiles * tile, -1).index_select(0, pos).view(n, k, -1).sum(dim=1)
+
     def _dense_gates(self, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """(n, E) gate weights, zero for the experts a token did not choose."""
         out = torch.zeros(idx.shape[0], self.num_experts, device=gates.device, dtype=gates.dtype)
@@ -145,6 +174,10 @@ def _paths_table(layer: _Routed, title: str) -> str:
     for path, m in (("dense", layer.num_experts), ("sparse", layer.active)):
         runs = "<- runs" if path == layer.dispatch else ""
         rows.append((path, str(m), f"{rules.moe_flops(router, m, expert):,}", f"{router:,}", runs))
+    if layer.dispatch == "tiled":  # per token at a batch of 1024 rows: the tiles' padding depends on the batch
+        m = rules.moe_expert_rows(1024, layer.num_experts, layer.active, "tiled") / 1024
+        flops = rules.moe_flops(router, m, expert)
+        rows.append(("tiled", f"{m:.3g}", f"{flops:,.0f}", f"{router:,}", "<- runs (at a batch of 1024)"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [title, f"experts {layer.num_experts}, active {layer.active} per token; params {layer.params:,}", ""]
     lines += [
@@ -152,4 +185,6 @@ def _paths_table(layer: _Routed, title: str) -> str:
         for r in rows
     ]
     lines.append("sparse = what an ideal dispatch computes (active/E of the expert work); dense runs every expert")
+    if layer.dispatch == "tiled":
+        lines.append("tiled = sparse padded to whole tiles, a fixed shape with no host read (flops(batch) is exact)")
     return "\n".join(lines)

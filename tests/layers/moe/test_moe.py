@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import einstruct as es
 
-PATHS = ("dense", "sparse")
+PATHS = ("dense", "sparse", "tiled")
 
 
 def _route_randomly(layer, std=0.5, seed=1):
@@ -175,11 +175,15 @@ def test_aux_loss_before_any_forward_is_a_clear_error():
         es.BTTMoE(64, 64, experts=4, active=2).aux_loss()
 
 
-def test_dense_path_reads_nothing_back_to_the_host(monkeypatch):
+@pytest.mark.parametrize("dispatch", ["dense", "tiled"])
+@pytest.mark.parametrize(
+    "make", [lambda d: es.BTTMoE(64, 64, 8, 2, dispatch=d, normalize=True), lambda d: es.MoE(64, 64, 4, 2, dispatch=d)]
+)
+def test_dense_and_tiled_paths_read_nothing_back_to_the_host(monkeypatch, make, dispatch):
     torch.manual_seed(9)
-    layer = es.BTTMoE(64, 64, experts=8, active=2, dispatch="dense", normalize=True)
+    layer = make(dispatch)
     _route_randomly(layer)
-    x = torch.randn(16, 64)
+    x = torch.randn(300, 64)  # tiles of several rows
 
     def refuse(*_a, **_k):
         raise AssertionError("host read in the hot path")
@@ -197,9 +201,9 @@ def test_dense_path_reads_nothing_back_to_the_host(monkeypatch):
 # ---- dense and sparse paths ---------------------------------------------------------------------------
 
 
-def _pair(make):
+def _pair(make, other="sparse"):
     torch.manual_seed(10)
-    a, b = make("dense"), make("sparse")
+    a, b = make("dense"), make(other)
     _route_randomly(a)
     with torch.no_grad():
         for p in a.parameters():
@@ -217,23 +221,29 @@ MAKERS = {
 }
 
 
-@pytest.mark.parametrize("kind", MAKERS)
-def test_dense_and_sparse_paths_give_equal_outputs_and_gradients(kind):
-    a, b = _pair(MAKERS[kind])
-    x = torch.randn(2, 9, a.in_features)
+KINDS_PATHS = [(k, d) for k in MAKERS for d in PATHS if (k, d) != ("moe_btt_experts", "tiled")]  # tiled: dense experts
+
+
+@pytest.mark.parametrize("rows", [18, 500])  # tiles of 1 row; of several rows (with padding)
+@pytest.mark.parametrize("kind, other", [(k, d) for k, d in KINDS_PATHS if d != "dense"])
+def test_dense_and_sparse_paths_give_equal_outputs_and_gradients(kind, other, rows):
+    a, b = (m.double() for m in _pair(MAKERS[kind], other))  # float64: equal up to rounding, not float32's noise
+    x = torch.randn(2, rows // 2, a.in_features, dtype=torch.float64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = a(xa), b(xb)
-    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ya, yb, **tol)
     w = torch.randn_like(ya)
     ((ya * w).sum() + a.aux_loss()).backward()
     ((yb * w).sum() + b.aux_loss()).backward()
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(pa.grad, pb.grad, **tol, msg=name)
 
 
-def test_sparse_path_is_deterministic():
-    layer = MAKERS["btt_moe"]("sparse")
+@pytest.mark.parametrize("dispatch", ["sparse", "tiled"])
+def test_sparse_path_is_deterministic(dispatch):
+    layer = MAKERS["btt_moe"](dispatch)
     _route_randomly(layer)
     x = torch.randn(50, 64)
     assert torch.equal(layer(x), layer(x))
@@ -248,16 +258,49 @@ def _counted(fn) -> int:
     return fc.get_total_flops()
 
 
-@pytest.mark.parametrize("dispatch", PATHS)
-@pytest.mark.parametrize("kind", MAKERS)
-def test_flops_match_flop_counter_for_each_path(kind, dispatch):
+@pytest.mark.parametrize("rows", [28, 300])
+@pytest.mark.parametrize("kind, dispatch", KINDS_PATHS)
+def test_flops_match_flop_counter_for_each_path(kind, dispatch, rows):
     layer = MAKERS[kind](dispatch)
     _route_randomly(layer)
-    x = torch.randn(4, 7, layer.in_features)
-    assert layer.flops(28) == _counted(lambda: layer(x))
+    x = torch.randn(4, rows // 4, layer.in_features)
+    assert layer.flops(rows) == _counted(lambda: layer(x))
     xg = x.clone().requires_grad_()
-    assert layer.train_flops(28) == _counted(lambda: layer(xg).square().sum().backward())
-    assert layer.train_flops(28, input_needs_grad=False) == _counted(lambda: layer(x).square().sum().backward())
+    assert layer.train_flops(rows) == _counted(lambda: layer(xg).square().sum().backward())
+    assert layer.train_flops(rows, input_needs_grad=False) == _counted(lambda: layer(x).square().sum().backward())
+
+
+def test_tiles_hold_every_routing_and_pad_by_less_than_a_tile_per_expert():
+    """rules.moe_tiles: for every way of splitting the assignments over the experts, whole tiles per expert fit
+    in the tile count it gives (exhaustive on small sizes), and the padding stays under experts x tile rows."""
+    from itertools import product
+
+    for experts in (1, 2, 3):
+        for assignments in range(0, 8 * experts * 3 + 2):
+            tile, tiles = es.rules.moe_tiles(assignments, experts)
+            assert tile == max(1, math.ceil(assignments / (8 * experts)))
+            need = max(
+                sum(-(-c // tile) for c in (*cs, assignments - sum(cs)))
+                for cs in product(range(assignments + 1), repeat=experts - 1)
+                if sum(cs) <= assignments
+            )
+            assert need <= tiles and tile * tiles - assignments < experts * tile
+    assert es.rules.moe_tiles(8192, 8) == (128, 71)  # 9088 rows for 8192 assignments: 1.109x
+    assert es.rules.moe_expert_rows(4096, 8, 2, "tiled") == 128 * 71
+
+
+def test_tiled_path_is_exact_when_every_token_picks_the_same_experts():
+    """The most padding-hungry routing (all tokens on the same two experts) still fits the tiles exactly."""
+    torch.manual_seed(14)
+    a = es.BTTMoE(64, 64, experts=4, active=2, dispatch="dense", router_bias=True)
+    b = es.BTTMoE(64, 64, experts=4, active=2, dispatch="tiled", router_bias=True)
+    _fixed_logits(a, [0.0, 2.0, -1.0, 1.0])
+    with torch.no_grad():
+        a.L.normal_(0, 0.05)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(301, 64)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+    assert b.flops(301) == _counted(lambda: b(x))
 
 
 def test_flops_formulas_and_the_sparse_saving():
@@ -371,6 +414,7 @@ def test_structure_with_ffn_moe_structures_the_experts():
         (lambda: es.MoE(64, 64, experts=4, active=2, hidden=0), "hidden must be a positive integer"),
         (lambda: es.MoE(64, 64, spec=3), "spec must be None"),
         (lambda: es.MoE(64, 64, normalize=True), "only apply to structured experts"),
+        (lambda: es.MoE(64, 64, spec="btt", dispatch="tiled"), "dispatch 'tiled' .* needs dense experts"),
         (lambda: es.MoEConfig(kind="big"), "kind 'big' is not known"),
         (lambda: es.structure(nn.Linear(64, 64), "kron", moe=4), "spec must be None, 'btt'"),
         (lambda: es.structure(nn.Linear(64, 64), None, moe={"expert": 4}), "unknown setting 'expert'"),
@@ -396,3 +440,10 @@ def test_other_shapes_padding_and_empty_batches():
     dense.load_state_dict(layer.state_dict())
     torch.testing.assert_close(dense(x), y, rtol=1e-5, atol=1e-6)
     assert layer(torch.randn(0, 96)).shape == (0, 40)
+
+
+def test_tiled_path_refuses_experts_structured_after_construction():
+    layer = es.MoE(64, 64, experts=4, active=2, hidden=144, dispatch="tiled")
+    es.structure(layer.experts, "btt", select="all")
+    with pytest.raises(es.SpecError, match="experts were structured, so use dispatch 'sparse'"):
+        layer(torch.randn(3, 64))
