@@ -24,7 +24,11 @@ import os
 
 import torch
 
-SMALL_STEP_FLOPS = 2e8  # training FLOPs per step below which one thread is faster (benchmarks.threads)
+# Training FLOPs per step below which a trial runs on one thread. On this project's 2-core machine two threads
+# were slower, and erratic, for every step of the CPU task grids (regression widths 32-512, up to 1.2e9 FLOPs a
+# step: best of 3, 2 threads / 1 thread from 0.7x to 38x, python -m benchmarks.threads); steps of the tasks'
+# GPU-sized configurations (1e10 and more) get the share.
+SMALL_STEP_FLOPS = 1e10
 
 
 def cores() -> int:
