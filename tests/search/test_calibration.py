@@ -11,20 +11,28 @@ x 3 seeds at every level: 189 bottom-level allowances) needs that share of the b
 it (search.report.load, verdict_of). Each study gives three comparisons with a known truth: double vs dense (2),
 double vs even (2) and even vs dense (1).
 
-Cost and power: a study costs about 6 s of CPU (130 trials; the storage's per-trial work outweighs the tiny
-models' training), so the suite runs STUDIES = 10 studies (about 65 s on a quiet 2-core machine), 30 intervals.
-The coverage test passes when at least 25 of the 30 cover the truth (83%). With independent intervals that a
-well-calibrated 95% interval passes with probability P(Bin(30, 0.95) >= 25) = 0.997, one that covers 90% with
-0.93, and a badly calibrated one that covers 70% with P(Bin(30, 0.7) >= 25) = 0.077 (80% coverage: 0.43). The
-three comparisons of a study share frontiers, so they are not independent; resampling 10 studies out of the 60
-measured below (study seeds 1000, 1010, ..., 1590) gives the pass rate with that dependence: see docs (README's
-verdict section) for the measured figures. ``EINSTRUCT_CALIBRATION_STUDIES=60`` runs more studies (the bound
-scales: 83% of the intervals).
+Cost and power: a study costs about 6 s of CPU (about 130 trials; the storage's per-trial work outweighs the tiny
+models' training), so the suite runs STUDIES = 8 studies (53 s for this file on a quiet 2-core machine), 24
+intervals, and the coverage test passes when at least 20 of them cover the truth (83%). With independent
+intervals, one that covers 95% passes with probability P(Bin(24, 0.95) >= 20) = 0.994, one that covers 90% with
+0.915, 80% with 0.46 and 70% with 0.11. The three comparisons of a study share frontiers, so they are not
+independent; resampling 8 of the 60 studies measured below (with that dependence) the loop as measured passes
+with 0.95, and its intervals narrowed to cover 72% (66%) pass with 0.21 (0.09).
 
-The 2x call: with sigma = 0.03 (run-level noise in log loss) and b = 0.3, a factor 2 in compute is ln 2 x 0.3 =
-0.21 in log loss, about 7 run-level standard deviations; every double vs dense and double vs even comparison must
-be called better (a 2x that the loop cannot call at this noise would be a defect, not bad luck: over the 60
-measured studies all 120 were).
+Measured (``python -m tests.search.test_calibration 60``: study seeds 0, 10, ..., 590; the suite's 8 are the
+first): 166 of 180 intervals cover the truth (92.2%): double vs dense 53/60 (88.3%), double vs even 54/60
+(90.0%), even vs dense 59/60 (98.3%). The 2x multiplier is underestimated by about 1% (mean log error -0.011
++- 0.005) and every one of the 120 2x comparisons is called better (lowest lower bound 1.39). On the pure power
+law (k = 0, no width effect; 40 studies) 115 of 120 cover (95.8%: 40/40, 40/40, 35/40) and the 2x multiplier's
+mean log error is -0.004. The 2x comparisons that miss are narrow intervals (the three seeds agree) 5-10%
+off: an error that a study's seeds share (most likely through what they have in common: the widths exploration
+picked, the loss the multiplier is read at), which an interval over seeds cannot see. Sweeping a grid thinned to
+a factor 2 between widths instead of neighbouring widths did not change it (92.7% against 92.1% over the same 60
+studies, on an earlier version of this task), so search/ is left as it is.
+
+The 2x call: with sigma = 0.02 (run-level noise in log loss) and b = 0.3, a factor 2 in compute is ln 2 x 0.3 =
+0.21 in log loss, about 10 run-level standard deviations: every double vs dense and double vs even comparison
+must be called better (one that is not, at this noise, is a defect, not bad luck).
 """
 
 import math
@@ -36,8 +44,7 @@ from search import report
 from search.loop import run_search
 from tests.search._powerlaw_task import TRUTH, PowerLaw, register
 
-STUDIES = int(os.environ.get("EINSTRUCT_CALIBRATION_STUDIES", "10"))
-SEEDS = [10 * i for i in range(STUDIES)]  # confirmation seeds seed+1..seed+3: no two studies share one
+STUDIES = 8  # in the suite; python -m tests.search.test_calibration 60 runs more and prints the figures
 STUDY = dict(
     task="powerlaw",
     space="tests.search._powerlaw_task:SPACE",
@@ -50,21 +57,44 @@ STUDY = dict(
     device="cpu",
     confirm_share=0.82,  # the other confirm_* settings are the defaults: 3 seeds, 3 widths, top 2
 )
-COVERAGE_BAR = 25 / 30  # at least 25 of 30 intervals (see the module docstring)
+COVERAGE_BAR = 20 / 24  # at least 20 of the 24 intervals (83%; see the module docstring)
 
 
-@pytest.fixture(scope="module")
-def studies(tmp_path_factory):
-    """(study.json, trials.csv rows, verdict) of each study, read back as the report reads them."""
+def run_studies(n: int, root: str) -> list:
+    """(study.json, trials.csv rows, verdict) of ``n`` studies at seeds 0, 10, 20, ... (confirmation seeds
+    seed+1..seed+3: no two studies share one), each read back as the report reads it."""
     out = []
     with pytest.MonkeyPatch.context() as mp:
         register(mp)
-        for seed in SEEDS:
-            folder = str(tmp_path_factory.mktemp(f"powerlaw{seed}"))
+        for seed in (10 * i for i in range(n)):
+            folder = os.path.join(root, f"powerlaw{seed}")
             run_search("powerlaw", out=folder, estimate=False, seed=seed, **STUDY)
             study = report.load(folder, "powerlaw")
             out.append((study.meta, study.rows, report.verdict_of(study)))
     return out
+
+
+def summary(studies) -> list[str]:
+    """Per comparison: intervals that cover the truth, the mean log error of the multiplier, the calls."""
+    lines, by = [], {}
+    for *_, verdict in studies:
+        for c in verdict:
+            by.setdefault((c.structure, c.vs), []).append(c)
+    every = [c for cs in by.values() for c in cs]
+    for (s, vs), cs in [*by.items(), (("all", ""), every)]:
+        ok = [c.low is not None and c.low <= TRUTH[c.structure] / TRUTH[c.vs] <= c.high for c in cs]
+        err = [math.log(c.multiplier * TRUTH[c.vs] / TRUTH[c.structure]) for c in cs if c.multiplier]
+        calls = {k: [c.call for c in cs].count(k) for k in sorted({c.call for c in cs})}
+        lines.append(
+            f"{s} vs {vs or '*'}: {sum(ok)}/{len(ok)} intervals cover the truth ({sum(ok) / len(ok):.1%}), mean log "
+            f"error {sum(err) / len(err):+.4f}, calls {calls}"
+        )
+    return lines
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    return run_studies(STUDIES, str(tmp_path_factory.mktemp("calibration")))
 
 
 def test_the_task_knows_its_multiplier():
@@ -130,3 +160,20 @@ def test_a_clear_2x_is_called_better_and_equal_structures_are_not_called_differe
     assert set(calls["double", "dense"]) == {"better"} and set(calls["double", "even"]) == {"better"}
     same = calls["even", "dense"]
     assert same.count("not distinguishable") >= math.ceil(COVERAGE_BAR * len(same))
+
+
+if __name__ == "__main__":  # python -m tests.search.test_calibration [studies]: the measured figures
+    import sys
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        done = run_studies(int(sys.argv[1]) if len(sys.argv) > 1 else STUDIES, root)
+    for meta, _, verdict in done:
+        print(
+            meta["settings"]["seed"],
+            *(f"{c.structure}/{c.vs} {c.multiplier} {c.low} {c.high} {c.call}" for c in verdict),
+        )
+    print("\n".join(summary(done)))
