@@ -165,6 +165,7 @@ def verdict(rows, curves: dict, confirmation: dict) -> list:
         keep = [(float(c), float(v)) for c, v in pts if float(c) > 0 and math.isfinite(float(v)) and float(v) > 0]
         by.setdefault(r["structure"], {}).setdefault(seed, []).extend(keep)
     entries = confirmation.get("structures", [])
+    by_name = {e["structure"]: e for e in entries}
     dense = next((e["structure"] for e in entries if e["structure"] == "dense"), "dense")
     named_ = next((e["structure"] for e in entries if e.get("best_named")), None)
     out = []
@@ -172,18 +173,26 @@ def verdict(rows, curves: dict, confirmation: dict) -> list:
         s = e["structure"]
         if s == dense:
             continue
-        out.append(_with_edges(compare(s, by.get(s, {}), dense, by.get(dense, {})), e))
-        if named_ is not None and s != named_:
-            out.append(_with_edges(compare(s, by.get(s, {}), named_, by.get(named_, {})), e))
+        for vs in (dense, named_) if named_ is not None and s != named_ else (dense,):
+            out.append(_with_edges(compare(s, by.get(s, {}), vs, by.get(vs, {})), e, by_name.get(vs)))
     return out
 
 
-def _with_edges(c, entry: dict):
-    """The comparison, its note telling the levels where the structure's frontier is edge-limited."""
+def edge_levels(entry: dict | None) -> list[str]:
+    """The levels at which a confirmed structure's best exploration width is at the width grid's edge."""
+    levels = (entry or {}).get("levels", {})
+    return [lv for lv, p in sorted(levels.items(), key=lambda kv: int(kv[0])) if p.get("edge")]
+
+
+def _with_edges(c, entry: dict, vs_entry: dict | None):
+    """The comparison with the sides whose frontier is edge-limited (``edge_limited``, and its note telling the
+    levels): the structure's, and the one it is compared with (dense, or the best named structure)."""
     from dataclasses import replace
 
-    edges = [lv for lv, p in sorted(entry["levels"].items(), key=lambda kv: int(kv[0])) if p["edge"]]
-    if not edges:
+    sides = [(c.structure, edge_levels(entry)), (c.vs, edge_levels(vs_entry))]
+    sides = [(name, lv) for name, lv in sides if lv]
+    if not sides:
         return c
-    note = f"{c.structure}'s best width is at the width grid's edge at level(s) {', '.join(edges)}: edge-limited"
-    return replace(c, note=f"{c.note}; {note}" if c.note else note)
+    notes = [f"{name}'s best width is at the width grid's edge at level(s) {', '.join(lv)}" for name, lv in sides]
+    note = "; ".join(notes) + ": edge-limited"
+    return replace(c, note=f"{c.note}; {note}" if c.note else note, edge_limited=tuple(name for name, _ in sides))

@@ -49,9 +49,11 @@ class Comparison:
     call: str
     seeds: int  # the confirmation seeds behind the interval
     note: str = ""  # why there is no number, in words
+    edge_limited: tuple[str, ...] = ()  # the sides (structure, vs) whose frontier is edge-limited (search.confirm)
 
     def as_json(self) -> dict:
-        """The verdict.json entry: structure, vs, loss, multiplier, low, high, call, seeds (and the note)."""
+        """The verdict.json entry: structure, vs, loss, multiplier, low, high, call, seeds (and the note, and
+        edge_limited: the sides whose best width is at the width grid's edge at some level)."""
         return {
             "structure": self.structure,
             "vs": self.vs,
@@ -62,6 +64,7 @@ class Comparison:
             "call": self.call,
             "seeds": self.seeds,
             "note": self.note,
+            "edge_limited": list(self.edge_limited),
         }
 
 
@@ -181,4 +184,9 @@ def markdown(comparisons: Sequence[Comparison]) -> str:
                 f"{c.call} | {c.seeds} |"
             )
     notes = [f"- {c.structure} vs {c.vs}: {c.note}" for c in comparisons if c.note]
+    if any(c.edge_limited for c in comparisons):
+        notes.append(
+            "- edge-limited: that side's best width is at the edge of the task's width grid, so its frontier may "
+            "not be compute-optimal there, and a wider grid could move the multiplier (verdict.json's edge_limited)"
+        )
     return "\n".join([*lines, "", *notes]).rstrip() + "\n"

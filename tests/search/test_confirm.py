@@ -149,3 +149,74 @@ def test_a_study_killed_in_confirmation_resumes_without_retraining(null_study, t
     key = lambda r: (r["phase"], str(r["level"]), r["structure"], str(r["width"]), str(r["seed"]))
     assert sorted(map(key, (r for r in rows if int(r["train_flops"]) > 0))) == sorted(map(key, trained))
     assert result.spent <= NULL["budget"]
+
+
+def _confirmation_rows(truth: dict[str, float]):
+    """Confirmation rows and curves of structures with known multipliers over dense (a power law, seed noise)."""
+    import numpy as np
+
+    from search.outputs import CONFIRM
+
+    rng = np.random.default_rng(0)
+    rows, curves, trial = [], {}, 0
+    for seed in (1, 2, 3):
+        for s, m in truth.items():
+            for level, allowance in enumerate((1e6, 2e6, 4e6)):
+                pts = [
+                    (c, (m * c) ** -0.3 * float(np.exp(0.01 * rng.standard_normal())))
+                    for c in allowance * np.r_[0.25:1.01:0.25]
+                ]
+                rows.append(
+                    {
+                        "phase": "confirm",
+                        "state": "COMPLETE",
+                        "structure": s,
+                        "level": level,
+                        "trial": trial,
+                        "seed": seed,
+                        "loss": pts[-1][1],
+                        "train_flops": allowance,
+                    }
+                )
+                curves[(CONFIRM + level, trial)] = tuple(pts)
+                trial += 1
+    return rows, curves
+
+
+def _plan(structure: str, edges: tuple[int, ...], best_named: bool = False) -> dict:
+    levels = {
+        str(lv): {"best_width": 16 if lv in edges else 32, "widths": [16, 32, 64], "edge": lv in edges}
+        for lv in range(3)
+    }
+    return {"structure": structure, "best_named": best_named, "levels": levels}
+
+
+def test_the_verdict_says_when_either_side_is_edge_limited(tmp_path):
+    from search import verdict as verdict_mod
+
+    rows, curves = _confirmation_rows({"btt(r=1)": 2.0, "monarch(b=4)": 1.5, "dense": 1.0})
+    plan = {
+        "structures": [
+            _plan("btt(r=1)", ()),  # not edge-limited itself
+            _plan("monarch(b=4)", (2,), best_named=True),
+            _plan("dense", (0, 1)),  # the reference, edge-limited at two levels
+        ]
+    }
+    got = {(c.structure, c.vs): c for c in confirm.verdict(rows, curves, plan)}
+    assert set(got) == {("btt(r=1)", "dense"), ("btt(r=1)", "monarch(b=4)"), ("monarch(b=4)", "dense")}
+    assert got["btt(r=1)", "dense"].edge_limited == ("dense",)
+    assert "dense's best width is at the width grid's edge at level(s) 0, 1" in got["btt(r=1)", "dense"].note
+    assert got["btt(r=1)", "monarch(b=4)"].edge_limited == ("monarch(b=4)",)
+    assert got["monarch(b=4)", "dense"].edge_limited == ("monarch(b=4)", "dense")
+    assert got["btt(r=1)", "dense"].call == "better"  # the flag informs, it does not change the reading
+    entries = json.load(open(verdict_mod.write_json(str(tmp_path), list(got.values()))))
+    assert [e["edge_limited"] for e in entries] == [["dense"], ["monarch(b=4)"], ["monarch(b=4)", "dense"]]
+    assert {"structure", "vs", "loss", "multiplier", "low", "high", "call", "seeds"} <= set(entries[0])
+    text = verdict_mod.markdown(list(got.values()))
+    assert "- btt(r=1) vs dense: dense's best width is at the width grid's edge at level(s) 0, 1: edge-limited" in text
+    assert "may not be compute-optimal" in text
+    # no side at an edge: no flag, no note
+    plan = {"structures": [_plan("btt(r=1)", ()), _plan("monarch(b=4)", (), best_named=True), _plan("dense", ())]}
+    for c in confirm.verdict(rows, curves, plan):
+        assert c.edge_limited == () and c.note == "" and c.as_json()["edge_limited"] == []
+    assert "edge-limited" not in verdict_mod.markdown(confirm.verdict(rows, curves, plan))
