@@ -10,7 +10,8 @@ winners are confirmed wherever the sampler found them (a structure at one upper 
 references, trained at all of them: confirmation, on fresh seeds, tells a lucky run from a real one). Each is
 trained at every level's allowance, at ``confirm_widths`` widths of the task's grid that bracket its best
 exploration width at that level (when that width is at the grid's edge, the bracket cannot surround it and the
-structure's frontier is *edge-limited* there), on ``confirm_seeds`` fresh seeds: ``seed + 1, seed + 2, ...``,
+structure's frontier is *edge-limited* there; so it is where the confirmation sweep itself does best at the
+grid's smallest or largest width), on ``confirm_seeds`` fresh seeds: ``seed + 1, seed + 2, ...``,
 never the exploration seed. The sweep over widths and the repeat over seeds are one phase, ``confirm``, in
 trials.csv's ``phase`` column (exploration is ``explore``).
 
@@ -137,12 +138,15 @@ def runs(entries: list[dict], level: int, seed_list: list[int]) -> list[tuple[Ca
     return [(e["candidate"].at(w), s) for s in seed_list for e in entries for w in e["levels"][str(level)]["widths"]]
 
 
-def public(entries: list[dict], seed_list: list[int]) -> dict:
-    """The plan as study.json records it (the report reads roles and edge flags from it)."""
-    return {
+def public(entries: list[dict], seed_list: list[int], grid=None) -> dict:
+    """The plan as study.json records it (the report reads roles, edge flags and the width grid from it)."""
+    out = {
         "seeds": list(seed_list),
         "structures": [{k: v for k, v in e.items() if k != "candidate"} for e in entries],
     }
+    if grid:
+        out["grid"] = sorted({int(w) for w in grid})
+    return out
 
 
 # ---------------------------------------------------------------- the verdict
@@ -165,6 +169,7 @@ def verdict(rows, curves: dict, confirmation: dict) -> list:
         keep = [(float(c), float(v)) for c, v in pts if float(c) > 0 and math.isfinite(float(v)) and float(v) > 0]
         by.setdefault(r["structure"], {}).setdefault(seed, []).extend(keep)
     entries = confirmation.get("structures", [])
+    swept = sweep_edges(rows, confirmation.get("grid"))
     by_name = {e["structure"]: e for e in entries}
     dense = next((e["structure"] for e in entries if e["structure"] == "dense"), "dense")
     named_ = next((e["structure"] for e in entries if e.get("best_named")), None)
@@ -174,22 +179,54 @@ def verdict(rows, curves: dict, confirmation: dict) -> list:
         if s == dense:
             continue
         for vs in (dense, named_) if named_ is not None and s != named_ else (dense,):
-            out.append(_with_edges(compare(s, by.get(s, {}), vs, by.get(vs, {})), e, by_name.get(vs)))
+            c = compare(s, by.get(s, {}), vs, by.get(vs, {}))
+            out.append(_with_edges(c, e, by_name.get(vs), swept))
     return out
 
 
-def edge_levels(entry: dict | None) -> list[str]:
-    """The levels at which a confirmed structure's best exploration width is at the width grid's edge."""
+def sweep_edges(rows, grid) -> dict[str, set[str]]:
+    """Structure -> the levels at which its confirmation sweep did best (lowest mean log final loss over the
+    seeds) at the smallest or the largest width of the task's grid ``grid`` (study.json's plan records it; a
+    plan without it: none): there the sweep did not surround the structure's optimum either."""
+    if not grid:
+        return {}
+    ends = (min(grid), max(grid))
+    logs: dict[tuple, list[float]] = {}
+    for r in rows:
+        loss, width = _float(r["loss"]), _float(r.get("width"))
+        if r.get("phase") != "confirm" or r["state"] != "COMPLETE" or not loss > 0 or not math.isfinite(width):
+            continue
+        logs.setdefault((r["structure"], str(int(r["level"])), int(width)), []).append(math.log(loss))
+    best: dict[tuple, tuple[float, int]] = {}
+    for (s, lv, w), ls in logs.items():
+        m = sum(ls) / len(ls)
+        if (s, lv) not in best or m < best[s, lv][0]:
+            best[s, lv] = (m, w)
+    out: dict[str, set[str]] = {}
+    for (s, lv), (_, w) in best.items():
+        if w in ends:
+            out.setdefault(s, set()).add(lv)
+    return out
+
+
+def edge_levels(entry: dict | None, swept=()) -> list[str]:
+    """The levels at which a confirmed structure's best exploration width is at the width grid's edge, or (the
+    levels in ``swept``) its confirmation sweep did best at the grid's edge."""
     levels = (entry or {}).get("levels", {})
-    return [lv for lv, p in sorted(levels.items(), key=lambda kv: int(kv[0])) if p.get("edge")]
+    edges = {lv for lv, p in levels.items() if p.get("edge")} | set(swept)
+    return sorted(edges, key=int)
 
 
-def _with_edges(c, entry: dict, vs_entry: dict | None):
+def _with_edges(c, entry: dict, vs_entry: dict | None, swept: dict | None = None):
     """The comparison with the sides whose frontier is edge-limited (``edge_limited``, and its note telling the
     levels): the structure's, and the one it is compared with (dense, or the best named structure)."""
     from dataclasses import replace
 
-    sides = [(c.structure, edge_levels(entry)), (c.vs, edge_levels(vs_entry))]
+    swept = swept or {}
+    sides = [
+        (c.structure, edge_levels(entry, swept.get(c.structure, ()))),
+        (c.vs, edge_levels(vs_entry, swept.get(c.vs, ()))),
+    ]
     sides = [(name, lv) for name, lv in sides if lv]
     if not sides:
         return c

@@ -515,7 +515,7 @@ def _confirmation(result, ctx, search_space, levels, optuna, meta) -> dict:
         result.rows(), search_space.by_name(), [lv.index for lv in levels], task.widths, cfg, fallback
     )
     seed_list = confirm.seeds(int(cfg["seed"]), int(cfg["confirm_seeds"]))
-    meta["confirmation"] = confirm.public(entries, seed_list)
+    meta["confirmation"] = confirm.public(entries, seed_list, task.widths)
     outputs.write_json(os.path.join(ctx.folder, "study.json"), meta)
     runs = {}
     for lv in levels:

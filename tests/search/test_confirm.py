@@ -220,3 +220,24 @@ def test_the_verdict_says_when_either_side_is_edge_limited(tmp_path):
     for c in confirm.verdict(rows, curves, plan):
         assert c.edge_limited == () and c.note == "" and c.as_json()["edge_limited"] == []
     assert "edge-limited" not in verdict_mod.markdown(confirm.verdict(rows, curves, plan))
+
+
+def test_a_sweep_that_does_best_at_the_grids_edge_is_edge_limited_too():
+    """Exploration put dense's best width inside the grid, but its confirmation sweep does best at the grid's
+    smallest width at level 2 (on the mean log loss over seeds): that frontier is edge-limited there too."""
+    rows, curves = _confirmation_rows({"btt(r=1)": 2.0, "dense": 1.0})
+    for r in rows:  # widths: each run of the synthetic rows at 32, then copies at 16 and 64 with known losses
+        r["width"] = 32
+    extra = []
+    for r in rows:
+        better = r["structure"] == "dense" and r["level"] == 2
+        extra.append({**r, "width": 16, "loss": r["loss"] * (0.9 if better else 1.1)})
+        extra.append({**r, "width": 64, "loss": r["loss"] * 1.2})
+    rows = rows + extra
+    plan = {"structures": [_plan("btt(r=1)", ()), _plan("dense", ())], "grid": [16, 32, 64]}
+    assert confirm.sweep_edges(rows, plan["grid"]) == {"dense": {"2"}}
+    (c,) = confirm.verdict(rows, curves, plan)
+    assert c.edge_limited == ("dense",) and "dense's best width is at the width grid's edge at level(s) 2" in c.note
+    assert confirm.sweep_edges(rows, None) == {}  # a plan from before the grid was recorded: exploration's flags
+    plan.pop("grid")
+    assert confirm.verdict(rows, curves, plan)[0].edge_limited == ()
