@@ -91,7 +91,7 @@ def test_run_command_catches_the_flush_at_exit(monkeypatch, capsys):
 
 
 STUB_PROBE = (
-    "import runpy, sys, search.loop as loop; loop.probe = lambda task, widths, device: "
+    "import runpy, sys, search.loop as loop; loop.probe = lambda task, widths, device, threads=None: "
     "{'flops_per_second': 1e9, 'seconds_per_trial': 0.01, 'probe_width': min(widths)}; "
     "sys.argv = ['search.run'] + sys.argv[1:]; runpy.run_module('search.run', run_name='__main__')"
 )
@@ -112,7 +112,7 @@ def test_search_run_main_returns_141_when_the_plan_print_breaks(monkeypatch, cap
     monkeypatch.setattr(
         search.loop,
         "probe",
-        lambda task, widths, device: {  # the plan, not the probe, is tested
+        lambda task, widths, device, threads=None: {  # the plan, not the probe, is tested
             "flops_per_second": 1e9,
             "seconds_per_trial": 0.01,
             "probe_width": min(widths),

@@ -26,7 +26,11 @@ def no_probe(monkeypatch):
     monkeypatch.setattr(
         search.loop,
         "probe",
-        lambda task, widths, device: {"flops_per_second": 1e9, "seconds_per_trial": 0.01, "probe_width": min(widths)},
+        lambda task, widths, device, threads=None: {
+            "flops_per_second": 1e9,
+            "seconds_per_trial": 0.01,
+            "probe_width": min(widths),
+        },
     )
 
 
