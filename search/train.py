@@ -247,6 +247,8 @@ def _run(
     step_fn = Step(loss_function(task, compile, dev), net, model, opt, hp.clip, graphs=compile == "reduce-overhead")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
+    modes = mode_setter(model)
+
     # 3. The loop, from the checkpoint if there is one.
     gen = torch.Generator().manual_seed(seed)
     curve, train_curve = [], []
@@ -291,10 +293,10 @@ def _run(
             if reason:
                 break
         if done in marks:
-            model.eval()
+            modes(False)
             with autocast, es.inference_cache(model):  # weights are fixed while evaluating
                 ev = float(task.eval_loss(model, dev))
-            model.train()
+            modes(True)
             curve.append((done * per_step, ev))
         if every and done % every == 0 and done < steps and not reason:
             if world.main:
@@ -344,6 +346,23 @@ def _run(
         ranks=world.size,
         compile_seconds=compile_seconds,
     )
+
+
+def mode_setter(model: torch.nn.Module) -> Callable[[bool], None]:
+    """``set(training)``: what ``model.train(training)`` does, without walking the module tree at every call.
+
+    ``Module.train`` sets ``training`` on the module and every descendant; where no module overrides
+    ``train`` that is what the setter does, over a list of the modules taken once (the tree does not change
+    during a run). A model with its own ``train`` gets ``model.train`` itself."""
+    mods = list(model.modules())
+    if any(type(m).train is not torch.nn.Module.train for m in mods):
+        return model.train
+
+    def set_training(training: bool) -> None:
+        for m in mods:
+            m.training = training
+
+    return set_training
 
 
 def _spent(done: int, per_step: int, world) -> int:

@@ -12,6 +12,7 @@ paths and the cost table of the device it was planned for. Nothing here is recom
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 from .. import rules
@@ -44,6 +45,15 @@ INTO_MIN_ELEMS = 1 << 17
 DENSE_MAX_ROWS = 16
 DENSE_MAX_WEIGHT = 1 << 18
 DENSE_MAX_MACS = 1 << 22
+
+# Small weights: at most DENSE_ANY_WEIGHT elements (128 x 128) and a chain that copies or uses a non-plain
+# matmul form (its planned layout cost is above 0) run every cached no-grad batch on the materialised matrix.
+# Measured on CPU (1 thread, float32, `python -m benchmarks.dense_rows`, 256 and 4096 rows; theta points of the
+# search, BTT r=1, Monarch 4): the dense matmul took 0.09-0.55x the chain's time at d = 32, 0.23-1.05x at
+# d = 64 and 0.52-0.86x at d = 128; a copy-free low rank chain was faster from d = 64 (dense 0.7-2x), and
+# from d = 256 the chain was mostly faster (dense 0.57-5.7x), so those keep the small-batch rule above.
+DENSE_ANY_WEIGHT = 1 << 14
+ANY_BATCH = sys.maxsize  # dense_rows meaning every batch
 
 
 @dataclass(frozen=True)
@@ -212,9 +222,12 @@ def build(st: Structure, costs: CostTable = CPU) -> LayerPlan:
     )
 
 
-def default_dense_rows(st: Structure, in_features: int, out_features: int) -> int:
-    """Largest batch (rows) that runs on the materialised dense matrix in inference; 0 for never."""
+def default_dense_rows(st: Structure, in_features: int, out_features: int, plan: LayerPlan | None = None) -> int:
+    """Largest batch (rows) that runs on the materialised dense matrix in inference; 0 for never,
+    ``ANY_BATCH`` for every batch. ``plan``: the layer's plan (default: planned with the CPU table)."""
     weight = in_features * out_features
     if st.flops >= rules.dense_flops(1, in_features, out_features) or weight > DENSE_MAX_WEIGHT:
         return 0
+    if weight <= DENSE_ANY_WEIGHT and (plan if plan is not None else build(st)).chain.layout.cost > 0:
+        return ANY_BATCH
     return min(DENSE_MAX_ROWS, DENSE_MAX_MACS // weight)

@@ -30,7 +30,9 @@ Paths (all deterministic; DESIGN.md: ``flops(batch)`` reports the path that runs
   ``F.linear``, each built on first use in the scope and dropped when it ends: the scope's promise is
   that weights do not change inside it. ``dense_rows`` is 0 unless the structure has fewer FLOPs than
   dense and the weight has at most 2^18 elements; then min(16, 2^22 // (in * out)) (measured on CPU:
-  below that the dense matmul costs less than the chain's fixed per-call cost). Set
+  below that the dense matmul costs less than the chain's fixed per-call cost), and every batch
+  (``layerplan.ANY_BATCH``) for a weight of at most 2^14 elements whose chain copies or uses a non-plain
+  matmul form (there the dense matmul is faster per row too: ``python -m benchmarks.dense_rows``). Set
   ``layer.dense_rows = 0`` to turn it off. Inside the scope the caches are also keyed by each core's
   ``data_ptr()`` and ``_version``, which catches ordinary in-place updates, but not fused optimizer steps
   or ``.data`` edits: do not train inside the scope. Caches are built with autocast off (exact, in the
@@ -169,7 +171,6 @@ class StructuredLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._names = tuple(c.name for c in self.structure.cores)
-        self.dense_rows = default_dense_rows(self.structure, self.in_features, self.out_features)
         self._cache: dict[str, tuple] = {}  # inference-only copies of the weights, only inside inference_cache()
         self._cache_depth = 0  # nesting depth of es.inference_cache scopes over this layer
         self._replan()  # frozen, for the parameters' device type; the runners read it
@@ -186,6 +187,10 @@ class StructuredLinear(nn.Module):
         self._row_elems = plan.row_elems
         if old is None or self.builtin_rows == old.builtin_rows:  # a threshold the user set is kept
             self.builtin_rows = plan.builtin_rows
+        rows = default_dense_rows(self.structure, self.in_features, self.out_features, plan)
+        if old is None or self.dense_rows == self._default_dense_rows:
+            self.dense_rows = rows
+        self._default_dense_rows = rows
         self._cache.clear()  # per-step cores laid out for the old plan
         logger.debug("%s: layout cost %s per example (%s)", self.spec.einsum, plan.chain.layout.cost, table.device)
 

@@ -1,12 +1,14 @@
 """StructuredLinear's fast paths: strided views, the graph-free chain, the cached dense matrix, exact FLOPs."""
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import einstruct as es
+from einstruct.layers.layerplan import ANY_BATCH
 from einstruct.layers.linear import StructuredLinear, default_dense_rows
 
 from .test_linear import PRESETS, check_against_dense
@@ -94,6 +96,43 @@ def test_dense_rows_rule():
 
 
 @pytest.mark.parametrize("name", ["btt1", "monarch4", "theta_a", "tt2"])
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_small_weights_run_every_cached_batch_dense(name, d):
+    # At most 2^14 weights and a chain that copies: every cached no-grad batch runs on the dense matrix,
+    # and flops() reports what runs (the FLOP counter's count), at the eval batch the search uses too.
+    layer = StructuredLinear(d, d, FAST[name]())
+    assert layer._plan.chain.layout.cost > 0
+    assert layer.dense_rows == default_dense_rows(layer.structure, d, d, layer._plan) == ANY_BATCH
+    x = torch.randn(4096, d)
+    with torch.no_grad():
+        chain = layer(x)
+        with es.inference_cache(layer):
+            layer(x[:1])  # built on first use
+            assert layer.flops(4096) == counted(lambda: layer(x)) == 2 * d * d * 4096
+            torch.testing.assert_close(layer(x), chain, atol=1e-5, rtol=1e-5)
+    assert layer.flops(4096) == layer.structure.flops * 4096  # outside the scope: the chain
+
+
+def test_dense_rows_any_batch_needs_a_small_weight_and_a_copying_chain():
+    low = StructuredLinear(64, 64, P.low_rank(rank=4))  # one plain matmul after another: nothing copied
+    assert low._plan.chain.layout.cost == 0 and low.dense_rows == 16
+    assert StructuredLinear(256, 256, FAST["theta_a"]()).dense_rows == 16  # 2^16 weights: the chain
+    assert StructuredLinear(128, 256, P.btt(rank=1)).dense_rows == 16  # 2^15 weights
+    layer, other = StructuredLinear(64, 64, P.btt(rank=1)), StructuredLinear(64, 64, P.btt(rank=1))
+    layer.dense_rows = 3  # a threshold the user set survives re-planning; a default one is recomputed
+    free = dataclasses.replace(es.layers.costs.CPU, copy=0, scattered=0, form=0, source="test: copies free")
+    es.use_cost_table(free)
+    try:
+        layer.to(torch.float64)
+        other.to(torch.float64)
+        assert layer._plan.costs == other._plan.costs == free
+        assert layer.dense_rows == 3
+        assert other._plan.chain.layout.cost == 0 and other.dense_rows == 16
+    finally:
+        es.use_cost_table(None)
+
+
+@pytest.mark.parametrize("name", ["btt1", "monarch4", "theta_a", "tt2"])
 def test_flops_reports_the_path_that_runs(name):
     layer = StructuredLinear(256, 256, FAST[name]())
     st = layer.structure
@@ -167,7 +206,7 @@ def test_inference_caches_follow_versioned_changes_inside_a_scope(dense_rows, no
 
 def test_dense_path_needs_no_grad_mode_and_keeps_shapes():
     layer = StructuredLinear(128, 64, P.kron())
-    assert layer.dense_rows == 16
+    assert layer.dense_rows == ANY_BATCH  # 8192 weights, a chain that copies
     x = torch.randn(2, 3, 128)
     with torch.no_grad():
         y = layer(x)

@@ -169,3 +169,56 @@ def test_search_refuses_cuda_graphs_on_cpu_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "search.run: error: --compile reduce-overhead uses CUDA graphs and needs --device cuda; use --compile default"
     ]
+
+
+class _Flagged(torch.nn.Module):
+    """Remembers the mode it was called in."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(self.training)
+        return self.lin(x)
+
+
+class _OwnTrain(_Flagged):
+    def train(self, mode: bool = True):
+        self.switched = getattr(self, "switched", 0) + 1
+        return super().train(mode)
+
+
+def test_mode_setter_is_module_train():
+    """The evaluation's mode switch sets what Module.train sets, on every module; a model that overrides
+    train() gets its own method called."""
+    model = torch.nn.Sequential(_Flagged(), torch.nn.Sequential(torch.nn.Dropout(0.5), _Flagged()))
+    set_training = train.mode_setter(model)
+    for mode in (False, True, False):
+        set_training(mode)
+        assert [m.training for m in model.modules()] == [mode] * len(list(model.modules()))
+    own = torch.nn.Sequential(_OwnTrain())
+    set_training = train.mode_setter(own)
+    set_training(False)
+    assert own[0].switched == 1 and not own[0].training and not own.training
+
+
+def test_evaluation_runs_in_eval_mode_and_training_in_train_mode(task, monkeypatch):
+    """A trial's training steps see training=True, its evaluations training=False."""
+    modes = {"train": set(), "eval": set()}
+    loss, eval_loss = type(task).loss, type(task).eval_loss
+
+    def spy_loss(self, model, batch):
+        modes["train"].update(m.training for m in model.modules())
+        return loss(self, model, batch)
+
+    def spy_eval(self, model, device):
+        modes["eval"].update(m.training for m in model.modules())
+        return eval_loss(self, model, device)
+
+    monkeypatch.setattr(type(task), "loss", spy_loss)
+    monkeypatch.setattr(type(task), "eval_loss", spy_eval)
+    _, per_step = train.plan(task, es.presets.btt(rank=1), 16, 1.0)
+    train.run(task, es.presets.btt(rank=1), 16, 6 * per_step, seed=0, device="cpu", evals=3)
+    assert modes == {"train": {True}, "eval": {False}}
