@@ -11,6 +11,7 @@ paths and the cost table of the device it was planned for. Nothing here is recom
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -205,7 +206,13 @@ def row_elements(chain: ChainLayout, st: Structure) -> int:
 
 def build(st: Structure, costs: CostTable = CPU) -> LayerPlan:
     """The plan of a compiled structure on a device priced by ``costs``: both layouts planned, every
-    per-step decision made."""
+    per-step decision made. A plan is a frozen value, so layers of one structure on one table share it
+    (planned once: the search builds each candidate twice, on the meta device and for real)."""
+    return _build(st, costs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _build(st: Structure, costs: CostTable) -> LayerPlan:
     chain = plan_chain(st, costs=costs)
     elems = row_elements(chain, st)
     small = route(plan_chain(st, plain=True, costs=costs), st)

@@ -236,6 +236,8 @@ class StructuredLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         last = self.core_names[-1]
+        if self._device_type() == "meta":  # shapes only: nothing to draw (meta's normal_ costs ~1 ms in Python)
+            return
         with torch.no_grad():
             for name in self.core_names:
                 w = getattr(self, name)

@@ -278,3 +278,15 @@ def test_builtin_rows_rule_and_both_training_paths_agree():
         assert counted(lambda x=xg: layer(x)) == layer.flops(40)  # the same matmuls either way
     for a, b in zip(out[40], out[39]):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_layers_of_one_structure_share_their_plan_and_meta_layers_draw_nothing():
+    a, b = StructuredLinear(64, 64, P.btt(rank=1)), StructuredLinear(64, 64, P.btt(rank=1), device="meta")
+    assert a._plan is b._plan  # planned once per (structure, cost table): a frozen value
+    b.to_empty(device="cpu")  # a meta-built layer gets its initialisation once it has data
+    torch.manual_seed(0)
+    b.reset_parameters()
+    for name in b.core_names:
+        w = getattr(b, name)
+        assert abs(float(w.std()) - b.init_stds[name]) < 0.25 * b.init_stds[name]
+    assert torch.count_nonzero(b.bias) == 0
