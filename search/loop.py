@@ -72,9 +72,19 @@ class SearchStudy:
     studies: list = field(default_factory=list)  # [(level index, optuna.Study)]
     estimate: dict = field(default_factory=dict)
     ledger: Ledger | None = None
+    reader: outputs.TrialReader | None = None  # reads only the level studies that may have changed
 
-    def rows(self) -> list[dict]:
-        return outputs.trial_rows(self.studies, self.ledger.charges() if self.ledger is not None else None)
+    def read(self) -> tuple[dict | None, list]:
+        """What the storage holds now: the ledger's charges, then every level study's trials (in that order: a
+        trial charged in the first read is in the second)."""
+        charges = self.ledger.charges() if self.ledger is not None else None
+        trials = self.reader.read(self.studies) if self.reader is not None else outputs.read_trials(self.studies)
+        return charges, trials
+
+    def rows(self, read: tuple[dict | None, list] | None = None) -> list[dict]:
+        """One row per trial (search.outputs.trial_rows), from ``read`` (what ``read()`` returned) or read now."""
+        charges, trials = read if read is not None else self.read()
+        return outputs.trial_rows(trials, charges)
 
     @property
     def spent(self) -> int:
@@ -336,6 +346,7 @@ def run_search(
     keyed = {k: cfg[k] for k in KEYED}
     engine = optuna_api.engine(store)
     ledger = result.ledger = Ledger(engine, name, float(cfg["budget"]), keyed)  # refuses another stored budget
+    result.reader = outputs.TrialReader(engine)
     settings_mod.check_same(name, ledger.store_settings(keyed), keyed)  # the first worker's settings are the study's
     me = Worker(ledger, heartbeat)
     try:
@@ -378,7 +389,10 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
     seed = int(cfg["seed"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    def one(st, lv, explore) -> None:
+    def one(st, lv, explore, seen=None) -> list | None:
+        """Ask, evaluate and record one trial; returns the study's trials as read after this worker's last write to
+        the storage (None when it did not read them). ``seen``: the study's trials as read since this worker's last
+        write to them, which the check for a trained twin takes instead of reading them again (see _trials)."""
         with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ours are the worker's
             warnings.simplefilter("ignore", UserWarning)
             with me.asking():
@@ -386,13 +400,14 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
                 optuna_api.set_system_attr(st, optuna_api.trial_id(trial), OWNER, me.token)
         faults.point("after_ask")
         cand = search_space.suggest(trial)
-        row = _evaluate(trial, st, cand, lv, ctx)
+        row = _evaluate(trial, st, cand, lv, ctx, seen)
         if row is None:
-            return
+            return None
         if explore is not None and row.get("rejected") is not None and Rejected(row["rejected"]).duplicate:
             # the sampler is stuck on a point: explore once
             st.enqueue_trial(search_space.random_params(explore), user_attrs={"exploration": True})
-        rows = result.rows()
+        read = result.read()
+        rows = result.rows(read)
         outputs.write_trials_csv(csv_path, rows)
         done = [
             float(r["loss"])
@@ -400,6 +415,7 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
             if r["level"] == lv.index % outputs.CONFIRM and r["phase"] == row.get("phase") and r["state"] == "COMPLETE"
         ]
         rep.trial_end(row, _spent(rows), min(done) if done else None)
+        return next(trials for level, trials in read[1] if level == lv.index)
 
     def references(st, lv) -> bool:
         """Queue the level's references once, over all workers; a kill halfway is finished by the next worker."""
@@ -439,14 +455,23 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
             if t.state.is_finished() and t.user_attrs.get("train_flops", 0) > 0
         )
         recover(st, lv.index)
-        references(st, lv)
+        queued = references(st, lv)  # once True, it stays True (the study attribute is never removed)
         rep.level_start(lv, ledger.used_slots(lv.index))
         explore = explorers[lv.index] = random.Random(offset)
         cap = 5 * lv.trials + len(refs)
-        while (ledger.used_slots(lv.index) < lv.trials or _waiting(st)) and len(st.get_trials(deepcopy=False)) < cap:
-            one(st, lv, explore)
-            recover(st, lv.index)
-            references(st, lv)
+        seen = None  # the study's trials, read since this worker's last write to the storage
+        while True:
+            now = None if ledger.used_slots(lv.index) < lv.trials else _trials(st, seen)
+            if now is not None and not _waiting(now):
+                break
+            now = now if now is not None else _trials(st, seen)
+            if len(now) >= cap:
+                break
+            seen = one(st, lv, explore, now)
+            if recover(st, lv.index, seen):
+                seen = None
+            if not queued:
+                queued, seen = references(st, lv), None
 
     def drain(pairs, queue) -> None:
         """Out of new work: finish the trials of workers that die, until no trial is running."""
@@ -455,10 +480,12 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
             for st, lv in pairs:
                 recover(st, lv.index)
                 busy = not queue(st, lv) or busy
-                while _waiting(st):
-                    one(st, lv, explorers.get(lv.index))
-                    recover(st, lv.index)
-                busy = busy or bool(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+                seen = None
+                while _waiting(now := _trials(st, seen)):
+                    seen = one(st, lv, explorers.get(lv.index), now)
+                    if recover(st, lv.index, seen):
+                        seen = None
+                busy = busy or any(t.state == optuna.trial.TrialState.RUNNING for t in now)
             if not busy:
                 break
             time.sleep(min(ctx.heartbeat, 1) if ctx.heartbeat else 0.5)
@@ -487,9 +514,11 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
             recover(st, clv.index)
             queue(st, clv)
             rep.level_start(clv, ledger.used_slots(clv.index))
-            while _waiting(st):
-                one(st, clv, None)
-                recover(st, clv.index)
+            seen = None
+            while _waiting(now := _trials(st, seen)):
+                seen = one(st, clv, None, now)
+                if recover(st, clv.index, seen):
+                    seen = None
         drain(pairs, queue)
     clean_folder(folder, result.studies, ledger)  # checkpoints of finished trials a kill left behind
     outputs.write_trials_csv(csv_path, result.rows())
@@ -547,21 +576,36 @@ class _Context:
     recover: Recoverer
 
 
-def _waiting(st) -> bool:
+def _trials(st, seen: list | None) -> list:
+    """The study's trials: ``seen`` when given, else read now.
+
+    ``seen`` is a read of this study that this worker made after its own last write to the storage (one() returns
+    its read of the trials.csv rows; a recovery that may have written drops it). Taking it instead of a new read
+    is what a new read would give if the other workers had been a few milliseconds slower, which they may always
+    be: every decision made from it is one the loop could have made anyway, and each of them is checked again
+    where it matters (the ledger's reservation, the recovery's claims and its own fresh reads).
+    """
+    return seen if seen is not None else st.get_trials(deepcopy=False)
+
+
+def _waiting(trials: list) -> bool:
     from optuna.trial import TrialState
 
-    return bool(st.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    return any(t.state == TrialState.WAITING for t in trials)
 
 
 _NEWER_COLUMNS = ("family_params", "group")  # a record from before them matches without them
 
 
-def _twin(st, trial, cand):
-    """A finished, trained trial of this level with exactly the same candidate, if any."""
+def _twin(st, trial, cand, seen: list | None = None):
+    """A finished, trained trial of this level with exactly the same candidate, if any (from ``seen``, the study's
+    trials as read since this worker's last write to them other than asking for ``trial``, when given)."""
     from optuna.trial import TrialState
 
     cols = cand.columns()
-    for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in _trials(st, seen):
+        if t.state != TrialState.COMPLETE:
+            continue
         rec = t.user_attrs.get("record", {})
         if (
             t.number != trial.number
@@ -579,9 +623,9 @@ def _remove(path: str) -> None:
         pass
 
 
-def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
+def _evaluate(trial, st, cand, lv: Level, ctx: _Context, seen: list | None = None) -> dict | None:
     """Reject for free, or reserve the FLOPs, train (a retry: from its predecessor's checkpoint), record the result,
-    settle, tell; returns the row (None if another worker holds this trial)."""
+    settle, tell; returns the row (None if another worker holds this trial). ``seen``: see _twin."""
     from optuna.trial import TrialState
 
     task, cfg, ledger, rep = ctx.task, ctx.cfg, ctx.ledger, ctx.rep
@@ -629,7 +673,7 @@ def _evaluate(trial, st, cand, lv: Level, ctx: _Context) -> dict | None:
     if phase == "confirm" and "seed" not in trial.user_attrs:  # asked when another worker took the last run
         return reject(Rejected.LEVEL, "not a planned confirmation run (the level's runs are taken)")
     if pred is None and phase == "explore":  # confirmation runs repeat a point on purpose, each on its own seed
-        twin = _twin(st, trial, cand)
+        twin = _twin(st, trial, cand, seen)
         if twin is not None:
             # The same point again (common with categorical widths): spend nothing, and tell the sampler PRUNED,
             # not COMPLETE: a repeated value would only sharpen TPE's belief in that point and bring it back,

@@ -10,7 +10,10 @@ so that an upgrade is checked before it is trusted):
   worker's trial holds no Trial object for it), one trial read by id, and the error a finished trial raises;
 - the system attribute under which ``Study.enqueue_trial`` keeps a queued trial's parameters (``fixed_params``);
 - the relational storage's tables: ``RDBStorage.engine`` (the SQLAlchemy engine, which the ledger's tables share)
-  and the ``studies`` table with its ``study_name`` column, read without creating anything.
+  and the ``studies`` table with its ``study_name`` column, read without creating anything;
+- a study's storage id (``Study._study_id``) and the ``trials`` table's ``trial_id``, ``study_id`` and ``state``
+  columns, counted per study and state (``trial_marks``), and that a finished trial never changes in the storage
+  (its attributes and state refuse writes, as ``_CachedStorage`` assumes when it never reads one again).
 
 The search uses none of Optuna's heartbeat machinery (its ``trial_heartbeats`` table): workers beat in the ledger's
 own worker table (search.recovery), so nothing here reads it.
@@ -44,6 +47,35 @@ def set_user_attr(study, tid: int, key: str, value) -> None:
 def queued_params(trial) -> dict | None:
     """The parameters a trial was queued with (Study.enqueue_trial), None for a trial the sampler proposed."""
     return trial.system_attrs.get(QUEUED_PARAMS)
+
+
+def study_id(study) -> int:
+    """The storage id of an optuna.Study."""
+    return study._study_id
+
+
+def trial_marks(engine, study_ids) -> dict[int, tuple]:
+    """Per study id, what changes whenever a trial is created or leaves a state: ((state, trials, largest trial id),
+    ...) over the states its trials are in, in one query of Optuna's ``trials`` table. A study whose marks are the
+    same at two moments and which had no RUNNING trial at the first holds the same trials at both: no trial was
+    created (the counts only grow), none left WAITING (that count only falls without a new trial), and a finished
+    trial never changes."""
+    import sqlalchemy as sa
+
+    ids = sorted(set(study_ids))
+    if not ids:
+        return {}
+    trials = sa.table("trials", sa.column("trial_id"), sa.column("study_id"), sa.column("state"))
+    query = (
+        sa.select(trials.c.study_id, trials.c.state, sa.func.count(), sa.func.max(trials.c.trial_id))
+        .where(trials.c.study_id.in_(ids))
+        .group_by(trials.c.study_id, trials.c.state)
+    )
+    marks: dict[int, list] = {i: [] for i in ids}
+    with engine.connect() as c:
+        for sid, state, n, last in c.execute(query):
+            marks[int(sid)].append((str(getattr(state, "name", state)), int(n), int(last)))
+    return {i: tuple(sorted(m)) for i, m in marks.items()}
 
 
 def engine(storage):

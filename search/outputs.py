@@ -60,8 +60,46 @@ def write_json(path: str, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def trial_rows(level_studies, charges: dict | None = None) -> list[dict]:
-    """One row per trial over all levels (level-major), from what the storage holds.
+def read_trials(level_studies) -> list[tuple[int, list]]:
+    """Every level study's trials as the storage holds them now: [(level, [FrozenTrial])], one read per study."""
+    return [(level, study.get_trials(deepcopy=False)) for level, study in level_studies]
+
+
+class TrialReader:
+    """read_trials for a search that reads its level studies again and again (after every trial): one query of the
+    storage's trial counts (search.optuna_api.trial_marks), then only the studies that may have changed since this
+    reader last read them; a study kept from the last read had no RUNNING trial then and the same marks now, so it
+    holds exactly the trials it held (what a read now would give)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._kept: dict[int, tuple] = {}  # study id -> (its marks before the read, its trials)
+
+    def read(self, level_studies) -> list[tuple[int, list]]:
+        from optuna.trial import TrialState
+
+        from . import optuna_api
+
+        ids = [optuna_api.study_id(study) for _, study in level_studies]
+        marks = optuna_api.trial_marks(self.engine, ids)  # first the marks, then the trials: never newer marks
+        out = []
+        for (level, study), sid in zip(level_studies, ids):
+            kept = self._kept.get(sid)
+            if kept is not None and kept[0] == marks[sid]:
+                trials = kept[1]
+            else:
+                trials = study.get_trials(deepcopy=False)
+                if any(t.state == TrialState.RUNNING for t in trials):
+                    self._kept.pop(sid, None)  # its attributes may change while it runs
+                else:
+                    self._kept[sid] = (marks[sid], trials)
+            out.append((level, list(trials)))
+        return out
+
+
+def trial_rows(level_trials, charges: dict | None = None) -> list[dict]:
+    """One row per trial over all levels (level-major), from what the storage holds (``level_trials``, as
+    read_trials reads it).
 
     ``charges`` (Optuna trial id -> FLOPs, from the budget ledger) gives every trial's train_flops: what the
     ledger charged it (a running trial: what it may have spent so far); a trial without a reservation spent
@@ -70,8 +108,8 @@ def trial_rows(level_studies, charges: dict | None = None) -> list[dict]:
     from .optuna_api import trial_id
 
     rows = []
-    for level, study in level_studies:
-        for t in study.get_trials(deepcopy=False):
+    for level, trials in level_trials:
+        for t in trials:
             if t.state.name == "WAITING":
                 continue  # enqueued: not a trial yet
             if t.state.name == "RUNNING" and (

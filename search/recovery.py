@@ -253,21 +253,27 @@ def set_attrs(st, trial_id: int, **attrs) -> bool:
 
 
 class Recoverer:
-    """``recoverer(study, level)``: finish the dead workers' RUNNING trials of one level study (see the module)."""
+    """``recoverer(study, level)``: finish the dead workers' RUNNING trials of one level study (see the module);
+    ``recoverer(study, level, trials)`` takes the study's trials as this worker read them since its last write to
+    the storage, instead of reading them again."""
 
     def __init__(self, ledger, worker: Worker, max_retry: int = MAX_RETRY):
         self.ledger, self.worker, self.max_retry = ledger, worker, max_retry
         self.live = Liveness(ledger, worker)
         self.lost: list[tuple[int, int, int]] = []  # (level, trial number, FLOPs charged), for the caller
 
-    def __call__(self, st, level: int) -> None:
+    def __call__(self, st, level: int, trials: list | None = None) -> bool:
+        """False when there was nothing to recover (nothing was written); True when it may have written."""
         from optuna.trial import TrialState
 
-        running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if trials is None:
+            running = st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        else:
+            running = [t for t in trials if t.state == TrialState.RUNNING]
         rows = {r.trial_id: r for r in self.ledger.rows()}
         waiting = [r for r in rows.values() if r.level == level and r.status == Status.LOST and r.owner is not None]
         if not running and not waiting:
-            return
+            return False
         self.live.refresh()
         for t in running:
             row = rows.get(oa.trial_id(t))
@@ -282,6 +288,7 @@ class Recoverer:
                 self._finish(st, level, oa.trial_id(t))
         if waiting:
             self._chains(st, [r.trial_id for r in waiting])
+        return True
 
     def _finish(self, st, level: int, tid: int) -> None:
         from optuna.trial import TrialState

@@ -74,6 +74,28 @@ def test_the_engine_and_the_studies_table_are_the_storages(storage):
         assert not oa.has_studies(c, set(), "my_s.L")  # Optuna's tables are not there: nothing is read
 
 
+def test_trial_marks_count_each_studys_trials_by_state_and_a_finished_trial_refuses_every_write(storage):
+    a = optuna.create_study(study_name="s.L0", storage=storage)
+    b = optuna.create_study(study_name="s.L1", storage=storage)
+    assert oa.study_id(a) != oa.study_id(b) and storage.get_study_id_from_name("s.L1") == oa.study_id(b)
+    ids = [oa.study_id(a), oa.study_id(b)]
+    assert oa.trial_marks(oa.engine(storage), ids) == {i: () for i in ids}
+    a.enqueue_trial({"x": 1.0})
+    t = a.ask()
+    u = a.ask()
+    a.tell(u, 1.0)
+    marks = oa.trial_marks(oa.engine(storage), [oa.study_id(a)])
+    assert marks == {oa.study_id(a): (("COMPLETE", 1, oa.trial_id(u)), ("RUNNING", 1, oa.trial_id(t)))}
+    a.tell(t, state=TrialState.PRUNED)
+    for write in (
+        lambda: oa.set_system_attr(a, oa.trial_id(t), "k", 1),
+        lambda: oa.set_user_attr(a, oa.trial_id(t), "k", 1),
+        lambda: a.tell(t.number, 2.0),
+    ):
+        with pytest.raises((UpdateFinishedTrialError, ValueError)):
+            write()
+
+
 def test_no_other_module_of_the_search_reaches_into_optuna():
     import os
     import re
