@@ -393,13 +393,14 @@ def _work(result, ctx, url, storage, search_space, refs, levels, optuna) -> None
         """Ask, evaluate and record one trial; returns the study's trials as read after this worker's last write to
         the storage (None when it did not read them). ``seen``: the study's trials as read since this worker's last
         write to them, which the check for a trained twin takes instead of reading them again (see _trials)."""
-        with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ours are the worker's
-            warnings.simplefilter("ignore", UserWarning)
-            with me.asking():
-                trial = st.ask()
-                optuna_api.set_system_attr(st, optuna_api.trial_id(trial), OWNER, me.token)
-        faults.point("after_ask")
-        cand = search_space.suggest(trial)
+        with optuna_api.one_sampling_read(st):  # the sampler's reads of this ask and its suggestions: one
+            with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ours are the worker's
+                warnings.simplefilter("ignore", UserWarning)
+                with me.asking():
+                    trial = st.ask()
+                    optuna_api.set_system_attr(st, optuna_api.trial_id(trial), OWNER, me.token)
+            faults.point("after_ask")
+            cand = search_space.suggest(trial)
         row = _evaluate(trial, st, cand, lv, ctx, seen)
         if row is None:
             return None

@@ -15,11 +15,17 @@ so that an upgrade is checked before it is trusted):
   columns, counted per study and state (``trial_marks``), and that a finished trial never changes in the storage
   (its attributes and state refuse writes, as ``_CachedStorage`` assumes when it never reads one again).
 
+- the study's per-ask read cache (``Study._get_trials(use_cache=True)``, ``Study._thread_local.cached_all_trials``,
+  which ``Study.ask`` clears): :func:`one_sampling_read` lets the sampler's reads of one ask and its suggestions
+  share one read of the study.
+
 The search uses none of Optuna's heartbeat machinery (its ``trial_heartbeats`` table): workers beat in the ledger's
 own worker table (search.recovery), so nothing here reads it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 TESTED_VERSION = "5.0.0"
 QUEUED_PARAMS = "fixed_params"  # Study.enqueue_trial's system attribute
@@ -76,6 +82,31 @@ def trial_marks(engine, study_ids) -> dict[int, tuple]:
         for sid, state, n, last in c.execute(query):
             marks[int(sid)].append((str(getattr(state, "name", state)), int(n), int(last)))
     return {i: tuple(sorted(m)) for i, m in marks.items()}
+
+
+@contextlib.contextmanager
+def one_sampling_read(study):
+    """Inside the block, every read of ``study``'s trials through ``Study._get_trials`` (what the samplers and the
+    search space's group decomposition call) takes the study's per-ask cache: one read of the storage, made at the
+    first such call after ``ask`` cleared it, instead of one per call.
+
+    TPE with ``constant_liar=True`` (which the search uses, so that workers sharing a study see each other's running
+    trials) reads the study afresh at every sampling call, about three times per trial. One read per ask and its
+    suggestions gives what those reads would give if the other workers had been a few milliseconds slower; this
+    worker's own writes in between touch only the trial being asked, which the liar and the search-space reads leave
+    out. ``Study.ask``'s own read of the queue (``_pop_waiting_trial_id``) goes to the storage and stays fresh."""
+    cls = type(study)
+
+    def cached(deepcopy: bool = True, states=None, use_cache: bool = False):
+        return cls._get_trials(study, deepcopy, states, use_cache=True)
+
+    study._thread_local.cached_all_trials = None
+    study._get_trials = cached
+    try:
+        yield
+    finally:
+        del study._get_trials
+        study._thread_local.cached_all_trials = None
 
 
 def engine(storage):

@@ -3,6 +3,8 @@ the version the module was checked against: an upgrade fails here first, naming 
 
 from __future__ import annotations
 
+import contextlib
+
 import optuna
 import pytest
 import sqlalchemy as sa
@@ -10,6 +12,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from search import optuna_api as oa
+from search.loop import make_sampler
 from search.storage import open_storage
 
 
@@ -94,6 +97,51 @@ def test_trial_marks_count_each_studys_trials_by_state_and_a_finished_trial_refu
     ):
         with pytest.raises((UpdateFinishedTrialError, ValueError)):
             write()
+
+
+def _propose(study, params: int, reads: list, shared: bool) -> list:
+    """Ask one trial and suggest ``params`` floats, inside one_sampling_read when ``shared``; counts storage reads."""
+    real = study._storage.get_all_trials
+
+    def counting(*a, **k):
+        reads.append(1)
+        return real(*a, **k)
+
+    study._storage.get_all_trials = counting
+    try:
+        with oa.one_sampling_read(study) if shared else contextlib.nullcontext():
+            trial = study.ask()
+            values = [trial.suggest_float(f"x{i}", 0.0, 1.0) for i in range(params)]
+    finally:
+        del study._storage.get_all_trials
+    return trial, values
+
+
+def test_one_sampling_read_gives_tpe_with_a_liar_one_read_per_ask_and_the_same_proposals(storage, tmp_path):
+    """The search's TPE (constant_liar=True) reads the study at each suggestion; inside
+    one_sampling_read an ask and its suggestions read it once besides ask's queue read, and propose the same values
+    (another worker's running trial is still seen: the liar)."""
+    other = open_storage("sqlite:///" + str(tmp_path / "p.db"))
+    runs = {}
+    for shared, store in ((False, storage), (True, other)):
+        sampler = make_sampler("tpe", 3)  # the search's: multivariate, grouped, with the liar
+        study = optuna.create_study(study_name="s.L0", storage=store, sampler=sampler)
+        reads, proposals = [], []
+        for n in range(14):
+            if n == 12:  # a trial another worker is running
+                running = study.ask()
+                running.suggest_float("x0", 0.0, 0.01)
+                running.suggest_float("x1", 0.0, 0.01)
+                running.suggest_float("x2", 0.0, 0.01)
+            per = []
+            trial, values = _propose(study, 3, per, shared)
+            reads.append(len(per))
+            proposals.append(values)
+            study.tell(trial, sum((v - 0.3) ** 2 for v in values))
+        assert not hasattr(study, "__dict__") or "_get_trials" not in study.__dict__  # the method is Study's again
+        runs[shared] = reads, proposals
+    assert runs[True][1] == runs[False][1]
+    assert max(runs[True][0]) <= 2 < min(runs[False][0][11:])  # after the startup trials TPE reads per suggestion
 
 
 def test_no_other_module_of_the_search_reaches_into_optuna():
