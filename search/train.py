@@ -449,4 +449,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    distributed.exit_process(main())
