@@ -47,3 +47,24 @@ def test_split_batch_must_divide():
 
     x = torch.arange(12)
     assert distributed.shard((x, 0.5), distributed.World(rank=1, size=3), 12)[0].tolist() == [4, 5, 6, 7]
+
+
+def test_a_torchrun_rank_exits_without_interpreter_shutdown(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) search.train's process ends through os._exit with the run's code, after
+    flushing what it printed; a plain process raises SystemExit as usual."""
+    import io
+
+    from search import distributed
+
+    out = io.StringIO()
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: exits.append((code, out.getvalue())))
+    monkeypatch.setattr(distributed.sys, "stdout", out)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    print('{"loss": 1}', end="")  # buffered until flushed
+    distributed.exit_process(3)
+    assert exits == [(3, '{"loss": 1}')]
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit) as e:
+        distributed.exit_process(4)
+    assert e.value.code == 4 and len(exits) == 1
