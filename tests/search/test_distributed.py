@@ -56,13 +56,28 @@ def test_a_torchrun_rank_exits_without_interpreter_shutdown(monkeypatch):
 
     from search import distributed
 
-    out = io.StringIO()
+    class Out(io.StringIO):
+        flushed = ""
+
+        def flush(self):
+            self.flushed = self.getvalue()
+
+    out = Out()
     exits = []
-    monkeypatch.setattr(distributed.os, "_exit", lambda code: exits.append((code, out.getvalue())))
+
+    class Exited(Exception):  # os._exit does not return
+        pass
+
+    def fake_exit(code):
+        exits.append((code, out.flushed))
+        raise Exited
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
     monkeypatch.setattr(distributed.sys, "stdout", out)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    print('{"loss": 1}', end="")  # buffered until flushed
-    distributed.exit_process(3)
+    print('{"loss": 1}', end="")  # what the rank printed: flushed before the exit
+    with pytest.raises(Exited):
+        distributed.exit_process(3)
     assert exits == [(3, '{"loss": 1}')]
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(SystemExit) as e:
