@@ -187,10 +187,9 @@ class StructuredLinear(nn.Module):
         self._row_elems = plan.row_elems
         if old is None or self.builtin_rows == old.builtin_rows:  # a threshold the user set is kept
             self.builtin_rows = plan.builtin_rows
-        rows = default_dense_rows(self.structure, self.in_features, self.out_features, plan)
-        if old is None or self.dense_rows == self._default_dense_rows:
-            self.dense_rows = rows
-        self._default_dense_rows = rows
+        dims = self.structure, self.in_features, self.out_features
+        if old is None or self.dense_rows == default_dense_rows(*dims, old):  # likewise
+            self.dense_rows = default_dense_rows(*dims, plan)
         self._cache.clear()  # per-step cores laid out for the old plan
         logger.debug("%s: layout cost %s per example (%s)", self.spec.einsum, plan.chain.layout.cost, table.device)
 
